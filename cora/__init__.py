@@ -1,0 +1,29 @@
+"""cora: low-bit (int4/int3) ConvNet weights with searched low-rank residual adapters (CoRa).
+
+Importing the package never touches CUDA.
+"""
+from .config import CoRaConfig
+from .convert import ConversionReport, convert, quantizable_layers
+from .modules import CoRaConv2d, QuantLinear
+from .quantizer import compute_qparams, dequantize, fake_quantize, gptq_quantize, quantize
+from .residual import ResidualFactors, adapter_from_factors, factorize_residual
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoRaConfig",
+    "ConversionReport",
+    "convert",
+    "quantizable_layers",
+    "CoRaConv2d",
+    "QuantLinear",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "gptq_quantize",
+    "ResidualFactors",
+    "factorize_residual",
+    "adapter_from_factors",
+    "__version__",
+]

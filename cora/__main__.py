@@ -1,0 +1,183 @@
+"""Command line: ``python -m cora quantize ...`` and ``python -m cora eval ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, no usage dump
+        raise _CliError(message)
+
+
+class _CliError(Exception):
+    pass
+
+
+def _budget(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
+    if not (0.0 < v <= 1.0) or math.isnan(v):
+        raise argparse.ArgumentTypeError(f"budget must be in (0, 1], got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m cora", description="CoRa: low-bit ConvNets with searched low-rank residual adapters.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    common = _Parser(add_help=False)
+    common.add_argument("--shared", default=None, help="folder with data/ and models/ (default: $CORA_SHARED or ../shared beside the checkout)")
+    common.add_argument("--data", default=None, help="ImageNet-style image folder (for non-CIFAR models)")
+    common.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    common.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    common.add_argument("--eval-split", choices=("test", "holdout"), default="test",
+                        help="evaluate on the test set (default) or on the calibration images held back from the search")
+
+    q = sub.add_parser("quantize", parents=[common], help="quantize a model and report accuracy")
+    q.add_argument("model", help="cifar_resnet20, cifar_resnet32, ... (depth 6n+2) or a torchvision name (resnet18, ...)")
+    q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv parameters")
+    q.add_argument("--method", choices=("cora", "heuristic", "rtn"), default="cora")
+    q.add_argument("--paper", action="store_true", help="the published recipe (per-tensor mean±5std, nearest, weight SVD, CE + penalty)")
+    q.add_argument("--per-tensor", action="store_true", help="one scale per tensor instead of per output channel")
+    q.add_argument("--loss", choices=("kl", "ce"), default=None, help="search loss (default: kl; paper: ce)")
+    q.add_argument("--factorization", choices=("activation", "weight"), default=None)
+    q.add_argument("--rounding", choices=("gptq", "nearest"), default=None)
+    q.add_argument("--range", dest="range_method", choices=("mse", "minmax", "std"), default=None)
+    q.add_argument("--calib", type=_positive_int, default=1600, help="calibration images (default 1600)")
+    q.add_argument("--iters", type=_positive_int, default=250, help="search iterations (default 250)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--skip", action="append", default=[], help="layer name or pattern to keep in float (repeatable)")
+    q.add_argument("--out", default=None, help="write the quantized model to this checkpoint (safetensors)")
+    q.add_argument("--no-rtn", action="store_true", help="skip the RTN baseline")
+    q.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    e = sub.add_parser("eval", parents=[common], help="evaluate a float model or a saved CoRa checkpoint")
+    e.add_argument("model", nargs="?", default=None, help="float model name (omit with --checkpoint)")
+    e.add_argument("--weights", default=None)
+    e.add_argument("--checkpoint", default=None, help="a checkpoint written by 'quantize --out'")
+    return p
+
+
+def _config(args):
+    from .config import CoRaConfig
+
+    overrides = dict(
+        budget=args.budget,
+        method=args.method,
+        calib_images=args.calib,
+        iterations=args.iters,
+        seed=args.seed,
+        skip=tuple(args.skip),
+        progress=not args.quiet,
+    )
+    for key in ("loss", "factorization", "rounding", "range_method"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.per_tensor:
+        overrides["granularity"] = "tensor"
+    return CoRaConfig.paper(args.bits, **overrides) if args.paper else CoRaConfig(bits=args.bits, **overrides)
+
+
+def _table(res: dict) -> str:
+    rows = [("float accuracy", f"{res['float_acc']:.2f} %")]
+    if "rtn_acc" in res:
+        rows.append((f"RTN W{res['bits']} accuracy", f"{res['rtn_acc']:.2f} %"))
+    rows += [
+        (f"{res['method']} W{res['bits']} accuracy", f"{res['acc']:.2f} %"),
+        ("adapter fraction", f"{res['adapter_fraction']:.4f} (budget {res['budget']:.4f})"),
+        ("equivalent bits", f"{res['equiv_bits']:.3f}"),
+        ("iterations", str(res["iterations"])),
+        ("calibration images", str(res["calib_images"])),
+        ("search time", f"{res['search_seconds']:.1f} s"),
+        ("quantize time (all)", f"{res['quantize_seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    head = f"{res['model']}  ({res['eval_images']} {res['eval_split']} images)"
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def _quantize(args) -> dict:
+    from .checkpoint import save
+    from .pipeline import quantize_and_evaluate
+
+    config = _config(args)
+    qmodel, res = quantize_and_evaluate(
+        args.model, config, weights=args.weights, shared=args.shared, data_dir=args.data,
+        eval_split=args.eval_split, with_rtn=not args.no_rtn,
+    )
+    print(_table(res))
+    if args.out:
+        path = save(qmodel, args.out)
+        res["checkpoint"] = str(path)
+        print(f"saved {path}")
+    return res
+
+
+def _eval(args) -> dict:
+    from .data import evaluate
+    from .pipeline import evaluation_data, load_float_model
+
+    if args.checkpoint:
+        from .checkpoint import load
+
+        model = load(args.checkpoint)
+        name = (model.cora_architecture or {}).get("name")
+        if name is None:
+            raise ValueError("the checkpoint records no model name; evaluate it from Python with cora.load(path, model)")
+    elif args.model:
+        name = args.model
+        model = load_float_model(name, args.weights, args.shared)
+    else:
+        raise ValueError("eval needs a model name or --checkpoint FILE")
+    ds = evaluation_data(name, args.shared, args.data, args.eval_split)
+    acc = evaluate(model, ds)
+    print(f"{name}: top-1 {acc:.2f} % on {len(ds)} {args.eval_split} images")
+    res = {"model": name, "acc": acc, "eval_images": len(ds), "eval_split": args.eval_split}
+    if args.checkpoint:
+        res["checkpoint"] = args.checkpoint
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        res = _quantize(args) if args.command == "quantize" else _eval(args)
+    except _CliError as exc:
+        print(f"cora: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        print(f"cora: error: {msg}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

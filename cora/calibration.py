@@ -1,0 +1,159 @@
+"""Calibration data handling and per-layer input statistics (second moments of im2col inputs)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["materialize", "layer_input_rows", "collect_hessians", "model_logits"]
+
+
+def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gather up to ``limit`` calibration samples into tensors ``(x [N, ...], y [N] or None)``.
+
+    ``calib`` may be a DataLoader/iterable of ``(x, y)`` pairs or of bare ``x`` batches, a
+    ``(x, y)`` tuple of tensors, or one tensor ``x``. Labels are kept only if every batch has them.
+    """
+    if isinstance(calib, torch.Tensor):
+        batches: Iterable = [calib]
+    elif isinstance(calib, (tuple, list)) and len(calib) == 2 and all(isinstance(t, torch.Tensor) for t in calib):
+        batches = [tuple(calib)]
+    else:
+        batches = calib
+    xs, ys, have_labels, count = [], [], True, 0
+    try:
+        iterator = iter(batches)
+    except TypeError:
+        raise TypeError(f"calibration data must be a DataLoader, an iterable of batches or tensors, got {type(calib).__name__}") from None
+    for batch in iterator:
+        if isinstance(batch, (tuple, list)):
+            if not batch:
+                continue
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        elif isinstance(batch, dict):
+            x, y = batch.get("x", batch.get("image")), batch.get("y", batch.get("label"))
+        else:
+            x, y = batch, None
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"calibration batch holds {type(x).__name__}, expected a tensor")
+        if x.dim() < 2 or x.shape[0] == 0:
+            continue
+        xs.append(x.detach())
+        if y is None or not isinstance(y, torch.Tensor):
+            have_labels = False
+        else:
+            ys.append(y.detach().reshape(-1))
+        count += x.shape[0]
+        if count >= limit:
+            break
+    if not xs:
+        raise ValueError("the calibration set is empty")
+    x = torch.cat(xs)[:limit].float()
+    if not torch.isfinite(x).all():
+        raise ValueError("calibration inputs contain NaN or Inf")
+    y = torch.cat(ys)[:limit].long() if have_labels and ys else None
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise ValueError(f"calibration labels ({y.shape[0]}) and inputs ({x.shape[0]}) differ in number")
+    return x, y
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor, max_rows: int | None = None, generator=None) -> torch.Tensor:
+    """The rows the layer multiplies by its weight: im2col ``[rows, C_in·kh·kw]`` (PyTorch K order).
+
+    With ``max_rows``, a random subset of at most that many output positions is taken *before* the
+    patches are copied out (a strided view of the padded input is indexed), which is much cheaper than
+    a full ``F.unfold`` on a CPU.
+    """
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+        if max_rows is not None and rows.shape[0] > max_rows:
+            rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].to(rows.device)]
+        return rows
+    if module.padding_mode != "zeros":
+        lrtb = list(module._reversed_padding_repeated_twice)
+    elif isinstance(module.padding, str):
+        lrtb = _same_pad(module)
+    else:
+        ph, pw = module.padding
+        lrtb = [pw, pw, ph, ph]
+    x = F.pad(x, lrtb, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    # [N, C, OH, OW, span_h, span_w] view, then keep every d-th element of the span (dilation)
+    view = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    n, c, oh, ow = view.shape[:4]
+    view = view.permute(0, 2, 3, 1, 4, 5)  # [N, OH, OW, C, kh, kw]
+    total = n * oh * ow
+    if max_rows is not None and total > max_rows:
+        pick = torch.randperm(total, generator=generator)[:max_rows].to(x.device)
+        i_n, rest = pick // (oh * ow), pick % (oh * ow)
+        return view[i_n, rest // ow, rest % ow].reshape(-1, c * kh * kw)
+    return view.reshape(total, c * kh * kw)
+
+
+def _same_pad(conv: nn.Conv2d) -> list[int]:
+    if conv.padding == "valid":
+        return [0, 0, 0, 0]
+    out = []
+    for d, k in zip(conv.dilation[::-1], conv.kernel_size[::-1]):
+        total = d * (k - 1)
+        out += [total // 2, total - total // 2]
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    inputs: torch.Tensor,
+    batch_size: int = 100,
+    max_rows: int = 65536,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``H = E[x xᵀ]`` (float64 ``[K, K]``) of each named layer's im2col inputs over ``inputs``.
+
+    An early conv sees ~1000 im2col rows per image, far more than a ``[K, K]`` estimate needs, so at
+    most ``max_rows`` rows per layer (a seeded random subset, spread evenly over the batches) enter
+    the sum; that keeps the pass to seconds on a CPU. Layers with ``groups > 1`` are skipped (their K
+    differs per group). The model runs in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(mod, args):
+            # float32 products per batch (fast), summed across batches in float64 (accurate)
+            rows = layer_input_rows(mod, args[0].detach().float(), per_batch, gen)
+            sums[name] = sums.get(name, 0) + (rows.T @ rows).double()
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        return fn
+
+    for name, mod in modules.items():
+        if getattr(mod, "groups", 1) == 1:
+            hooks.append(mod.register_forward_pre_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            model(inputs[start : start + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {n: (sums[n] / counts[n]) for n in sums}
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """The model's outputs on ``inputs`` in eval mode (float32)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(inputs[i : i + batch_size]).float() for i in range(0, inputs.shape[0], batch_size)])
+    finally:
+        model.train(was_training)

@@ -1,0 +1,130 @@
+"""The one validated configuration object for :func:`cora.convert`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = ["CoRaConfig", "SUPPORTED_BITS", "METHODS", "LOSSES"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("cora", "heuristic", "rtn")
+LOSSES = ("kl", "ce")
+GRANULARITIES = ("channel", "tensor")
+RANGES = ("mse", "minmax", "std")
+ROUNDINGS = ("gptq", "nearest")
+FACTORIZATIONS = ("activation", "weight")
+BUDGET_MODES = ("project", "penalty")
+BN_MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class CoRaConfig:
+    """Everything a conversion needs; validated on construction.
+
+    Defaults are "ours" (design.md §1.1): per-output-channel scales, an MSE range search, GPTQ-style
+    error-compensating rounding, activation-aware adapters, a budget held by projection. Use
+    :meth:`paper` for the published recipe (per-tensor, mean ± 5·std, round to nearest, weight-space
+    SVD, CE + exp penalty); the final rank allocation holds the budget in both.
+    """
+
+    bits: int = 4
+    method: str = "cora"  # cora: searched ranks; heuristic: same channel fraction everywhere; rtn: no adapters
+    budget: float = 0.05  # adapter parameters / all conv weight parameters
+    granularity: str = "channel"
+    range_method: str = "mse"
+    std_k: float = 5.0  # for range_method="std": [mean - k*std, mean + k*std], clipped to [min, max]
+    rounding: str = "gptq"
+    gptq_damp: float = 0.01  # GPTQ dampening, fraction of the mean diagonal of H
+    gptq_act_order: bool = True
+    factorization: str = "activation"
+    loss: str = "kl"  # kl: to the float model's logits (no labels); ce: cross-entropy with labels
+    budget_mode: str = "project"  # project: cutoffs projected onto the budget each step; penalty: paper
+    iterations: int = 250
+    batch_size: int = 32
+    lr: float = 0.01
+    order: int = 4  # Butterworth order n
+    gamma: float = 1.0  # weight of the paper's exp budget penalty
+    grad_clip: float = 0.2
+    rho_init: float = 0.9
+    search_bn: str = "train"  # BatchNorm mode during the search (the model returned keeps float BN stats)
+    calib_images: int = 1600
+    seed: int = 0
+    skip: tuple[str, ...] = ()  # module names (or fnmatch patterns) left in float
+    layer_bits: tuple[tuple[str, int], ...] = ()  # per-layer bit overrides: (name or pattern, bits)
+    quantize_linear: bool = True
+    adapter_dtype: str = "float16"  # storage (and counted bits) of the adapter factors
+    progress: bool = True
+    extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"invalid CoRaConfig: {msg}")
+
+        if self.bits not in SUPPORTED_BITS:
+            bad(f"bits={self.bits!r} not supported; choose one of {SUPPORTED_BITS}")
+        for name, value, allowed in (
+            ("method", self.method, METHODS),
+            ("loss", self.loss, LOSSES),
+            ("granularity", self.granularity, GRANULARITIES),
+            ("range_method", self.range_method, RANGES),
+            ("rounding", self.rounding, ROUNDINGS),
+            ("factorization", self.factorization, FACTORIZATIONS),
+            ("budget_mode", self.budget_mode, BUDGET_MODES),
+            ("search_bn", self.search_bn, BN_MODES),
+            ("adapter_dtype", self.adapter_dtype, ("float16", "bfloat16", "float32")),
+        ):
+            if value not in allowed:
+                bad(f"{name}={value!r}; choose one of {allowed}")
+        if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget <= 1.0):
+            bad(f"budget={self.budget!r} must be in (0, 1]")
+        if not (isinstance(self.iterations, int) and self.iterations >= 1):
+            bad(f"iterations={self.iterations!r} must be an integer >= 1")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            bad(f"batch_size={self.batch_size!r} must be an integer >= 1")
+        if not (isinstance(self.calib_images, int) and self.calib_images >= 1):
+            bad(f"calib_images={self.calib_images!r} must be an integer >= 1")
+        if not self.std_k > 0:
+            bad(f"std_k={self.std_k!r} must be > 0")
+        if not self.lr > 0:
+            bad(f"lr={self.lr!r} must be > 0")
+        if not (isinstance(self.order, int) and self.order >= 1):
+            bad(f"order={self.order!r} must be an integer >= 1")
+        if not 0.0 < self.rho_init <= 1.0:
+            bad(f"rho_init={self.rho_init!r} must be in (0, 1]")
+        if self.grad_clip <= 0:
+            bad(f"grad_clip={self.grad_clip!r} must be > 0")
+        if self.gptq_damp < 0:
+            bad(f"gptq_damp={self.gptq_damp!r} must be >= 0")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in self.layer_bits))
+        for pattern, b in self.layer_bits:
+            if b not in SUPPORTED_BITS:
+                bad(f"layer_bits for {pattern!r}: {b} not supported; choose one of {SUPPORTED_BITS}")
+
+    @classmethod
+    def paper(cls, bits: int = 4, **overrides) -> "CoRaConfig":
+        """The published recipe (per-tensor, mean ± 5·std, nearest rounding, weight SVD, CE + penalty)."""
+        base = dict(
+            bits=bits,
+            granularity="tensor",
+            range_method="std",
+            std_k=5.0,
+            rounding="nearest",
+            factorization="weight",
+            loss="ce",
+            budget_mode="penalty",
+            search_bn="train",
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def replace(self, **changes) -> "CoRaConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extras", None)
+        d["skip"] = list(self.skip)
+        d["layer_bits"] = [list(x) for x in self.layer_bits]
+        return d

@@ -1,0 +1,394 @@
+"""``CoRaConv2d`` (drop-in for ``nn.Conv2d``) and ``QuantLinear`` (drop-in for ``nn.Linear``).
+
+Stored state (all buffers, so ``state_dict()`` round-trips exactly):
+
+* ``qweight_p0`` (and ``qweight_p1`` for 3 bits): int32 planes of the packed integer codes, in the
+  layout of :mod:`cora_kernels.packing` (GEMM order ``[C_out, kh*kw*C_in/groups]``, stored
+  ``[n_words, C_out]``; int3 as a 2-bit plus a 1-bit plane).
+* ``scale`` float16 ``[C_out]`` and ``zero`` uint8 ``[C_out]``: ``W_q = scale * (q - zero)``
+  (per-tensor quantization repeats one value).
+* ``adapter_a`` ``[r, kh*kw*C_in]`` (GEMM order, like the codes) and ``adapter_b`` ``[C_out, r]``,
+  float16 by default: the low-rank residual branch ``conv1x1(conv_kxk(x; A); B)``.
+* ``bias`` float32 ``[C_out]`` or ``None``.
+* an extra state with the format version and bit width, checked on load.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from cora_kernels.packing import PACK_FORMAT_VERSION, from_gemm_layout, pack_codes, plane_bits, to_gemm_layout, unpack_codes
+
+from .quantizer import compute_qparams, dequantize, quantize
+from .residual import adapter_from_factors, factorize_residual, full_rank
+
+__all__ = ["CoRaConv2d", "QuantLinear", "MODULE_FORMAT_VERSION"]
+
+MODULE_FORMAT_VERSION = 1
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _dtype(d: str | torch.dtype) -> torch.dtype:
+    return _DTYPES[d] if isinstance(d, str) else d
+
+
+class _PackedWeightMixin:
+    """Shared storage of packed codes, scale and zero point (see the module docstring)."""
+
+    bits: int
+    out_features_: int
+    k_gemm: int
+    weight_shape: tuple[int, ...]
+
+    def _register_quant_buffers(self, bits: int, c_out: int, k: int) -> None:
+        for i, nb in enumerate(plane_bits(bits)):
+            self.register_buffer(f"qweight_p{i}", torch.zeros(-(-k // (32 // nb)), c_out, dtype=torch.int32))
+        self.register_buffer("scale", torch.ones(c_out, dtype=torch.float16))
+        self.register_buffer("zero", torch.zeros(c_out, dtype=torch.uint8))
+
+    def packed_planes(self) -> list[torch.Tensor]:
+        return [getattr(self, f"qweight_p{i}") for i in range(len(plane_bits(self.bits)))]
+
+    def _store_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """``codes``: integer ``[C_out, ...]`` in PyTorch weight order."""
+        planes = pack_codes(to_gemm_layout(codes.to(torch.int64)), self.bits)
+        for i, p in enumerate(planes):
+            getattr(self, f"qweight_p{i}").copy_(p)
+        self.scale.copy_(scale.to(torch.float16))
+        self.zero.copy_(zero.to(torch.uint8))
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes, uint8, in PyTorch weight layout ``weight_shape``."""
+        gemm = unpack_codes(self.packed_planes(), self.bits, self.k_gemm)
+        return from_gemm_layout(gemm, self.weight_shape)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``Q(W)`` float32 in PyTorch weight layout."""
+        return dequantize(self.codes(), self.scale.float(), self.zero.float())
+
+    def get_extra_state(self) -> dict:
+        return {"format_version": MODULE_FORMAT_VERSION, "pack_format": PACK_FORMAT_VERSION, "bits": self.bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise RuntimeError(f"{type(self).__name__}: extra state is not a dict (corrupt checkpoint?)")
+        if state.get("format_version") != MODULE_FORMAT_VERSION or state.get("pack_format") != PACK_FORMAT_VERSION:
+            raise RuntimeError(
+                f"{type(self).__name__}: checkpoint format {state.get('format_version')}/pack "
+                f"{state.get('pack_format')} is not the supported {MODULE_FORMAT_VERSION}/{PACK_FORMAT_VERSION}"
+            )
+        if state.get("bits") != self.bits:
+            raise RuntimeError(f"{type(self).__name__}: checkpoint has {state.get('bits')}-bit codes, module expects {self.bits}")
+
+    def _storage_bits(self, adapter_params: int, adapter_bits: int) -> int:
+        """Bits this layer stores: codes + fp16 scale and b-bit zero per channel + adapters."""
+        n = 1
+        for d in self.weight_shape:
+            n *= d
+        per_tensor = bool((self.scale == self.scale[0]).all() and (self.zero == self.zero[0]).all())
+        channels = 1 if per_tensor else self.weight_shape[0]
+        return self.bits * n + (16 + self.bits) * channels + adapter_bits * adapter_params
+
+
+def _check_input(name: str, x: torch.Tensor, channels: int, ref: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_INPUTS:
+        raise TypeError(f"{name}: unsupported input dtype {x.dtype}; use float32, float16 or bfloat16")
+    if x.device != ref.device:
+        raise RuntimeError(f"{name}: input is on {x.device} but the layer is on {ref.device}")
+    if x.dim() < 1 or x.shape[-1 if name == "QuantLinear" else -3] != channels:
+        where = "last" if name == "QuantLinear" else "channel"
+        raise ValueError(f"{name}: expected {channels} input features in the {where} dimension, got shape {tuple(x.shape)}")
+
+
+class CoRaConv2d(_PackedWeightMixin, nn.Module):
+    """A quantized conv plus its low-rank residual adapter; same forward as ``nn.Conv2d``.
+
+    ``y = conv(x; Q(W)) + conv1x1(conv_kxk(x; A); B) + bias``. Input ``[N, C_in, H, W]`` or
+    ``[C_in, H, W]`` in float32/float16/bfloat16; the output has the input's dtype and the shape
+    ``nn.Conv2d`` would give. ``padding`` may be ints or ``'same'``/``'valid'``; every
+    ``padding_mode`` is handled by padding the input first. ``groups > 1`` is supported for the
+    quantized conv without an adapter (rank 0).
+
+    Build with :meth:`from_conv`. :meth:`effective_weight` returns ``Q(W) + B·A`` for checks and
+    :meth:`reference_forward` is the plain-PyTorch path (differentiable w.r.t. the input).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        bits: int = 4,
+        rank: int = 0,
+        adapter_dtype: str | torch.dtype = "float16",
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must be divisible by groups {groups}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"unsupported padding_mode {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+        self.bits = int(bits)
+        self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self.k_gemm = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        self._pad_lrtb = self._explicit_padding()
+        max_rank = full_rank(self.weight_shape)
+        if not 0 <= rank <= max_rank:
+            raise ValueError(f"rank {rank} outside [0, {max_rank}] for weight shape {self.weight_shape}")
+        if rank and groups != 1:
+            raise ValueError("adapters are only supported for groups=1 convolutions")
+        self._register_quant_buffers(self.bits, out_channels, self.k_gemm)
+        dt = _dtype(adapter_dtype)
+        self.register_buffer("adapter_a", torch.zeros(rank, self.k_gemm, dtype=dt))
+        self.register_buffer("adapter_b", torch.zeros(out_channels, rank, dtype=dt))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        bits: int = 4,
+        rank: int = 0,
+        *,
+        per_channel: bool = True,
+        range_method: str = "minmax",
+        std_k: float = 5.0,
+        codes: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+        factorization: str = "weight",
+        hessian: torch.Tensor | None = None,
+        adapter: tuple[torch.Tensor, torch.Tensor] | None = None,
+        adapter_dtype: str | torch.dtype = "float16",
+    ) -> "CoRaConv2d":
+        """Quantize ``conv`` and attach a rank-``rank`` residual adapter.
+
+        By default the codes come from round-to-nearest with ranges from ``range_method``; pass
+        ``codes`` (integer ``[C_out, C_in/groups, kh, kw]``), ``scale`` and ``zero`` (``[C_out]``) to
+        use another rounding (e.g. GPTQ). The adapter factorizes the residual ``W - Q(W)``
+        (``factorization`` ``"weight"`` or ``"activation"`` with ``hessian`` ``[K, K]``, K in PyTorch
+        order), or is given directly as ``adapter=(A [r, C_in, kh, kw], B [C_out, r])``.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects nn.Conv2d, got {type(conv).__name__}")
+        w = conv.weight.detach().float().cpu()
+        if not torch.isfinite(w).all():
+            raise ValueError("conv weight contains NaN or Inf")
+        if adapter is not None:
+            rank = adapter[0].shape[0]
+        m = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            bits=bits,
+            rank=rank,
+            adapter_dtype=adapter_dtype,
+        )
+        if codes is None:
+            if scale is None or zero is None:
+                scale, zero = compute_qparams(w, bits, per_channel=per_channel, method=range_method, std_k=std_k)
+            codes = quantize(w, scale, zero, bits)
+        elif scale is None or zero is None:
+            raise ValueError("codes given without scale and zero")
+        if tuple(codes.shape) != m.weight_shape:
+            raise ValueError(f"codes shape {tuple(codes.shape)} does not match the weight {m.weight_shape}")
+        m._store_codes(codes, scale, zero)
+        if rank:
+            if adapter is None:
+                residual = w - m.dequantized_weight()
+                factors = factorize_residual(residual, method=factorization, hessian=hessian)
+                adapter = adapter_from_factors(factors, rank)
+            m.set_adapter(*adapter)
+        if conv.bias is not None:
+            m.bias.copy_(conv.bias.detach().float())
+        return m.to(conv.weight.device)
+
+    def set_adapter(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Set the adapter from ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r]`` (or ``[C_out, r, 1, 1]``)."""
+        b = b.reshape(b.shape[0], -1)
+        r = a.shape[0]
+        if tuple(a.shape[1:]) != self.weight_shape[1:] or b.shape != (self.out_channels, r):
+            raise ValueError(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit weight {self.weight_shape}")
+        if r and self.groups != 1:
+            raise ValueError("adapters are only supported for groups=1 convolutions")
+        dt, dev = self.adapter_a.dtype, self.adapter_a.device
+        self.adapter_a = to_gemm_layout(a.detach()).to(dev, dt).contiguous()
+        self.adapter_b = b.detach().to(dev, dt).contiguous()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def rank(self) -> int:
+        return int(self.adapter_a.shape[0])
+
+    @property
+    def adapter_params(self) -> int:
+        return self.adapter_a.numel() + self.adapter_b.numel()
+
+    def adapter_conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` as conv weights (storage dtype)."""
+        a = from_gemm_layout(self.adapter_a, (self.rank, *self.weight_shape[1:]))
+        return a, self.adapter_b[:, :, None, None]
+
+    def effective_weight(self) -> torch.Tensor:
+        """``Q(W) + B·A`` float32 ``[C_out, C_in/groups, kh, kw]``: the conv this layer computes."""
+        w = self.dequantized_weight()
+        if self.rank:
+            a, b = self.adapter_conv_weights()
+            w = w + (b.float().flatten(1) @ a.float().flatten(1)).reshape(w.shape)
+        return w
+
+    def storage_bits(self) -> int:
+        """Bits stored for this layer (codes, scale/zero, adapters); the bias is not counted."""
+        return self._storage_bits(self.adapter_params, torch.finfo(self.adapter_a.dtype).bits)
+
+    # ------------------------------------------------------------------ forward
+    def _explicit_padding(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) zero/mode padding that reproduces ``self.padding``."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            out = []
+            for d, k in zip(self.dilation[::-1], self.kernel_size[::-1]):  # width first, like F.pad
+                total = d * (k - 1)
+                out += [total // 2, total - total // 2]
+            return tuple(out)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+    def _padded_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Pad ``x`` where the conv cannot (non-zero modes, asymmetric 'same'); returns the conv padding."""
+        left, right, top, bottom = self._pad_lrtb
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            return x, (top, left)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._pad_lrtb, mode=mode), (0, 0)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain-PyTorch forward (dequantize, conv, two adapter convs, bias); autograd-friendly."""
+        x, pad = self._padded_input(x)
+        w = self.dequantized_weight().to(x.dtype)
+        y = F.conv2d(x, w, None, self.stride, pad, self.dilation, self.groups)
+        if self.rank:
+            a, b = self.adapter_conv_weights()
+            t = F.conv2d(x, a.to(x.dtype), None, self.stride, pad, self.dilation)
+            y = y + F.conv2d(t, b.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input("CoRaConv2d", x, self.in_channels, self.scale)
+        if x.dim() not in (3, 4):
+            raise ValueError(f"CoRaConv2d: expected a 3-D or 4-D input, got shape {tuple(x.shape)}")
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        y = self.reference_forward(x)
+        return y.squeeze(0) if unbatched else y
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The adapter rank is data, not architecture: take it from the checkpoint (shapes still checked).
+        a, b = state_dict.get(prefix + "adapter_a"), state_dict.get(prefix + "adapter_b")
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            r = a.shape[0] if a.dim() == 2 else -1
+            if a.dim() == 2 and a.shape[1] == self.k_gemm and tuple(b.shape) == (self.out_channels, r):
+                if r and self.groups != 1:
+                    error_msgs.append(f"{prefix}adapter_a: adapters need groups=1")
+                else:
+                    self.adapter_a = torch.zeros(r, self.k_gemm, dtype=self.adapter_a.dtype, device=self.adapter_a.device)
+                    self.adapter_b = torch.zeros(self.out_channels, r, dtype=self.adapter_b.dtype, device=self.adapter_b.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}"
+        )
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", bias={self.bias is not None}, bits={self.bits}, rank={self.rank}"
+
+
+class QuantLinear(_PackedWeightMixin, nn.Module):
+    """A b-bit weight-only ``nn.Linear`` (no adapter); input ``[..., in_features]``, output in the input dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, int(bits)
+        self.weight_shape = (out_features, in_features)
+        self.k_gemm = in_features
+        self._register_quant_buffers(self.bits, out_features, in_features)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int = 8,
+        *,
+        per_channel: bool = True,
+        range_method: str = "minmax",
+        std_k: float = 5.0,
+        codes: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+    ) -> "QuantLinear":
+        """Quantize ``linear`` (round to nearest unless ``codes``/``scale``/``zero`` are given)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach().float().cpu()
+        if not torch.isfinite(w).all():
+            raise ValueError("linear weight contains NaN or Inf")
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits=bits)
+        if codes is None:
+            if scale is None or zero is None:
+                scale, zero = compute_qparams(w, bits, per_channel=per_channel, method=range_method, std_k=std_k)
+            codes = quantize(w, scale, zero, bits)
+        m._store_codes(codes, scale, zero)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m.to(linear.weight.device)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.dequantized_weight()
+
+    def storage_bits(self) -> int:
+        return self._storage_bits(0, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input("QuantLinear", x, self.in_features, self.scale)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}"

@@ -1,0 +1,73 @@
+"""Pure-torch ground truth for the CoRa kernels (tests, benchmarks, and the CPU path).
+
+Same signature as :func:`cora_kernels.cora_conv2d`.  Computes, in ``compute_dtype`` (float32 by
+default; tests pass float64):
+
+    y = conv(x; scale * (q - zero)) + conv1x1(conv_kxk(x; A); B) + bias
+    y = y * out_scale + out_shift        (folded BatchNorm, optional)
+    y = y + residual                     (optional)
+    y = relu(y)                          (optional)
+
+and returns ``y`` in x's dtype (or ``out_dtype``, tests ask for float64) and memory format.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_conv_args, out_memory_format
+from .packing import from_gemm_layout, unpack_codes
+
+__all__ = ["dequantize_gemm", "dequantize_weight", "cora_conv2d_reference", "unfused_cora_conv2d"]
+
+
+def dequantize_gemm(qweight, scale, zero, bits: int, K: int, dtype=torch.float32) -> torch.Tensor:
+    """``[C_out, K]`` weights ``scale * (q - zero)`` in ``dtype`` (computed in fp32, or fp64)."""
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    q = unpack_codes(qweight, bits, K).to(cdt)
+    return (scale.to(cdt)[:, None] * (q - zero.to(cdt)[:, None])).to(dtype)
+
+
+def dequantize_weight(qweight, scale, zero, bits: int, shape, dtype=torch.float32) -> torch.Tensor:
+    """Dequantized conv weight ``[C_out, C_in, kh, kw]`` from the packed GEMM layout."""
+    c_out, c_in, kh, kw = shape
+    return from_gemm_layout(dequantize_gemm(qweight, scale, zero, bits, c_in * kh * kw, dtype), tuple(shape))
+
+
+def cora_conv2d_reference(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, stride=1, padding=0,
+                          dilation=1, out_scale=None, out_shift=None, residual=None, relu=False, groups=1,
+                          in_channels=None, compute_dtype=torch.float32, out_dtype=None):
+    g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
+                        padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
+                        residual=residual, groups=groups, in_channels=in_channels)
+    cdt = compute_dtype
+    xc = x.to(cdt)
+    shape = (g.C_out, g.C_in // g.groups, g.KH, g.KW)
+    w = dequantize_weight(qweight, scale, zero, bits, shape, dtype=cdt)
+    conv = dict(stride=g.stride, padding=g.padding, dilation=g.dilation)
+    y = F.conv2d(xc, w, None, groups=g.groups, **conv)
+    if g.rank > 0:
+        a4 = from_gemm_layout(a.to(cdt), (g.rank, g.C_in, g.KH, g.KW))
+        t = F.conv2d(xc, a4, None, **conv)
+        y = y + F.conv2d(t, b.to(cdt)[:, :, None, None])
+    if bias is not None:
+        y = y + bias.to(cdt)[None, :, None, None]
+    if out_scale is not None:
+        y = y * out_scale.to(cdt)[None, :, None, None] + out_shift.to(cdt)[None, :, None, None]
+    if residual is not None:
+        y = y + residual.to(cdt)
+    if relu:
+        y = torch.relu(y)
+    return y.to(out_dtype or x.dtype).contiguous(memory_format=out_memory_format(x))
+
+
+def unfused_cora_conv2d(x, w_deq, a4, b4, bias, *, stride, padding, dilation):
+    """The unfused CoRa path as a user would write it with cuDNN (benchmark baseline).
+
+    ``w_deq`` is the dequantized weight (the dequantization itself is timed by the caller),
+    ``a4`` ``[r, C_in, kh, kw]`` and ``b4`` ``[C_out, r, 1, 1]`` the adapter convs.
+    """
+    y = F.conv2d(x, w_deq, bias, stride=stride, padding=padding, dilation=dilation)
+    if a4 is not None:
+        y = y + F.conv2d(F.conv2d(x, a4, None, stride=stride, padding=padding, dilation=dilation), b4)
+    return y

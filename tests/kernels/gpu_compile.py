@@ -1,0 +1,156 @@
+"""Ahead-of-time compilation of the CoRa kernels for real GPUs (no GPU needed).
+
+Runs the full Triton pipeline (TTIR -> TTGIR -> LLIR -> PTX -> cubin via ptxas) for a target
+``GPUTarget("cuda", cc, 32)`` and reads the resource usage of the cubin with cuobjdump.
+
+It must run with ``TRITON_INTERPRET`` unset (under the interpreter ``@triton.jit`` functions cannot
+be compiled), so ``test_compile.py`` runs it as a subprocess:
+``python tests/kernels/gpu_compile.py JOBS_JSON`` prints one JSON result per job.  Without
+arguments it prints a table of every config.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+if __name__ == "__main__":  # run as a script: make the repository importable, never interpret
+    import sys
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from cora_kernels import configs as C  # noqa: E402
+from cora_kernels.conv_fused import _cora_conv2d_kernel, _splitk_epilogue_kernel  # noqa: E402
+
+_TRITON_DIR = os.path.dirname(triton.__file__)
+CUOBJDUMP = os.path.join(_TRITON_DIR, "backends", "nvidia", "bin", "cuobjdump")
+
+_DT = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+@dataclass
+class CompileResult:
+    name: str
+    cc: int
+    reg: int
+    stack: int
+    shared: int
+    ptx_shared: int
+    has_mma: bool
+    has_wgmma: bool
+
+    def __str__(self):
+        mma = "wgmma" if self.has_wgmma else ("mma" if self.has_mma else "NO-MMA")
+        return (f"sm_{self.cc} {self.name:<48} REG={self.reg:<4} STACK={self.stack:<4} "
+                f"SHARED={self.shared:<6} (dyn {self.ptx_shared}) {mma}")
+
+
+def _compile(fn, signature, constexprs, attrs_names, cc, num_warps, num_stages):
+    names = fn.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in attrs_names}
+    for k in constexprs:
+        signature[k] = "constexpr"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", cc, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+    res = {}
+    for key in ("REG", "STACK", "SHARED"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        res[key] = int(m.group(1)) if m else -1
+    return res
+
+
+def compile_conv(cfg: C.ConvConfig, *, cc: int, bits: int = 4, dtype: str = "fp16", r_pad: int = 16,
+                 split_k: int = 1, aligned: bool = True, epilogue: bool = True) -> CompileResult:
+    """Compile ``_cora_conv2d_kernel`` for one config, specialised like a ResNet layer at run time
+    (channels_last activations: unit channel stride; C_in, C_out and strides divisible by 16)."""
+    dt = _DT[dtype]
+    ptr = {"x_ptr": f"*{dt}", "w0_ptr": "*i32" if bits != 16 else f"*{dt}", "w1_ptr": "*i32" if bits != 16 else f"*{dt}",
+           "scale_ptr": "*fp32", "zero_ptr": "*fp32", "a_ptr": "*fp16", "b_ptr": "*fp16",
+           "bias_ptr": "*fp32", "oscale_ptr": "*fp32", "oshift_ptr": "*fp32", "res_ptr": f"*{dt}",
+           "out_ptr": f"*{dt}", "ws_ptr": "*fp32"}
+    ints = ["M", "C_in", "H", "W", "C_out", "OH", "OW", "KW", "R", "n_cblk", "total_steps", "steps_per_split",
+            "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "sxn", "sxh", "sxw", "sar",
+            "sbn", "son", "soh", "sow", "srn", "srh", "srw"]
+    sig = dict(ptr)
+    sig.update({n: "i32" for n in ints})
+    consts = dict(sxc=1, sak=1, sbr=1, soc=1, src=1,
+                  BITS=bits, ALIGNED=aligned and bits != 16, R_PAD=r_pad, HAS_BIAS=epilogue, HAS_BN=epilogue,
+                  HAS_RES=epilogue, RELU=epilogue, SPLIT_K=split_k,
+                  DOT_PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
+                  BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
+    div16 = list(ptr) + ["C_in", "C_out", "sxn", "sxh", "sxw", "sbn", "son", "soh", "sow", "srn", "srh", "srw"]
+    k = _compile(_cora_conv2d_kernel, sig, consts, div16, cc, cfg.num_warps, cfg.num_stages)
+    use = resource_usage(k.asm["cubin"])
+    ptx = k.asm["ptx"]
+    name = f"conv {cfg} b{bits} {dtype} r{r_pad} sk{split_k}{'' if aligned else ' gather'}"
+    return CompileResult(name, cc, use["REG"], use["STACK"], use["SHARED"], k.metadata.shared,
+                         bool(re.search(r"\bmma\.sync", ptx)), "wgmma" in ptx)
+
+
+def compile_reduce(*, cc: int, dtype: str = "fp16") -> CompileResult:
+    dt = _DT[dtype]
+    cfg = C.REDUCE_CONFIG
+    sig = {"ws_ptr": "*fp32", "bias_ptr": "*fp32", "oscale_ptr": "*fp32", "oshift_ptr": "*fp32",
+           "res_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
+    sig.update({n: "i32" for n in ["M", "C_out", "OH", "OW", "split_k", "son", "soh", "sow", "srn", "srh", "srw"]})
+    consts = dict(soc=1, src=1, HAS_BIAS=True, HAS_BN=True, HAS_RES=True, RELU=True,
+                  UPCAST=False, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
+    k = _compile(_splitk_epilogue_kernel, sig, consts, ["ws_ptr", "out_ptr", "res_ptr", "C_out"], cc,
+                 cfg.num_warps, cfg.num_stages)
+    use = resource_usage(k.asm["cubin"])
+    return CompileResult(f"splitk_epilogue {dtype}", cc, use["REG"], use["STACK"], use["SHARED"],
+                         k.metadata.shared, False, False)
+
+
+def all_conv_configs():
+    return list(C.CONV_CONFIGS) + [C.FALLBACK_CONFIG]
+
+
+def run_job(job: dict) -> dict:
+    job = dict(job)
+    kind = job.pop("kind")
+    try:
+        if kind == "reduce":
+            res = compile_reduce(**job)
+        else:
+            cfg = C.ConvConfig(*job.pop("cfg"))
+            res = compile_conv(cfg, **job)
+        return {"ok": True, **res.__dict__}
+    except Exception as e:  # report, the test fails with the message
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) > 1:
+        for job in json.loads(open(sys.argv[1]).read()):
+            print("RESULT " + json.dumps({"job": job, "res": run_job(job)}), flush=True)
+    else:
+        for cc in (80, 90):
+            for cfg in all_conv_configs():
+                for bits in (4, 3, 16):
+                    print(compile_conv(cfg, cc=cc, bits=bits), flush=True)
+            print(compile_reduce(cc=cc), flush=True)

@@ -1,0 +1,143 @@
+"""Every autotune config of every kernel compiles for sm_80 and sm_90 (no GPU needed).
+
+Runs the whole Triton compiler to PTX and a cubin (ptxas), checks for tensor-core instructions,
+records REG / STACK / SHARED (``cuobjdump --dump-resource-usage``) and fails on spills (STACK > 0).
+The compilation runs in subprocesses with ``TRITON_INTERPRET`` unset (``gpu_compile.py``), one
+per target, in parallel.  See the numbers with ``pytest tests/kernels/test_compile.py -s``.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import triton
+
+from cora_kernels import configs as C
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+pytestmark = pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's bundled CUDA tools are missing")
+
+TARGETS = (80, 90)
+CONFIGS = list(C.CONV_CONFIGS) + [C.FALLBACK_CONFIG]
+
+
+def _cfg(c):
+    return [c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, c.GROUP_M]
+
+
+def _conv(cc, cfg, **kw):
+    return {"kind": "conv", "cc": cc, "cfg": _cfg(cfg), **kw}
+
+
+def _default_jobs():
+    jobs = [_conv(cc, cfg, bits=bits) for cc in TARGETS for cfg in CONFIGS for bits in (4, 3, 16)]
+    jobs += [{"kind": "reduce", "cc": cc} for cc in TARGETS]
+    for cc in TARGETS:
+        jobs += _variant_jobs(cc)
+    return jobs
+
+
+def _variant_jobs(cc):
+    cfg = CONFIGS[3]
+    return [_conv(cc, cfg, bits=4, dtype="bf16"), _conv(cc, cfg, bits=3, split_k=4),
+            _conv(cc, cfg, bits=3, aligned=False), _conv(cc, cfg, bits=4, r_pad=0, epilogue=False)]
+
+
+def _slow_jobs():
+    # the gather (unaligned) path only ever gets BLOCK_K <= 64 (see configs.prune_configs)
+    # and BLOCK_K <= 64 whenever r_pad > 16
+    jobs = [_conv(cc, cfg, bits=4, dtype="bf16", r_pad=16 if cfg.BLOCK_K > 64 else 32, aligned=cfg.BLOCK_K > 64)
+            for cc in TARGETS for cfg in CONFIGS]
+    jobs += [_conv(cc, cfg, bits=b, dtype="fp32", r_pad=16, aligned=al)
+             for cc in TARGETS for cfg in C.FP32_CONFIGS for b in (3, 4) for al in (False, True)]
+    return jobs
+
+
+_CACHE: dict = {}
+
+
+def _key(job):
+    return json.dumps(job, sort_keys=True)
+
+
+def _run_batch(jobs):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(jobs, f)
+        path = f.name
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        out = subprocess.run([sys.executable, os.path.join(HERE, "gpu_compile.py"), path], capture_output=True,
+                             text=True, env=env, timeout=900)
+    finally:
+        os.unlink(path)
+    got = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            d = json.loads(line[7:])
+            got[_key(d["job"])] = d["res"]
+    for job in jobs:
+        got.setdefault(_key(job), {"ok": False, "error": f"no result (rc={out.returncode}): {out.stderr[-2000:]}"})
+    return got
+
+
+def _result(job, group):
+    if _key(job) not in _CACHE:
+        jobs = group()
+        by_cc = [[j for j in jobs if j["cc"] == cc] for cc in TARGETS]
+        with ThreadPoolExecutor(len(by_cc)) as ex:
+            for got in ex.map(_run_batch, by_cc):
+                _CACHE.update(got)
+    return _CACHE[_key(job)]
+
+
+def _check(res, record_property, need_mma=True):
+    assert res["ok"], res["error"]
+    line = (f"sm_{res['cc']} {res['name']:<44} REG={res['reg']:<4} STACK={res['stack']:<4} "
+            f"SHARED={res['shared']:<5} dyn_smem={res['ptx_shared']:<6} "
+            f"{'wgmma' if res['has_wgmma'] else ('mma' if res['has_mma'] else 'no-mma')}")
+    print(line)
+    record_property(f"sm{res['cc']} {res['name']}", line)
+    assert res["reg"] > 0, "could not read the resource usage"
+    assert res["stack"] == 0, f"spills: {line}"
+    if need_mma:
+        assert res["has_mma"] or res["has_wgmma"], f"no tensor-core instructions in the PTX: {line}"
+
+
+@pytest.mark.parametrize("bits", [4, 3, 16], ids=["int4", "int3", "fp16w"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_conv_config_compiles(cc, cfg, bits, record_property):
+    _check(_result(_conv(cc, cfg, bits=bits), _default_jobs), record_property)
+
+
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_splitk_epilogue_compiles(cc, record_property):
+    _check(_result({"kind": "reduce", "cc": cc}, _default_jobs), record_property, need_mma=False)
+
+
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_variants_compile(cc, record_property):
+    """One config per variant: bf16, split-K partials, the unaligned (gather) unpack path, rank 0."""
+    for job in _variant_jobs(cc):
+        _check(_result(job, _default_jobs), record_property)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_conv_config_compiles_bf16(cc, cfg, record_property):
+    _check(_result(_conv(cc, cfg, bits=4, dtype="bf16", r_pad=16 if cfg.BLOCK_K > 64 else 32,
+                         aligned=cfg.BLOCK_K > 64), _slow_jobs), record_property)
+
+
+@pytest.mark.parametrize("cfg", C.FP32_CONFIGS, ids=str)
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_fp32_configs_compile(cc, cfg, record_property):
+    # fp32 activations use full-precision fp32 dots (no TF32): no tensor-core instructions expected
+    for job in _slow_jobs():
+        if job["cc"] == cc and job.get("dtype") == "fp32" and job["cfg"] == _cfg(cfg):
+            _check(_result(job, _slow_jobs), record_property, need_mma=False)

@@ -1,0 +1,118 @@
+"""Numerics of the fused kernel (through the Triton interpreter on CPU) against the reference."""
+import pytest
+import torch
+
+from cora_kernels.conv_fused import cora_conv2d as fused_conv2d
+from cora_kernels.conv_fused import dense_gemm_weight
+from cora_kernels.reference import cora_conv2d_reference, dequantize_weight
+from tests.tolerances import assert_close_rel
+
+from ._cases import Case, make_layer
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# A covering subset of the grid (kernel 1/3/5/7, stride 1/2, padding 0/1/3, dilation 1/2, odd C_in/C_out,
+# batch 1/3, rank 0/1/odd/full, bits 3/4, fp32/fp16/bf16, each epilogue option, both memory formats,
+# split-K), each factor level appearing in several combinations.
+CASES = [
+    Case(N=1, C_in=5, C_out=7, k=(1, 1), padding=(0, 0), bits=4, rank=0),
+    Case(N=3, C_in=5, C_out=7, k=(3, 3), bits=4, rank="odd", bias=True),
+    Case(N=1, C_in=3, C_out=9, H=9, W=9, k=(5, 5), stride=(2, 2), padding=(3, 3), bits=3, rank=1, relu=True),
+    Case(N=1, C_in=3, C_out=5, H=11, W=10, k=(7, 7), stride=(2, 2), padding=(3, 3), bits=4, rank="full",
+         bias=True, bn=True),
+    Case(N=3, C_in=7, C_out=5, k=(3, 3), dilation=(2, 2), padding=(1, 1), bits=3, rank="odd", res=True, relu=True),
+    Case(N=1, C_in=33, C_out=17, H=5, W=5, k=(3, 3), bits=4, rank=1, dtype=F16, bias=True, bn=True, res=True,
+         relu=True, channels_last=True),
+    Case(N=3, C_in=9, C_out=11, H=6, W=5, k=(3, 1), padding=(1, 0), bits=3, rank=0, dtype=F16),
+    Case(N=1, C_in=64, C_out=40, H=6, W=6, k=(3, 3), bits=3, rank="odd", dtype=F16, channels_last=True),  # aligned
+    Case(N=1, C_in=64, C_out=24, H=5, W=5, k=(1, 1), padding=(0, 0), bits=4, rank="full", dtype=F32,
+         bias=True),  # aligned, full rank
+    Case(N=3, C_in=5, C_out=13, H=8, W=8, k=(2, 3), stride=(2, 1), padding=(1, 0), bits=4, rank="odd",
+         dtype=BF16, bias=True, relu=True),
+    Case(N=1, C_in=32, C_out=9, H=6, W=6, k=(3, 3), bits=4, rank="odd", split_k=4, bias=True, bn=True, res=True,
+         relu=True),  # split-K with every epilogue option
+    Case(N=2, C_in=6, C_out=7, H=5, W=5, k=(5, 5), padding=(0, 0), stride=(1, 1), bits=3, rank=1, dtype=F16,
+         split_k=3, channels_last=True),
+]
+
+
+def _check(c: Case, **extra):
+    args, kw = make_layer(c)
+    y = fused_conv2d(*args, **kw, split_k=c.split_k, **extra)
+    y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    assert y.dtype == c.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if c.channels_last else torch.contiguous_format)
+    err = assert_close_rel(y, y_ref, c.dtype, msg=str(c))
+    print(f"{c}: rel err {err:.2e}")
+    return args, kw, y
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fused_matches_reference(case):
+    _check(case)
+
+
+SLOW_CASES = [
+    Case(N=3, C_in=c_in, C_out=c_out, H=7, W=7, k=(k, k), stride=(s, s), padding=(p, p), dilation=(d, d), bits=bits,
+         rank=rank, dtype=dt, bias=True, bn=bn, res=res, relu=relu)
+    for (k, s, p, d) in [(1, 1, 0, 1), (3, 2, 1, 1), (5, 1, 3, 2), (7, 2, 3, 1)]
+    for (c_in, c_out, bits, rank) in [(3, 5, 4, "full"), (13, 11, 3, 0), (32, 19, 4, "odd")]
+    for (dt, bn, res, relu) in [(F32, True, False, True), (F16, False, True, False), (BF16, True, True, True)]
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW_CASES, ids=str)
+def test_fused_grid_slow(case):
+    _check(case)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_delta_input_reproduces_dequantized_weights(bits, dtype):
+    """One nonzero input pixel of value 1: the output at each tap is exactly the dequantized weight."""
+    c = Case(N=1, C_in=6, C_out=9, H=7, W=7, k=(3, 3), padding=(1, 1), bits=bits, rank=0, dtype=dtype)
+    args, kw = make_layer(c)
+    x, planes, scale, zero = args[:4]
+    w = dequantize_weight(planes, scale, zero, bits, (c.C_out, c.C_in, 3, 3), dtype=torch.float32)
+    for ch in (0, 5):
+        x = torch.zeros_like(x)
+        x[0, ch, 3, 3] = 1.0
+        y = fused_conv2d(x, planes, scale, zero, None, None, None, **kw)
+        for kh in range(3):
+            for kw_ in range(3):
+                got = y[0, :, 3 - kh + 1, 3 - kw_ + 1]
+                assert torch.equal(got, w[:, ch, kh, kw_].to(dtype)), (bits, dtype, ch, kh, kw_)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_dense_weight_control_variant(dtype):
+    """The fp16-weight control (BITS=16) computes the same layer from a dense dequantized weight."""
+    c = Case(N=2, C_in=9, C_out=10, H=6, W=6, k=(3, 3), bits=4, rank="odd", dtype=dtype, bias=True, relu=True)
+    args, kw = make_layer(c)
+    x, planes, scale, zero = args[:4]
+    dense = dense_gemm_weight(planes, scale, zero, c.bits, c.K, dtype)
+    assert dense.shape == (c.K, c.C_out)
+    y = fused_conv2d(*args, **kw, dense_weight=dense)
+    y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    tol_dtype = dtype
+    assert_close_rel(y, y_ref, tol_dtype)
+
+
+def test_nchw_and_channels_last_agree():
+    c = Case(N=2, C_in=8, C_out=6, H=5, W=5, k=(3, 3), bits=4, rank=1, dtype=F32, res=True)
+    args, kw = make_layer(c)
+    y1 = fused_conv2d(*args, **kw)
+    x_cl = args[0].contiguous(memory_format=torch.channels_last)
+    kw_cl = dict(kw, residual=kw["residual"].contiguous(memory_format=torch.channels_last))
+    y2 = fused_conv2d(x_cl, *args[1:], **kw_cl)
+    assert y1.is_contiguous() and y2.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=1e-6)
+
+
+def test_groups_not_in_kernel():
+    c = Case(N=1, C_in=2, C_out=4, rank=0)  # per-group K = 9 * 2
+    args, kw = make_layer(c)
+    x = torch.randn(1, 4, c.H, c.W)
+    with pytest.raises(NotImplementedError):
+        fused_conv2d(x, *args[1:], **kw, groups=2)

@@ -1,0 +1,185 @@
+"""The op boundary: torch.library registration, torch.compile, backend dispatch, validation."""
+import pytest
+import torch
+
+import cora_kernels
+from cora_kernels import ops
+from cora_kernels.reference import cora_conv2d_reference
+from tests.tolerances import assert_close_rel
+
+from ._cases import Case, make_layer
+
+
+def _op_args(c: Case):
+    args, kw = make_layer(c)
+    x, planes, scale, zero, a, b, bias = args
+    return (x, planes, scale, zero, a, b, bias, c.bits, list(c.k), list(c.stride), list(c.padding),
+            list(c.dilation), kw.get("out_scale"), kw.get("out_shift"), kw.get("residual"), c.relu, 1)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, cora_kernels; cora_kernels.cora_conv2d; "
+            "assert 'triton' not in sys.modules, 'triton imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+
+
+@pytest.mark.parametrize("case", [
+    Case(N=2, C_in=3, C_out=4, H=5, W=5, rank="odd", bias=True, bn=True, res=True, relu=True),
+    Case(N=1, C_in=4, C_out=3, H=5, W=4, k=(1, 1), padding=(0, 0), rank=0, channels_last=True),
+], ids=["full_epilogue", "rank0_cl"])
+def test_opcheck(case, monkeypatch):
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    torch.library.opcheck(torch.ops.cora.conv2d.default, _op_args(case))
+
+
+def test_torch_compile_fullgraph_one_op(monkeypatch):
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    c = Case(N=2, C_in=4, C_out=6, H=6, W=6, rank="odd", bias=True, relu=True)
+    args, kw = make_layer(c)
+    x, planes, scale, zero, a, b, bias = args
+
+    class Layer(torch.nn.Module):
+        def forward(self, inp):
+            y = cora_kernels.cora_conv2d(inp, planes, scale, zero, a, b, bias, **kw)
+            return y * 2.0
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = Layer()
+    y_ref = m(x)
+    y = torch.compile(m, backend=counting_backend, fullgraph=True)(x)
+    torch.testing.assert_close(y, y_ref)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    ours = [t for t in targets if t in (torch.ops.cora.conv2d, torch.ops.cora.conv2d.default)]
+    assert len(ours) == 1, targets
+
+    torch._dynamo.reset()
+    y2 = torch.compile(m, fullgraph=True)(x)  # inductor, CPU, reference dispatch
+    torch.testing.assert_close(y2, y_ref)
+
+
+def test_backend_env_read_at_call_time(monkeypatch):
+    import cora_kernels.conv_fused as cf
+
+    c = Case(N=1, C_in=5, C_out=6, H=5, W=5, rank=1, bias=True)
+    args, kw = make_layer(c)
+    calls = []
+    real = cf.cora_conv2d
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cf, "cora_conv2d", spy)
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    y_auto = cora_kernels.cora_conv2d(*args, **kw)
+    assert calls == []  # CPU tensors -> reference
+    monkeypatch.setenv("CORA_BACKEND", "triton")
+    y_tri = cora_kernels.cora_conv2d(*args, **kw)
+    assert calls == [1]  # forced through the kernel (interpreter on CPU)
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    cora_kernels.cora_conv2d(*args, **kw)
+    assert calls == [1]
+    y64 = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    assert_close_rel(y_auto, y64, torch.float32)
+    assert_close_rel(y_tri, y64, torch.float32)
+    monkeypatch.setenv("CORA_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="CORA_BACKEND"):
+        cora_kernels.cora_conv2d(*args, **kw)
+
+
+def test_groups_go_to_reference(monkeypatch):
+    monkeypatch.setenv("CORA_BACKEND", "triton")
+    c = Case(N=1, C_in=2, C_out=4, rank=0)
+    args, kw = make_layer(c)
+    x = torch.randn(1, 4, c.H, c.W)
+    y = cora_kernels.cora_conv2d(x, *args[1:], **kw, groups=2)
+    y_ref = cora_conv2d_reference(x, *args[1:], **kw, groups=2)
+    torch.testing.assert_close(y, y_ref)
+
+
+# --- validation: clear errors before any launch --------------------------------------------------
+
+@pytest.fixture
+def layer():
+    return make_layer(Case(N=1, C_in=5, C_out=6, H=5, W=5, rank=2, bias=True))
+
+
+def _call(args, kw, **over):
+    args = list(args)
+    names = ["x", "qweight", "scale", "zero", "a", "b", "bias"]
+    for k in list(over):
+        if k in names:
+            args[names.index(k)] = over.pop(k)
+    return cora_kernels.cora_conv2d(*args, **{**kw, **over})
+
+
+def test_valid_call_works(layer):
+    args, kw = layer
+    assert _call(args, kw).shape == (1, 6, 5, 5)
+
+
+def test_wrong_device(layer):
+    args, kw = layer
+    with pytest.raises(ValueError, match="device"):
+        _call(args, kw, scale=args[2].to("meta"))
+    with pytest.raises(ValueError, match="device"):
+        _call(args, kw, x=args[0].to("meta"))
+
+
+def test_wrong_in_channels(layer):
+    args, kw = layer
+    x = args[0]
+    with pytest.raises(ValueError, match="C_in|K="):
+        _call(args, kw, x=torch.randn(1, 7, 5, 5))
+    with pytest.raises(ValueError, match="input channels"):
+        _call(args, kw, in_channels=4)
+    assert x.shape[1] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.float8_e4m3fn])
+def test_unsupported_dtype(layer, dtype):
+    args, kw = layer
+    with pytest.raises(TypeError, match="dtype"):
+        _call(args, kw, x=args[0].to(dtype))
+
+
+def test_bad_planes(layer):
+    args, kw = layer
+    planes = args[1]
+    with pytest.raises(ValueError, match="plane"):
+        _call(args, kw, qweight=[planes[0], planes[0]])
+    with pytest.raises(ValueError, match="int32"):
+        _call(args, kw, qweight=[planes[0].to(torch.int64)])
+    with pytest.raises(ValueError, match="words"):
+        _call(args, kw, qweight=[planes[0][:-1]])
+    with pytest.raises(ValueError, match="C_out"):
+        _call(args, kw, qweight=[planes[0][:, :-1]])
+    with pytest.raises(ValueError, match="bit"):
+        _call(args, kw, bits=5)
+
+
+def test_bad_shapes(layer):
+    args, kw = layer
+    a, b = args[4], args[5]
+    with pytest.raises(ValueError, match="both"):
+        _call(args, kw, b=None)
+    with pytest.raises(ValueError, match="b must be"):
+        _call(args, kw, b=b[:, :1])
+    with pytest.raises(ValueError, match="bias"):
+        _call(args, kw, bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="residual"):
+        _call(args, kw, residual=torch.zeros(1, 6, 4, 4))
+    with pytest.raises(ValueError, match="out_scale"):
+        _call(args, kw, out_scale=torch.ones(6))
+    with pytest.raises(ValueError, match="empty"):
+        _call(args, kw, kernel_size=9, x=torch.randn(1, 5, 3, 3), a=None, b=None)
+    assert a.shape[0] == 2
