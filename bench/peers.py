@@ -205,7 +205,24 @@ def _register_block_round_loss():
             return sum(p(pred, tgt) for p in self.parts)
 
 
-def _learned_round(model: nn.Module, loader, iters: int, mode: str) -> int:
+def _soft_fraction(model: nn.Module) -> float:
+    """Share of learned-rounding variables still strictly between 0 and 1 (not converged to a
+    hard floor/ceil decision; evaluation thresholds them at 0.5)."""
+    from brevitas.core.function_wrapper.learned_round import LearnedRoundSte
+
+    soft = total = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LearnedRoundSte):
+                impl = m.learned_round_impl
+                p = torch.sigmoid(m.value) * (impl.learned_round_zeta - impl.learned_round_gamma)
+                p = (p + impl.learned_round_gamma).clamp(0.0, 1.0)
+                soft += int(((p > 0) & (p < 1)).sum())
+                total += p.numel()
+    return soft / max(total, 1)
+
+
+def _learned_round(model: nn.Module, loader, iters: int, mode: str, lr: float = LR_LR) -> int:
     """Brevitas's LearnedRoundTrainer on CPU; returns the number of blocks optimised."""
     import brevitas_examples.common.learned_round.learned_round_trainer as lrt
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer as QuantWBIOL
@@ -234,7 +251,7 @@ def _learned_round(model: nn.Module, loader, iters: int, mode: str) -> int:
     cfg = TrainerConfig(
         training_args=TrainingArgs(
             optimizers_args=[OptimizerArgs(target_params="learned_round", optimizer_cls="Adam",
-                                           lr=LR_LR)],
+                                           lr=lr)],
             batch_size=LR_BATCH,
             iters=iters,
             losses_args=[reg, LossArgs(cls="mse", kwargs={"reduction": "none", "dim": 1})],
@@ -257,10 +274,13 @@ def _learned_round(model: nn.Module, loader, iters: int, mode: str) -> int:
         model=model, model_forward=vision_forward, block_forward=vision_block_forward,
         data_loader=loader, cache=CacheVision(), get_blocks_fn=get_blocks, keep_gpu=True)
     model.eval()
+    log.info("learned rounding (%s, %d iters/block, lr %g): %.1f %% of the rounding variables "
+             "still soft at the end", mode, iters, lr, 100 * _soft_fraction(model))
     return len(blocks)
 
 
-def quantize_with(method: str, model: nn.Module, bits: int, calib, iters: int) -> tuple[nn.Module, int]:
+def quantize_with(method: str, model: nn.Module, bits: int, calib, iters: int,
+                  lr: float = LR_LR) -> tuple[nn.Module, int]:
     """Quantize ``model`` (float, eval) in place with one peer method; returns (model, steps)."""
     loader = make_loader(calib, batch_size=CALIB_BATCH)
     if method == "rtn":
@@ -274,7 +294,7 @@ def quantize_with(method: str, model: nn.Module, bits: int, calib, iters: int) -
     if method in ("adaround", "brecq"):
         model = _swap_layers(model, bits, "mse")
         n_blocks = _learned_round(model, loader, iters,
-                                  "layerwise" if method == "adaround" else "blockwise")
+                                  "layerwise" if method == "adaround" else "blockwise", lr)
         return model, iters * n_blocks
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
@@ -321,6 +341,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="CSV to append rows to (header written if new); relative paths are "
                         "taken from the repository root")
     p.add_argument("--log", default=None, help="log file (default: peers.log next to --out)")
+    p.add_argument("--lr", type=float, default=LR_LR,
+                   help="learned-rounding Adam learning rate (a non-default value is appended to "
+                        "the method name in the CSV, e.g. '..._lr0.01')")
     p.add_argument("--seed", type=int, default=0, help="seed for the learned-rounding sampler")
     return p
 
@@ -341,8 +364,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     meta = dict(brevitas_version=brevitas.__version__, torch_version=torch.__version__,
                 threads=torch.get_num_threads(), machine=_machine())
-    log.info("peers: %s | models=%s bits=%s methods=%s calib=%d iters=%d", " ".join(sys.argv),
-             args.models, args.bits, args.methods, args.calib, args.iters)
+    log.info("peers: %s | models=%s bits=%s methods=%s calib=%d iters=%d lr=%g",
+             " ".join(sys.argv), args.models, args.bits, args.methods, args.calib, args.iters,
+             args.lr)
     log.info("brevitas %s, torch %s, %d thread(s), %s", meta["brevitas_version"],
              meta["torch_version"], meta["threads"], meta["machine"])
     test = cifar10_test(shared=args.shared)
@@ -358,13 +382,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 model = build_model(name, shared=args.shared)
                 t0 = time.perf_counter()
                 try:
-                    model, steps = quantize_with(method, model, bits, calib, args.iters)
+                    model, steps = quantize_with(method, model, bits, calib, args.iters, args.lr)
                 except Exception as e:  # keep the grid going; the log says what failed
                     log.exception("%s W%d %s failed: %s", name, bits, method, e)
                     continue
                 seconds = time.perf_counter() - t0
                 acc = evaluate(model, test)
-                row = dict(model=name, bits=bits, method=METHOD_LABEL[method], acc=round(acc, 2),
+                label = METHOD_LABEL[method]
+                if method in ("adaround", "brecq") and args.lr != LR_LR:
+                    label += f"_lr{args.lr:g}"
+                row = dict(model=name, bits=bits, method=label, acc=round(acc, 2),
                            float_acc=round(float_acc, 2),
                            bits_per_weight=round(bits_per_weight(model, bits), 4), steps=steps,
                            calib_images=len(calib), seconds=round(seconds, 1), **meta)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["materialize", "layer_input_rows", "collect_hessians", "model_logits"]
+__all__ = ["materialize", "layer_input_rows", "collect_hessians", "model_logits", "execution_order", "paired_moments"]
 
 
 def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,3 +157,92 @@ def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 250) 
         return torch.cat([model(inputs[i : i + batch_size]).float() for i in range(0, inputs.shape[0], batch_size)])
     finally:
         model.train(was_training)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer's input is captured."""
+
+
+def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    box = []
+
+    def hook(mod, args):
+        box.append(args[0].detach())
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not box:
+        raise RuntimeError("the layer was not called during the forward pass")
+    return box[0]
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
+    """``names`` sorted by when each layer first runs in a forward pass on ``sample`` (eval mode)."""
+    first: dict[str, int] = {}
+    hooks = []
+    def hook(n):
+        def fn(mod, args):
+            first.setdefault(n, len(first))  # returns None: the input is left alone
+
+        return fn
+
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sorted(names, key=lambda n: first.get(n, len(names) + names.index(n)))
+
+
+@torch.no_grad()
+def paired_moments(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    name: str,
+    inputs: torch.Tensor,
+    batch_size: int = 100,
+    max_rows: int = 65536,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second moments of one layer's im2col inputs in the float and the (partly) quantized model.
+
+    Returns float64 ``(H_qq = E[x_q x_qᵀ], H_fq = E[x_f x_qᵀ])``, both ``[K, K]``, where ``x_f`` and
+    ``x_q`` are the layer's input rows at the same positions of the same images in ``float_model``
+    and ``quant_model``. Forward passes stop at the layer. Both models run in eval mode.
+    """
+    f_layer, q_layer = float_model.get_submodule(name), quant_model.get_submodule(name)
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
+    hqq = hfq = None
+    n = 0
+    modes = float_model.training, quant_model.training
+    float_model.eval()
+    quant_model.eval()
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            xb = inputs[start : start + batch_size]
+            xf = _capture_input(float_model, f_layer, xb).float()
+            xq = _capture_input(quant_model, q_layer, xb).float()
+            state = gen.get_state()
+            rf = layer_input_rows(f_layer, xf, per_batch, gen)
+            gen.set_state(state)  # the same positions in both
+            rq = layer_input_rows(q_layer, xq, per_batch, gen)
+            hqq = (rq.T @ rq).double() + (0 if hqq is None else hqq)
+            hfq = (rf.T @ rq).double() + (0 if hfq is None else hfq)
+            n += rq.shape[0]
+    finally:
+        float_model.train(modes[0])
+        quant_model.train(modes[1])
+    return hqq / n, hfq / n

@@ -37,6 +37,8 @@ class CoRaConfig:
     gptq_damp: float = 0.01  # GPTQ dampening, fraction of the mean diagonal of H
     gptq_act_order: bool = True
     factorization: str = "activation"
+    sequential: bool = True  # base rounding from the inputs of the already-quantized model (layer by layer)
+    refine: bool = True  # after the search, re-fit each adapter to map the final quantized inputs to float outputs
     loss: str = "kl"  # kl: to the float model's logits (no labels); ce: cross-entropy with labels
     budget_mode: str = "project"  # project: cutoffs projected onto the budget each step; penalty: paper
     iterations: int = 250
@@ -48,6 +50,7 @@ class CoRaConfig:
     rho_init: float = 0.9
     search_bn: str = "train"  # BatchNorm mode during the search (the model returned keeps float BN stats)
     calib_images: int = 1600
+    stats_images: int = 512  # images (of the calibration set) for the layer input statistics (GPTQ, adapters)
     seed: int = 0
     skip: tuple[str, ...] = ()  # module names (or fnmatch patterns) left in float
     layer_bits: tuple[tuple[str, int], ...] = ()  # per-layer bit overrides: (name or pattern, bits)
@@ -83,6 +86,8 @@ class CoRaConfig:
             bad(f"batch_size={self.batch_size!r} must be an integer >= 1")
         if not (isinstance(self.calib_images, int) and self.calib_images >= 1):
             bad(f"calib_images={self.calib_images!r} must be an integer >= 1")
+        if not (isinstance(self.stats_images, int) and self.stats_images >= 1):
+            bad(f"stats_images={self.stats_images!r} must be an integer >= 1")
         if not self.std_k > 0:
             bad(f"std_k={self.std_k!r} must be > 0")
         if not self.lr > 0:
@@ -111,6 +116,8 @@ class CoRaConfig:
             std_k=5.0,
             rounding="nearest",
             factorization="weight",
+            sequential=False,
+            refine=False,
             loss="ce",
             budget_mode="penalty",
             search_bn="train",

@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from .calibration import collect_hessians, materialize, model_logits
+from .calibration import collect_hessians, execution_order, materialize, model_logits, paired_moments
 from .config import CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
 from .quantizer import compute_qparams, dequantize, gptq_quantize, quantize
-from .residual import adapter_from_factors, factorize_residual
+from .residual import adapter_from_factors, factorize_residual, regression_residual
 from .search import AdaptedLayer, Progress, adapter_fraction, heuristic_ranks, search_ranks
 
 __all__ = ["convert", "ConversionReport", "quantizable_layers"]
@@ -105,10 +105,18 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     was_training = model.training
     conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     needs_h = config.rounding == "gptq" or (config.factorization == "activation" and config.method != "rtn")
-    hessians = collect_hessians(work, {n: work.get_submodule(n) for n in layers}, x) if needs_h else {}
+    order = execution_order(work, list(layers), x[:1])
+    # Layer statistics need far fewer images than the search: a seeded random subset (never the
+    # first images, which may be sorted by class).
+    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))[: config.stats_images]
+    xs = x[pick.to(x.device)]
+    layers = {n: layers[n] for n in order}
+    sequential = config.sequential and needs_h
+    hessians = {} if sequential or not needs_h else collect_hessians(work, {n: work.get_submodule(n) for n in layers}, xs)
+    seq_model = copy.deepcopy(model) if sequential else None  # float model whose layers turn quantized in order
     per_channel = config.granularity == "channel"
 
-    # 1) base quantization of every chosen layer
+    # 1) base quantization of every chosen layer, in execution order
     quant: dict[str, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     adapted: list[AdaptedLayer] = []
     bar = Progress(len(layers), "quantize", config.progress)
@@ -116,20 +124,28 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         bits = _layer_bits(name, config)
         w = mod.weight.detach().float().cpu()
         scale, zero = compute_qparams(w, bits, per_channel=per_channel, method=config.range_method, std_k=config.std_k)
-        h = hessians.get(name)
+        if sequential and getattr(mod, "groups", 1) == 1:
+            h = paired_moments(model, seq_model, name, xs, seed=config.seed)[0].cpu()
+        else:
+            h = hessians.get(name)
+            h = h.cpu() if h is not None else None
         if config.rounding == "gptq" and h is not None:
-            codes = gptq_quantize(w.reshape(w.shape[0], -1), h.cpu(), scale, zero, bits, damp=config.gptq_damp, act_order=config.gptq_act_order).reshape(w.shape)
+            codes = gptq_quantize(w.reshape(w.shape[0], -1), h, scale, zero, bits, damp=config.gptq_damp, act_order=config.gptq_act_order).reshape(w.shape)
         else:
             codes = quantize(w, scale, zero, bits)
         quant[name] = (bits, codes, scale, zero)
+        qw = dequantize(codes, scale, zero)
+        if seq_model is not None:
+            with torch.no_grad():
+                seq_model.get_submodule(name).weight.copy_(qw.to(device))
         if isinstance(mod, nn.Conv2d) and config.method != "rtn":
             if mod.groups != 1:
                 skipped[name] = "grouped/depthwise conv: quantized without adapter"
             else:
-                qw = dequantize(codes, scale, zero)
-                factors = factorize_residual(w - qw, method=config.factorization, hessian=h.cpu() if h is not None else None)
+                factors = factorize_residual(w - qw, method=config.factorization, hessian=h)
                 adapted.append(AdaptedLayer(name, qw, factors))
         bar.update(i, name)
+    del seq_model
 
     # 2) ranks
     ranks = {l.name: 0 for l in adapted}
@@ -168,14 +184,25 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         del search_model
         ranks, iterations, search_seconds, cont, trace = rep.ranks, rep.iterations, rep.seconds, rep.continuous_budget, rep.trace
 
-    # 3) build the quantized modules
+    # 3) build the quantized modules, in execution order; with `refine`, each adapter is re-fitted on
+    #    the inputs it will really see (every earlier layer final) to reproduce the float outputs
     factors = {l.name: l.factors for l in adapted}
+    refine = config.refine and config.factorization == "activation"
+    reference = copy.deepcopy(model) if refine and any(ranks.values()) else None
     total_bits = total_weights = 0
-    for name, mod in layers.items():
+    bar = Progress(len(layers), "build", config.progress and reference is not None)
+    for i, (name, mod) in enumerate(layers.items(), 1):
         bits, codes, scale, zero = quant[name]
         if isinstance(mod, nn.Conv2d):
             r = ranks.get(name, 0)
-            adapter = adapter_from_factors(factors[name], r) if r else None
+            adapter = None
+            if r and reference is not None:
+                h_qq, h_fq = paired_moments(reference, work, name, xs, seed=config.seed)
+                w = mod.weight.detach().float().cpu()
+                target = regression_residual(w, dequantize(codes, scale, zero), h_qq.cpu(), h_fq.cpu())
+                adapter = adapter_from_factors(factorize_residual(target, method="activation", hessian=h_qq.cpu()), r)
+            elif r:
+                adapter = adapter_from_factors(factors[name], r)
             new = CoRaConv2d.from_conv(mod, bits, codes=codes, scale=scale, zero=zero, adapter=adapter, adapter_dtype=config.adapter_dtype)
         else:
             new = QuantLinear.from_linear(mod, bits, codes=codes, scale=scale, zero=zero)
@@ -183,6 +210,8 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         total_bits += new.storage_bits()
         total_weights += mod.weight.numel()
         _set_submodule(work, name, new)
+        bar.update(i, name)
+    del reference
     work.train(was_training)
     work.cora_report = ConversionReport(
         method=config.method,

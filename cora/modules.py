@@ -14,6 +14,8 @@ Stored state (all buffers, so ``state_dict()`` round-trips exactly):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -303,6 +305,27 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
             y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
         return y
 
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference forward through the ``cora::conv2d`` op (the fused Triton kernel on CUDA; no autograd)."""
+        from cora_kernels import cora_conv2d
+
+        x, pad = self._padded_input(x)
+        a = self.adapter_a if self.rank else None
+        b = self.adapter_b if self.rank else None
+        return cora_conv2d(
+            x, self.packed_planes(), self.scale.float(), self.zero.float(), a, b, self.bias,
+            bits=self.bits, kernel_size=self.kernel_size, stride=self.stride, padding=pad,
+            dilation=self.dilation, groups=self.groups, in_channels=self.in_channels,
+        )
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        # The op has no autograd: anything that needs gradients takes the reference path. On the CPU the
+        # reference path is also the default (the op would only call the same reference), unless
+        # CORA_BACKEND asks for the op explicitly (e.g. the Triton interpreter in tests).
+        if torch.is_grad_enabled() and (x.requires_grad or self.adapter_a.requires_grad):
+            return False
+        return x.is_cuda or bool(os.environ.get("CORA_BACKEND"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("CoRaConv2d", x, self.in_channels, self.scale)
         if x.dim() not in (3, 4):
@@ -310,7 +333,7 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        y = self.reference_forward(x)
+        y = self.fused_forward(x) if self._use_fused(x) else self.reference_forward(x)
         return y.squeeze(0) if unbatched else y
 
     # ------------------------------------------------------------------ state

@@ -22,7 +22,7 @@ __all__ = [
     "gptq_quantize",
 ]
 
-_MSE_GRID = torch.linspace(0.30, 1.0, 36)  # candidate shrink factors of each range end (MSE search)
+_MSE_GRID = torch.linspace(0.30, 1.0, 15)  # coarse shrink factors of each range end (MSE search)
 
 
 def qmax(bits: int) -> int:
@@ -84,6 +84,10 @@ def compute_qparams(
         scale, zero = _mse_search(rows, lo, hi, bits)
     else:
         raise ValueError(f"unknown range method {method!r}")
+    if not torch.isfinite(scale).all():  # range / qmax above the float16 maximum (65504): would quantize to NaN
+        raise ValueError(
+            f"weight range too large for float16 scales at {bits} bits (max |w| = {float(w.abs().max()):.3g})"
+        )
     n = w.shape[0]
     if not per_channel:
         scale, zero = scale.expand(n).clone(), zero.expand(n).clone()
@@ -91,24 +95,38 @@ def compute_qparams(
 
 
 def _mse_search(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse-to-fine grid over (lo shrink, hi shrink) per row; returns the best (scale, zero)."""
     grid = _MSE_GRID.to(rows.device)
     a, b = torch.meshgrid(grid, grid, indexing="ij")
-    a, b = a.reshape(-1), b.reshape(-1)  # every (lo shrink, hi shrink) pair
-    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
-    best_s = torch.ones(rows.shape[0], device=rows.device)
-    best_z = torch.zeros(rows.shape[0], device=rows.device)
-    # Bound the [rows, candidates, K] temporary to ~32M elements.
-    chunk = max(1, int(32e6 // max(1, rows.numel())))
-    for start in range(0, a.numel(), chunk):
-        ca, cb = a[start : start + chunk], b[start : start + chunk]
-        s, z = _params_from_range(lo.unsqueeze(1) * ca, hi.unsqueeze(1) * cb, bits)
-        err = _row_error(rows, s, z, bits)
-        e, idx = err.min(dim=1)
+    a = a.reshape(1, -1).expand(rows.shape[0], -1)
+    b = b.reshape(1, -1).expand(rows.shape[0], -1)
+    best_a, best_b = _best_candidates(rows, lo, hi, bits, a, b)
+    # refine around each row's best pair at a quarter of the coarse step
+    step = float(grid[1] - grid[0]) / 4
+    offs = torch.arange(-2, 3, device=rows.device, dtype=rows.dtype) * step
+    da, db = torch.meshgrid(offs, offs, indexing="ij")
+    a = (best_a[:, None] + da.reshape(1, -1)).clamp(0.05, 1.0)
+    b = (best_b[:, None] + db.reshape(1, -1)).clamp(0.05, 1.0)
+    best_a, best_b = _best_candidates(rows, lo, hi, bits, a, b)
+    return _params_from_range(lo * best_a, hi * best_b, bits)
+
+
+def _best_candidates(rows, lo, hi, bits, a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the shrink pair among candidates ``a``/``b`` ``[rows, n]`` with the least squared error."""
+    n_rows, n_cand = a.shape
+    best_err = torch.full((n_rows,), float("inf"), device=rows.device)
+    best_a = torch.ones(n_rows, device=rows.device)
+    best_b = torch.ones(n_rows, device=rows.device)
+    chunk = max(1, int(16e6 // max(1, rows.numel())))  # bound the [rows, candidates, K] temporary
+    for start in range(0, n_cand, chunk):
+        ca, cb = a[:, start : start + chunk], b[:, start : start + chunk]
+        s, z = _params_from_range(lo[:, None] * ca, hi[:, None] * cb, bits)
+        e, idx = _row_error(rows, s, z, bits).min(dim=1)
         better = e < best_err
         best_err = torch.where(better, e, best_err)
-        best_s = torch.where(better, s.gather(1, idx[:, None]).squeeze(1), best_s)
-        best_z = torch.where(better, z.gather(1, idx[:, None]).squeeze(1), best_z)
-    return best_s, best_z
+        best_a = torch.where(better, ca.gather(1, idx[:, None]).squeeze(1), best_a)
+        best_b = torch.where(better, cb.gather(1, idx[:, None]).squeeze(1), best_b)
+    return best_a, best_b
 
 
 def _bcast(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

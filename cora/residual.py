@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ResidualFactors", "factorize_residual", "adapter_from_factors", "full_rank"]
+__all__ = ["ResidualFactors", "factorize_residual", "adapter_from_factors", "full_rank", "regression_residual"]
 
 
 @dataclass
@@ -95,3 +95,26 @@ def adapter_from_factors(factors: ResidualFactors, rank: int) -> tuple[torch.Ten
     A = (root.unsqueeze(1) * factors.Vt[:rank]).reshape(rank, *factors.weight_shape[1:])
     B = factors.U[:, :rank] * root
     return A.contiguous(), B.contiguous()
+
+
+def regression_residual(
+    weight: torch.Tensor, qweight: torch.Tensor, h_qq: torch.Tensor, h_fq: torch.Tensor, damp: float = 0.01
+) -> torch.Tensor:
+    """The full-rank correction ``C = W H_fq H_qq⁻¹ - Q`` that best maps quantized inputs to float outputs.
+
+    With ``x_f`` the layer's input in the float model and ``x_q`` its input in the quantized model,
+    ``E‖W x_f - (Q + C) x_q‖²`` is smallest at this ``C`` (``H_qq = E[x_q x_qᵀ]``, ``H_fq = E[x_f x_qᵀ]``),
+    and for a rank-r ``C`` the objective equals a constant plus ``E‖(C* - C) x_q‖²``, so the best rank-r
+    adapter is the activation-aware factorization of ``C*`` under ``H_qq``. When the inputs agree
+    (``x_q = x_f``), ``C* = W - Q``: the plain residual. Shapes as in :func:`factorize_residual`.
+    """
+    shape = weight.shape
+    W = weight.detach().reshape(shape[0], -1).to(torch.float64)
+    Q = qweight.detach().reshape(shape[0], -1).to(torch.float64)
+    H = h_qq.detach().to(torch.float64)
+    K = H.shape[0]
+    H = H + torch.eye(K, dtype=H.dtype) * max(damp * float(torch.diag(H).mean()), 1e-12)
+    target = W @ h_fq.detach().to(torch.float64)  # [C_out, K]
+    L = torch.linalg.cholesky(H)
+    C = torch.cholesky_solve(target.T, L).T - Q
+    return C.reshape(shape).float()

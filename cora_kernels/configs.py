@@ -65,9 +65,10 @@ CONV_CONFIGS: tuple[ConvConfig, ...] = (
 # Large adapter ranks (r_pad >= 128): small tiles keep the [BLOCK_M, r_pad] accumulator in registers.
 FALLBACK_CONFIG = ConvConfig(32, 64, 32, 4, 2)
 
-# fp32 activations take full-precision fp32 dots (FMA, no tensor cores): the 16-bit tiles spill
-# there (128x128x64 w8: 10.7 KB of stack on sm_80), so fp32 has its own small tiles.
-FP32_CONFIGS: tuple[ConvConfig, ...] = (FALLBACK_CONFIG, ConvConfig(64, 64, 32, 4, 2))
+# fp32 activations: 3xTF32 dots (tensor cores, ~fp32 accuracy) and the gather unpack path; the
+# 16-bit tiles spill there (ieee FMA dots at 128x128x64 w8: 10.7 KB of stack on sm_80; 3xTF32 with
+# the aligned unpack: 80-1192 B), so fp32 has its own tiles.
+FP32_CONFIGS: tuple[ConvConfig, ...] = (FALLBACK_CONFIG, ConvConfig(64, 64, 32, 4, 2), ConvConfig(128, 64, 32, 8, 3))
 
 INTERPRETER_CONFIG = ConvConfig(32, 32, 32, 4, 1)
 REDUCE_CONFIG = ConvConfig(64, 64, 32, 4, 1)  # BLOCK_K unused by the reduction

@@ -20,10 +20,12 @@ Numerics (documented choice):
   integer (what the quantizer produces; |q - zero| <= 255).  The per-channel ``scale`` is applied
   once in the epilogue.  This avoids the row sums ``sum_k x`` that an epilogue-only zero-point
   correction needs, and the cancellation between ``scale * acc_q`` and ``scale * zero * sum_k x``.
-* Accumulation is fp32.  fp32 activations use full-precision fp32 dots (``input_precision="ieee"``,
-  no TF32), so the fp32 path matches an fp32 reference to ~1e-6.
+* Accumulation is fp32.  fp32 activations use 3xTF32 dots on the GPU (``input_precision="tf32x3"``:
+  tensor cores at about fp32 accuracy, no plain TF32) and exact fp32 under the interpreter.
 * ``A`` and ``B`` are cast to the activation dtype for the dots; ``t`` is accumulated in fp32 and
-  rounded to the activation dtype before the ``B`` product.
+  rounded to the activation dtype before the ``B`` product.  (For bf16, splitting ``t``/``B``/``A``
+  into bf16 hi + lo parts was tried and dropped: it spilled on sm_80 and the bf16 error is
+  dominated by the rounding of the output itself, ~1.6e-3 relative.)
 * Split-K (small M): each split writes ``scale * acc + t @ B^T`` of its K range to an fp32
   workspace (the adapter is linear, so each split applies B to its own partial t);
   ``_splitk_epilogue_kernel`` sums the splits and applies bias, BatchNorm, residual and ReLU.
@@ -192,8 +194,7 @@ def _cora_conv2d_kernel(
         if R_PAD > 0:
             at = tl.load(a_ptr + offs_r[None, :] * sar + kk[:, None] * sak,
                          mask=c_ok[:, None] & r_mask[None, :], other=0.0)
-            at = _cast(at, dt, UPCAST)
-            t = _mma(xt, at, t, DOT_PREC, UPCAST)
+            t = _mma(xt, _cast(at, dt, UPCAST), t, DOT_PREC, UPCAST)
 
     if BITS != 16:
         sc = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -201,8 +202,7 @@ def _cora_conv2d_kernel(
     if R_PAD > 0:
         bt = tl.load(b_ptr + offs_n[None, :] * sbn + offs_r[:, None] * sbr,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        bt = _cast(bt, dt, UPCAST)
-        acc = _mma(_cast(t, dt, UPCAST), bt, acc, DOT_PREC, UPCAST)
+        acc = _mma(_cast(t, dt, UPCAST), _cast(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
 
     if SPLIT_K == 1:
         _epilogue_store(acc, offs_m, offs_n, m_mask, n_mask, OH, OW,
@@ -345,7 +345,8 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
     sxn, sxh, sxw, sxc = _nhwc_strides(xk)
     has_bn = out_scale is not None
     flags = dict(HAS_BIAS=bias is not None, HAS_BN=has_bn, HAS_RES=residual is not None, RELU=bool(relu))
-    dot_prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    # fp32: 3xTF32 on the GPU (tensor cores, ~fp32 accuracy); the interpreter computes in fp32 anyway
+    dot_prec = ("ieee" if is_interpreting() else "tf32x3") if x.dtype == torch.float32 else "tf32"
     upcast = x.dtype == torch.bfloat16 and is_interpreting()
     M = g.M
 
@@ -355,7 +356,9 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
         split = max(1, min(int(split), total))
         per_split = triton.cdiv(total, split)
         split = triton.cdiv(total, per_split)  # no empty splits
-        aligned = BITS != 16 and g.C_in % per == 0 and cfg.BLOCK_K % per == 0
+        # fp32 keeps the gather unpack: the register expansion of the aligned path spills with 3xTF32
+        aligned = (BITS != 16 and g.C_in % per == 0 and cfg.BLOCK_K % per == 0
+                   and (x.dtype != torch.float32 or is_interpreting()))
         ws = torch.empty((split, M, g.C_out), device=dev, dtype=torch.float32) if split > 1 else out
         grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
         _cora_conv2d_kernel[grid](

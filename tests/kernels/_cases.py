@@ -50,7 +50,10 @@ class Case:
                 f"sk{self.split_k}")
 
 
-def make_layer(c: Case, seed: int | None = None, device="cpu"):
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
+
+
+def make_layer(c: Case, seed: int | None = None, device=DEFAULT_DEVICE):
     """Returns (args, kwargs) for cora_conv2d / cora_conv2d_reference."""
     g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
     qmax = 2**c.bits - 1

@@ -97,7 +97,7 @@ def compile_conv(cfg: C.ConvConfig, *, cc: int, bits: int = 4, dtype: str = "fp1
     consts = dict(sxc=1, sak=1, sbr=1, soc=1, src=1,
                   BITS=bits, ALIGNED=aligned and bits != 16, R_PAD=r_pad, HAS_BIAS=epilogue, HAS_BN=epilogue,
                   HAS_RES=epilogue, RELU=epilogue, SPLIT_K=split_k,
-                  DOT_PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
+                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
                   BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
     div16 = list(ptr) + ["C_in", "C_out", "sxn", "sxh", "sxw", "sbn", "son", "soh", "sow", "srn", "srh", "srw"]
     k = _compile(_cora_conv2d_kernel, sig, consts, div16, cc, cfg.num_warps, cfg.num_stages)

@@ -113,6 +113,6 @@ def test_nchw_and_channels_last_agree():
 def test_groups_not_in_kernel():
     c = Case(N=1, C_in=2, C_out=4, rank=0)  # per-group K = 9 * 2
     args, kw = make_layer(c)
-    x = torch.randn(1, 4, c.H, c.W)
+    x = torch.randn(1, 4, c.H, c.W, device=args[0].device)
     with pytest.raises(NotImplementedError):
         fused_conv2d(x, *args[1:], **kw, groups=2)

@@ -1,0 +1,109 @@
+"""CIFAR-10 accuracy table: RTN, heuristic ranks, the paper's recipe and our defaults (budget 5%).
+
+    python bench/accuracy.py                       # ResNet-20 and -32, W4 and W3, all rows (~30 min on 2 cores)
+    python bench/accuracy.py --models cifar_resnet20 --bits 3 --rows ours
+
+Writes ``bench/results/accuracy.csv`` (one row per run, with the machine, versions and commit) and
+prints a Markdown table. Accuracies are top-1 on the 10,000 shared test images unless
+``--eval-split holdout`` (the 3,400 calibration images held back from the search; use that split,
+never the test set, to choose settings).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cora import CoRaConfig  # noqa: E402
+from cora.data import evaluate  # noqa: E402
+from cora.pipeline import quantize_and_evaluate  # noqa: E402
+
+ROWS = {
+    # name: (description, config factory)
+    "rtn": ("RTN (per-channel min-max, nearest)", lambda b, a: CoRaConfig(bits=b, method="rtn", rounding="nearest", range_method="minmax", **a)),
+    "rtn_paper": ("RTN (paper quantizer: per-tensor, mean±5std)", lambda b, a: CoRaConfig.paper(b, method="rtn", **a)),
+    "base": ("our base alone (MSE ranges + GPTQ, no adapters)", lambda b, a: CoRaConfig(bits=b, method="rtn", **a)),
+    "heuristic": ("heuristic ranks on our base (same fraction per layer)", lambda b, a: CoRaConfig(bits=b, method="heuristic", **a)),
+    "paper": ("CoRa, paper settings (per-tensor k=5, weight SVD, CE + penalty)", lambda b, a: CoRaConfig.paper(b, **a)),
+    "ours_weight_svd": ("CoRa, our defaults with the paper's weight-space SVD", lambda b, a: CoRaConfig(bits=b, factorization="weight", **a)),
+    "ours": ("CoRa, our defaults", lambda b, a: CoRaConfig(bits=b, **a)),
+}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet32"])
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 3])
+    p.add_argument("--rows", nargs="+", default=["rtn", "rtn_paper", "base", "heuristic", "paper", "ours_weight_svd", "ours"], choices=list(ROWS))
+    p.add_argument("--budget", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-split", choices=("test", "holdout"), default="test")
+    p.add_argument("--shared", default=None)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "accuracy.csv"))
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = dict(budget=args.budget, seed=args.seed, progress=False)
+    env = dict(
+        machine=f"{platform.machine()} {os.cpu_count()} cpus",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        commit=_git_commit(),
+    )
+    out_rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["model", "bits", "row", "description", "split", "acc", "float_acc", "adapter_fraction", "equiv_bits", "iterations",
+              "calib_images", "search_seconds", "quantize_seconds", "budget", "seed", "ranks", "machine", "threads", "torch", "commit"]
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for model in args.models:
+            float_acc = None
+            for bits in args.bits:
+                for row in args.rows:
+                    desc, make = ROWS[row]
+                    cfg = make(bits, common)
+                    t = time.perf_counter()
+                    _, res = quantize_and_evaluate(model, cfg, shared=args.shared, eval_split=args.eval_split, with_float=float_acc is None, with_rtn=False)
+                    float_acc = res.get("float_acc", float_acc)
+                    rec = dict(model=model, bits=bits, row=row, description=desc, split=args.eval_split, acc=round(res["acc"], 2),
+                               float_acc=round(float_acc, 2), adapter_fraction=round(res["adapter_fraction"], 4),
+                               equiv_bits=round(res["equiv_bits"], 3), iterations=res["iterations"], calib_images=res["calib_images"],
+                               search_seconds=round(res["search_seconds"], 1), quantize_seconds=round(res["quantize_seconds"], 1),
+                               budget=args.budget, seed=args.seed, ranks=json.dumps(res["ranks"]), **env)
+                    writer.writerow(rec)
+                    fh.flush()
+                    out_rows.append(rec)
+                    print(f"{model} W{bits} {row:16s} acc {rec['acc']:6.2f}  frac {rec['adapter_fraction']:.4f}  "
+                          f"bits {rec['equiv_bits']:.3f}  search {rec['search_seconds']:5.1f}s  all {rec['quantize_seconds']:5.1f}s "
+                          f"[{time.perf_counter() - t:.0f}s]", flush=True)
+    print(f"\nwrote {out}\n")
+    print("| model | bits | row | top-1 % | adapter fraction | equiv. bits | iterations | images | search s | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in out_rows:
+        print(f"| {r['model']} (float {r['float_acc']}) | W{r['bits']} | {r['description']} | {r['acc']:.2f} | {r['adapter_fraction']:.4f} | "
+              f"{r['equiv_bits']:.3f} | {r['iterations']} | {r['calib_images']} | {r['search_seconds']} | {r['quantize_seconds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

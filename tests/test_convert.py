@@ -1,0 +1,284 @@
+"""``cora.convert`` end to end on small models (cora/convert.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cora import CoRaConfig, CoRaConv2d, QuantLinear, convert
+from cora.models import build_model, cifar_resnet
+
+torch.set_num_threads(1)
+
+N_CALIB = 64
+
+
+@pytest.fixture(scope="module")
+def resnet8():
+    torch.manual_seed(0)
+    m = cifar_resnet(8).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-default BN statistics, so "unchanged" is a real check
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def calib():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(N_CALIB, 3, 32, 32, generator=g), torch.randint(0, 10, (N_CALIB,), generator=g)
+
+
+def _cfg(**kw):
+    base = dict(iterations=5, calib_images=N_CALIB, batch_size=16, progress=False)
+    base.update(kw)
+    return CoRaConfig(**base)
+
+
+def _cheap(**kw):
+    """Round to nearest with min-max ranges: the fast base, for tests about plumbing."""
+    base = dict(iterations=5, calib_images=N_CALIB, batch_size=16, progress=False, range_method="minmax", rounding="nearest")
+    base.update(kw)
+    return CoRaConfig(**base)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _conv_params(model):
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.fixture(scope="module")
+def converted(resnet8, calib):
+    """One conversion per method (shared by several tests to keep the runtime down)."""
+    before = _snapshot(resnet8)
+    out = {}
+    for method in ("cora", "heuristic", "rtn"):
+        out[method] = convert(resnet8, calib, _cfg(method=method))
+    return before, out
+
+
+@pytest.mark.parametrize("method", ["cora", "heuristic", "rtn"])
+def test_layers_swapped_budget_and_report(resnet8, calib, converted, method):
+    _, models = converted
+    q = models[method]
+    names_conv = [n for n, m in resnet8.named_modules() if isinstance(m, nn.Conv2d)]
+    names_lin = [n for n, m in resnet8.named_modules() if isinstance(m, nn.Linear)]
+    assert names_conv and names_lin
+    for n in names_conv:
+        assert isinstance(q.get_submodule(n), CoRaConv2d), n
+    for n in names_lin:
+        assert isinstance(q.get_submodule(n), QuantLinear), n
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in q.modules())
+    rep = q.cora_report
+    assert rep.method == method and rep.bits == 4 and rep.budget == 0.05
+    P = _conv_params(resnet8)
+    adapter = sum(m.adapter_params for m in q.modules() if isinstance(m, CoRaConv2d))
+    assert rep.adapter_fraction == pytest.approx(adapter / P)
+    assert rep.adapter_fraction <= 0.05
+    assert set(rep.quantized) == set(names_conv + names_lin)
+    assert rep.calib_images == N_CALIB
+    assert rep.search_seconds >= 0 and rep.total_seconds >= rep.search_seconds
+    if method == "rtn":
+        assert rep.adapter_fraction == 0.0 and rep.iterations == 0
+        assert all(m.rank == 0 for m in q.modules() if isinstance(m, CoRaConv2d))
+    else:
+        assert rep.adapter_fraction > 0.03  # the budget is used
+        assert set(rep.ranks) == set(names_conv)
+        for n, r in rep.ranks.items():
+            assert q.get_submodule(n).rank == r
+        assert rep.iterations == (5 if method == "cora" else 0)
+        if method == "cora":
+            assert rep.search_seconds > 0 and rep.trace
+    # equivalent bits: codes + per-channel scale/zero + fp16 adapters over all quantized weights
+    total_w = sum(resnet8.get_submodule(n).weight.numel() for n in rep.quantized)
+    bits = sum(m.storage_bits() for m in q.modules() if isinstance(m, (CoRaConv2d, QuantLinear)))
+    assert rep.equiv_bits == pytest.approx(bits / total_w)
+    assert 4.0 < rep.equiv_bits < 4.0 + 16 * 0.05 * P / total_w + 2.0
+    d = rep.to_dict()
+    for key in ("adapter_fraction", "equiv_bits", "iterations", "calib_images", "search_seconds", "ranks"):
+        assert key in d
+    # a working model, close to the float one
+    x = calib[0][:8]
+    with torch.no_grad():
+        yq, yf = q(x), resnet8(x)
+    assert yq.shape == yf.shape and torch.isfinite(yq).all()
+    assert not torch.equal(yq, yf)
+
+
+def test_original_model_untouched_and_bn_kept(resnet8, converted):
+    before, models = converted
+    after = resnet8.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(type(m) is not CoRaConv2d for m in resnet8.modules())
+    assert not resnet8.training
+    for method, q in models.items():
+        qs = q.state_dict()
+        for k, v in before.items():
+            if any(s in k for s in ("running_mean", "running_var", "num_batches_tracked", "bn")):
+                assert torch.equal(qs[k], v), (method, k)
+        assert not q.training
+
+
+def test_adapters_help(resnet8, calib, converted):
+    """On the same base (rtn = the same GPTQ/MSE codes, no adapters) adapters cut the output error."""
+    _, models = converted
+    for n, m in models["rtn"].named_modules():
+        if isinstance(m, CoRaConv2d):  # same codes in all three: only the adapters differ
+            assert torch.equal(m.codes(), models["cora"].get_submodule(n).codes())
+            assert torch.equal(m.codes(), models["heuristic"].get_submodule(n).codes())
+    x = calib[0]
+    with torch.no_grad():
+        ref = resnet8(x)
+        errs = {m: float((models[m](x) - ref).pow(2).mean()) for m in models}
+    assert errs["cora"] < errs["rtn"] and errs["heuristic"] < errs["rtn"], errs
+
+
+def test_same_seed_same_result(resnet8, calib, converted):
+    _, models = converted
+    again = convert(resnet8, calib, _cfg(method="cora"))
+    assert again.cora_report.ranks == models["cora"].cora_report.ranks
+    x = calib[0][:4]
+    with torch.no_grad():
+        assert torch.equal(again(x), models["cora"](x))
+
+
+def test_skip_patterns_and_layer_bits(resnet8, calib):
+    cfg = _cheap(method="heuristic", skip=("conv1", "layer2.*"), layer_bits=(("layer1.0.conv1", 8), ("linear", 2)))
+    q = convert(resnet8, calib, cfg)
+    rep = q.cora_report
+    assert type(q.conv1) is nn.Conv2d
+    assert torch.equal(q.conv1.weight, resnet8.conv1.weight)
+    for n, m in q.named_modules():
+        if n.startswith("layer2.") and n.count(".") == 2 and "conv" in n:
+            assert type(m) is nn.Conv2d, n
+    for n in ("conv1", "layer2.0.conv1", "layer2.0.conv2"):
+        assert "config" in rep.skipped[n]
+        assert n not in rep.quantized
+    assert q.get_submodule("layer1.0.conv1").bits == 8
+    assert q.get_submodule("layer1.0.conv2").bits == 4
+    lin = [n for n, m in q.named_modules() if isinstance(m, QuantLinear)]
+    assert lin == ["linear"] and q.linear.bits == 2
+    assert rep.adapter_fraction <= 0.05
+
+
+def test_quantize_linear_off(resnet8, calib):
+    q = convert(resnet8, calib, _cheap(method="rtn", quantize_linear=False))
+    assert type(q.linear) is nn.Linear
+    assert "linear" in q.cora_report.skipped
+
+
+def test_paper_config_per_tensor(resnet8, calib):
+    q = convert(resnet8, calib, CoRaConfig.paper(3, iterations=3, calib_images=N_CALIB, batch_size=16, progress=False))
+    rep = q.cora_report
+    assert rep.adapter_fraction <= 0.05
+    for m in q.modules():
+        if isinstance(m, (CoRaConv2d, QuantLinear)):
+            assert (m.scale == m.scale[0]).all() and (m.zero == m.zero[0]).all()
+            assert m.bits == 3
+
+
+def test_inplace(resnet8, calib):
+    import copy
+
+    m = copy.deepcopy(resnet8)
+    q = convert(m, calib, _cheap(method="rtn"), inplace=True)
+    assert q is m and isinstance(m.conv1, CoRaConv2d)
+
+
+# The default base (MSE range grid + GPTQ + activation-aware SVD) costs ~80 s for ResNet-18 on one CPU
+# thread (the MSE grid alone ~13 s for one 512x4608 weight), so the fast tests use the cheap base for the
+# big models and the full data-aware path (Hessians, GPTQ, activation SVD, depthwise skip) on MobileNetV2.
+_CHEAP = dict(range_method="minmax", rounding="nearest", factorization="weight")
+_DATA_AWARE = dict(range_method="minmax", rounding="gptq", factorization="activation")
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("resnet18", _CHEAP),
+        ("mobilenet_v2", _DATA_AWARE),
+        pytest.param("resnet50", _CHEAP, marks=pytest.mark.slow),
+        pytest.param("resnet18", {}, marks=pytest.mark.slow, id="resnet18-defaults"),
+    ],
+)
+def test_torchvision_models_convert(name, kw):
+    torch.manual_seed(0)
+    model = build_model(name)
+    x = torch.randn(8, 3, 64, 64)
+    q = convert(model, x, CoRaConfig(iterations=3, calib_images=8, batch_size=8, progress=False, **kw))
+    rep = q.cora_report
+    assert rep.adapter_fraction <= 0.05
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in q.modules())
+    if name == "mobilenet_v2":
+        dw = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+        assert dw
+        for n in dw:
+            assert "depthwise" in rep.skipped[n] or "group" in rep.skipped[n]
+            assert q.get_submodule(n).rank == 0
+            assert n not in rep.ranks or rep.ranks[n] == 0
+    with torch.no_grad():
+        y = q(x[:2])
+    assert y.shape == (2, 1000) and torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_budget_raises(budget):
+    with pytest.raises(ValueError, match="budget"):
+        CoRaConfig(budget=budget)
+
+
+@pytest.mark.parametrize("field,value", [("bits", 5), ("method", "svd"), ("loss", "mse"), ("iterations", 0),
+                                         ("calib_images", 0), ("layer_bits", (("conv1", 6),)), ("order", 0)])
+def test_bad_config_raises(field, value):
+    with pytest.raises(ValueError, match="invalid CoRaConfig"):
+        CoRaConfig(**{field: value})
+
+
+def test_empty_calibration_raises(resnet8):
+    with pytest.raises(ValueError, match="empty"):
+        convert(resnet8, [], _cfg())
+    with pytest.raises(ValueError, match="empty"):
+        convert(resnet8, torch.empty(0, 3, 32, 32), _cfg())
+
+
+def test_ce_without_labels_raises(resnet8, calib):
+    with pytest.raises(ValueError, match="label"):
+        convert(resnet8, calib[0], _cfg(loss="ce"))
+
+
+def test_model_without_layers_raises(calib):
+    m = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    with pytest.raises(ValueError, match="no Conv2d or Linear"):
+        convert(m, calib, _cfg())
+
+
+def test_nan_weight_raises_with_layer_name(resnet8, calib):
+    import copy
+
+    m = copy.deepcopy(resnet8)
+    with torch.no_grad():
+        m.layer2[0].conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer2\.0\.conv2"):
+        convert(m, calib, _cfg())
+
+
+def test_already_converted_raises(converted, calib):
+    _, models = converted
+    with pytest.raises(ValueError, match="already quantized"):
+        convert(models["rtn"], calib, _cfg())
+
+
+def test_nan_calibration_raises(resnet8):
+    x = torch.randn(8, 3, 32, 32)
+    x[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        convert(resnet8, x, _cfg(calib_images=8))

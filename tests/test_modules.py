@@ -1,0 +1,337 @@
+"""CoRaConv2d and QuantLinear against nn.Conv2d / nn.Linear (cora/modules.py)."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cora.modules import CoRaConv2d, QuantLinear
+from cora.quantizer import compute_qparams, dequantize, quantize
+from cora.residual import adapter_from_factors, factorize_residual, full_rank
+from cora_kernels.packing import pack_codes, plane_bits, to_gemm_layout
+from tests.tolerances import rel_err, tol_for
+
+torch.set_num_threads(1)
+
+# (kernel, stride, padding, dilation, bias, padding_mode, groups)
+CONV_OPTS = [
+    (1, 1, 0, 1, True, "zeros", 1),
+    (3, 1, 1, 1, True, "zeros", 1),
+    (3, 2, 1, 1, False, "zeros", 1),
+    (3, 2, 0, 1, True, "zeros", 1),
+    (3, 1, "same", 2, True, "zeros", 1),
+    (3, 1, "valid", 1, False, "zeros", 1),
+    ((3, 5), 1, 1, 1, True, "zeros", 1),
+    ((3, 5), 2, (1, 2), 1, True, "zeros", 1),
+    ((2, 4), 1, "same", 1, True, "zeros", 1),  # even kernel: asymmetric 'same' padding
+    (3, 1, 1, 2, True, "reflect", 1),
+    (3, 2, 1, 1, False, "circular", 1),
+    (3, 1, "same", 1, True, "reflect", 1),
+    (3, 1, 1, 1, True, "replicate", 1),
+    (3, 1, 1, 1, True, "zeros", 2),  # grouped: no adapter
+    (3, 2, 1, 1, False, "circular", 2),
+]
+BITS = (2, 3, 4, 8)
+
+
+def _conv(seed, c_in, c_out, kernel, stride, padding, dilation, bias, mode, groups):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias, mode)
+    if bias:
+        with torch.no_grad():
+            conv.bias.normal_()
+    return conv
+
+
+def _ref_conv(conv: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
+    """The same nn.Conv2d (all options, bias) with ``weight`` swapped in."""
+    ref = copy.deepcopy(conv)
+    with torch.no_grad():
+        ref.weight.copy_(weight)
+    return ref
+
+
+def _ranks_for(conv, groups):
+    R = full_rank(conv.weight.shape)
+    return [0] if groups != 1 else [0, 1, R]
+
+
+CASES = [
+    (i, opts, rank_kind, BITS[(i + j) % 4])
+    for i, opts in enumerate(CONV_OPTS)
+    for j, rank_kind in enumerate(["zero", "one", "full"])
+    if not (opts[6] != 1 and rank_kind != "zero")
+]
+
+
+@pytest.mark.parametrize("idx,opts,rank_kind,bits", CASES)
+def test_conv_matches_nn_conv_with_effective_weight(idx, opts, rank_kind, bits):
+    kernel, stride, padding, dilation, bias, mode, groups = opts
+    c_in, c_out = 4, 6
+    conv = _conv(idx, c_in, c_out, kernel, stride, padding, dilation, bias, mode, groups)
+    R = full_rank(conv.weight.shape)
+    rank = {"zero": 0, "one": 1, "full": R}[rank_kind]
+    m = CoRaConv2d.from_conv(conv, bits, rank)
+    assert m.rank == rank and m.bits == bits
+    ref = _ref_conv(conv, m.effective_weight())
+    g = torch.Generator().manual_seed(idx)
+    x = torch.randn(2, c_in, 11, 13, generator=g)
+    with torch.no_grad():
+        y_ref = ref(x)
+        y = m(x)
+    assert y.shape == y_ref.shape and y.dtype == torch.float32
+    assert rel_err(y, y_ref) <= 1e-4
+    # the quantized conv is a real approximation of the float one (not a bug that happens to agree)
+    with torch.no_grad():
+        y_float = conv(x)
+    assert rel_err(y, y_float) < (0.9 if bits == 2 else 0.5)
+    # unbatched input
+    with torch.no_grad():
+        y3 = m(x[0])
+    assert y3.shape == y_ref[0].shape
+    assert rel_err(y3, y_ref[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rank_kind", ["zero", "one", "full"])
+def test_all_bits_and_ranks_one_config(bits, rank_kind):
+    conv = _conv(50 + bits, 5, 7, 3, 1, 1, 1, True, "zeros", 1)
+    R = full_rank(conv.weight.shape)
+    rank = {"zero": 0, "one": 1, "full": R}[rank_kind]
+    m = CoRaConv2d.from_conv(conv, bits, rank, adapter_dtype="float32")
+    x = torch.randn(3, 5, 8, 8)
+    with torch.no_grad():
+        y = m(x)
+        y_ref = _ref_conv(conv, m.effective_weight())(x)
+        y_float = conv(x)
+    assert rel_err(y, y_ref) <= 1e-4
+    if rank == R:  # a full-rank fp32 adapter reclaims the whole residual: the float conv again
+        assert rel_err(m.effective_weight(), conv.weight) <= 1e-5
+        assert rel_err(y, y_float) <= 1e-4
+    # more rank, more bits -> no worse in weight space
+    if rank == 1:
+        m0 = CoRaConv2d.from_conv(conv, bits, 0)
+        e0 = (m0.effective_weight() - conv.weight).norm()
+        e1 = (m.effective_weight() - conv.weight).norm()
+        assert e1 < e0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("opts", [CONV_OPTS[1], CONV_OPTS[7], CONV_OPTS[9], CONV_OPTS[13]])
+def test_low_precision_input_keeps_dtype(dtype, opts):
+    kernel, stride, padding, dilation, bias, mode, groups = opts
+    conv = _conv(7, 4, 6, kernel, stride, padding, dilation, bias, mode, groups)
+    m = CoRaConv2d.from_conv(conv, 4, 0 if groups != 1 else 2)
+    x = torch.randn(2, 4, 10, 10)
+    ref = _ref_conv(conv, m.effective_weight()).double()
+    with torch.no_grad():
+        y_ref = ref(x.to(dtype).double())
+        y = m(x.to(dtype))
+    assert y.dtype == dtype
+    assert rel_err(y, y_ref) <= (tol_for(dtype) if dtype != torch.bfloat16 else 4e-3)
+
+
+def test_half_precision_error_comparable_to_plain_conv():
+    """fp16 meets the policy (<= 2e-3); bf16 output rounding alone is ~1e-3 rms, and torch's own bf16
+    nn.Conv2d lands at ~2.1-2.5e-3 here, so bf16 is held to "no worse than 1.5x a plain bf16 conv"."""
+    for seed in range(3):
+        conv = _conv(80 + seed, 8, 8, 3, 1, 1, 1, True, "zeros", 1)
+        m = CoRaConv2d.from_conv(conv, 4, 2)
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(2, 8, 12, 12).to(dtype)
+            with torch.no_grad():
+                y_ref = F.conv2d(x.double(), m.effective_weight().double(), m.bias.double(), 1, 1)
+                y = m(x)
+                y_plain = F.conv2d(x, m.effective_weight().to(dtype), m.bias.to(dtype), 1, 1)
+            assert y.dtype == dtype
+            err, plain = rel_err(y, y_ref), rel_err(y_plain, y_ref)
+            if dtype == torch.float16:
+                assert err <= tol_for(dtype)
+            assert err <= 1.5 * plain, (dtype, err, plain)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_effective_weight_is_dequantized_plus_ba(bits):
+    conv = _conv(9, 5, 8, (3, 5), 1, 1, 1, False, "zeros", 1)
+    w = conv.weight.detach()
+    s, z = compute_qparams(w, bits)
+    codes = quantize(w, s, z, bits)
+    qw = dequantize(codes, s, z)
+    f = factorize_residual(w - qw, method="weight")
+    A, B = adapter_from_factors(f, 3)
+    m = CoRaConv2d.from_conv(conv, bits, 3)
+    # the packed buffers decode to the codes of default rounding
+    assert m.codes().dtype == torch.uint8
+    assert torch.equal(m.codes(), codes)
+    assert torch.equal(m.dequantized_weight(), qw)
+    a16, b16 = A.half().float(), B.half().float()
+    expect = qw + (b16 @ a16.reshape(3, -1)).reshape(w.shape)
+    assert torch.allclose(m.effective_weight(), expect, rtol=1e-6, atol=1e-7)
+    a_conv, b_conv = m.adapter_conv_weights()
+    assert a_conv.shape == (3, 5, 3, 5) and b_conv.shape == (8, 3, 1, 1)
+    assert torch.equal(a_conv.float(), a16) and torch.equal(b_conv.flatten(1).float(), b16)
+    # packed planes have the documented layout
+    planes = m.packed_planes()
+    expected_planes = pack_codes(to_gemm_layout(codes.long()), bits)
+    assert len(planes) == len(plane_bits(bits))
+    for p, e in zip(planes, expected_planes):
+        assert p.dtype == torch.int32 and torch.equal(p, e)
+    assert m.scale.dtype == torch.float16 and torch.equal(m.scale.float(), s)
+    assert m.zero.dtype == torch.uint8 and torch.equal(m.zero.float(), z)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("init_rank", [0, 2, 7])
+def test_state_dict_round_trip_into_fresh_module(bits, init_rank):
+    conv = _conv(10 + bits, 4, 8, 3, 2, 1, 1, True, "zeros", 1)
+    m = CoRaConv2d.from_conv(conv, bits, 5)
+    sd = m.state_dict()
+    assert "_extra_state" in sd
+    fresh = CoRaConv2d(4, 8, 3, 2, 1, bits=bits, rank=init_rank)
+    fresh.load_state_dict(sd)
+    assert fresh.rank == 5
+    for k, v in m.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(fresh.state_dict()[k], v), k
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), m(x))
+
+
+def test_state_dict_round_trip_rank_zero_and_grouped():
+    conv = _conv(11, 4, 6, 3, 1, 1, 1, True, "zeros", 2)
+    m = CoRaConv2d.from_conv(conv, 3, 0)
+    fresh = CoRaConv2d(4, 6, 3, 1, 1, groups=2, bits=3)
+    fresh.load_state_dict(m.state_dict())
+    x = torch.randn(1, 4, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), m(x))
+
+
+def test_wrong_extra_state_bits_raise():
+    conv = _conv(12, 4, 8, 3, 1, 1, 1, True, "zeros", 1)
+    m = CoRaConv2d.from_conv(conv, 4, 2)
+    sd = m.state_dict()
+    sd["_extra_state"] = dict(sd["_extra_state"], bits=8)  # the buffers are 4-bit, the record says 8
+    fresh = CoRaConv2d(4, 8, 3, 1, 1, bits=4, rank=2)
+    with pytest.raises(RuntimeError, match="bit"):
+        fresh.load_state_dict(sd)
+    sd2 = m.state_dict()
+    sd2["_extra_state"] = dict(sd2["_extra_state"], format_version=99)
+    with pytest.raises(RuntimeError, match="format"):
+        fresh.load_state_dict(sd2)
+    # a 4-bit state into a 3-bit module fails too (and loudly)
+    with pytest.raises(RuntimeError):
+        CoRaConv2d(4, 8, 3, 1, 1, bits=3, rank=2).load_state_dict(m.state_dict())
+
+
+def test_bad_inputs_raise():
+    conv = _conv(13, 4, 6, 3, 1, 1, 1, True, "zeros", 1)
+    m = CoRaConv2d.from_conv(conv, 4, 1)
+    with pytest.raises(ValueError, match="4 input"):
+        m(torch.randn(2, 5, 8, 8))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randint(0, 5, (2, 4, 8, 8)))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.ones(2, 4, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        m(torch.randn(1, 1, 4, 8, 8))
+    with pytest.raises(TypeError):
+        CoRaConv2d.from_conv(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="rank"):
+        CoRaConv2d.from_conv(conv, 4, full_rank(conv.weight.shape) + 1)
+    with pytest.raises(ValueError, match="groups"):
+        CoRaConv2d.from_conv(_conv(14, 4, 6, 3, 1, 1, 1, True, "zeros", 2), 4, 1)
+    with pytest.raises(ValueError):
+        CoRaConv2d(4, 6, 3, stride=2, padding="same")
+    bad = _conv(15, 4, 6, 3, 1, 1, 1, True, "zeros", 1)
+    with torch.no_grad():
+        bad.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        CoRaConv2d.from_conv(bad, 4, 1)
+    with pytest.raises(ValueError):
+        CoRaConv2d.from_conv(conv, 5, 0)  # unsupported bit width
+
+
+def test_given_codes_scale_zero_are_used():
+    conv = _conv(16, 4, 6, 3, 1, 1, 1, False, "zeros", 1)
+    w = conv.weight.detach()
+    s, z = compute_qparams(w, 3, method="mse")
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 8, w.shape, generator=g, dtype=torch.uint8)
+    m = CoRaConv2d.from_conv(conv, 3, 2, codes=codes, scale=s, zero=z)
+    assert torch.equal(m.codes(), codes)
+    # the adapter factorizes the residual of THOSE codes
+    f = factorize_residual(w - dequantize(codes, s, z))
+    A, B = adapter_from_factors(f, 2)
+    assert torch.allclose(m.effective_weight(), dequantize(codes, s, z) + (B.half().float() @ A.half().float().reshape(2, -1)).reshape(w.shape), atol=1e-6)
+    with pytest.raises(ValueError):
+        CoRaConv2d.from_conv(conv, 3, 0, codes=codes)  # codes without scale/zero
+    with pytest.raises(ValueError, match="shape"):
+        CoRaConv2d.from_conv(conv, 3, 0, codes=codes[:, :2], scale=s, zero=z)
+
+
+def test_reference_forward_is_differentiable():
+    conv = _conv(17, 3, 4, 3, 1, 1, 1, True, "zeros", 1)
+    m = CoRaConv2d.from_conv(conv, 4, 2)
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    m(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- QuantLinear
+@pytest.mark.parametrize("bits,bias,per_channel", list(itertools.product(BITS, [True, False], [True, False])))
+def test_quant_linear_matches_nn_linear(bits, bias, per_channel):
+    torch.manual_seed(bits)
+    lin = nn.Linear(19, 7, bias=bias)
+    q = QuantLinear.from_linear(lin, bits, per_channel=per_channel)
+    w = lin.weight.detach()
+    s, z = compute_qparams(w, bits, per_channel=per_channel)
+    assert torch.equal(q.codes(), quantize(w, s, z, bits))
+    assert torch.equal(q.effective_weight(), dequantize(quantize(w, s, z, bits), s, z))
+    ref = nn.Linear(19, 7, bias=bias)
+    with torch.no_grad():
+        ref.weight.copy_(q.effective_weight())
+        if bias:
+            ref.bias.copy_(lin.bias)
+    for shape in [(5, 19), (2, 3, 19), (19,)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y, y_ref = q(x), ref(x)
+        assert y.shape == y_ref.shape
+        assert rel_err(y, y_ref) <= 1e-5
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(4, 19).to(dtype)
+        with torch.no_grad():
+            y = q(x)
+        assert y.dtype == dtype
+        assert rel_err(y, ref.double()(x.double())) <= 4e-3
+    # state dict round trip
+    fresh = QuantLinear(19, 7, bias, bits=bits)
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(3, 19)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), q(x))
+
+
+def test_quant_linear_bad_inputs():
+    lin = nn.Linear(6, 3)
+    q = QuantLinear.from_linear(lin, 4)
+    with pytest.raises(ValueError, match="6 input"):
+        q(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        q(torch.ones(2, 6, dtype=torch.int64))
+    with pytest.raises(TypeError):
+        QuantLinear.from_linear(nn.Conv2d(1, 1, 1))
+    sd = q.state_dict()
+    sd["_extra_state"] = dict(sd["_extra_state"], bits=2)
+    with pytest.raises(RuntimeError, match="bit"):
+        QuantLinear(6, 3, bits=4).load_state_dict(sd)
+    with torch.no_grad():
+        lin.weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        QuantLinear.from_linear(lin, 4)

@@ -1,0 +1,200 @@
+"""Theorem 1: the quantization residual of a conv factorizes exactly into a k×k conv A and a 1×1 conv B."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cora.calibration import layer_input_rows
+from cora.quantizer import compute_qparams, fake_quantize
+from cora.residual import ResidualFactors, adapter_from_factors, factorize_residual, full_rank
+from tests.tolerances import rel_err
+
+torch.set_num_threads(1)
+
+# (C_in, C_out, kernel, stride, padding, dilation)
+CONVS = [
+    (3, 5, 1, 1, 0, 1),
+    (4, 6, 3, 1, 1, 1),
+    (5, 3, 3, 2, 1, 1),
+    (2, 7, 5, 1, 0, 1),
+    (3, 4, 7, 2, 1, 1),
+    (4, 9, (3, 5), 1, 1, 1),
+    (6, 4, 3, 1, 1, 2),
+    (3, 8, (3, 5), 2, 0, 2),
+]
+
+
+def _conv_and_residual(seed, c_in, c_out, k, bits=3):
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    w = torch.randn(c_out, c_in, kh, kw, generator=g) * 0.2
+    s, z = compute_qparams(w, bits, per_channel=True, method="minmax")
+    dw = w - fake_quantize(w, s, z, bits)
+    assert float(dw.abs().max()) > 0
+    return w, dw, g
+
+
+def _hessian_for(dw, stride, padding, dilation, g, n_img=6, hw=14):
+    c_in = dw.shape[1]
+    conv = torch.nn.Conv2d(c_in, dw.shape[0], dw.shape[2:], stride=stride, padding=padding, dilation=dilation, bias=False)
+    mix = torch.randn(c_in, c_in, generator=g)
+    x = torch.einsum("nchw,cd->ndhw", torch.randn(n_img, c_in, hw, hw, generator=g), mix) + 0.5
+    rows = layer_input_rows(conv, x).double()
+    return rows.T @ rows / rows.shape[0], rows
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+@pytest.mark.parametrize("c_in,c_out,k,stride,padding,dilation", CONVS)
+def test_full_rank_adapter_reproduces_residual_conv(method, c_in, c_out, k, stride, padding, dilation):
+    w, dw, g = _conv_and_residual(c_in * 100 + c_out * 10 + stride, c_in, c_out, k)
+    h = None
+    if method == "activation":
+        h, _ = _hessian_for(dw, stride, padding, dilation, g)
+    f = factorize_residual(dw, method=method, hessian=h)
+    R = full_rank(dw.shape)
+    assert f.rank == R == min(c_out, dw[0].numel())
+    assert f.U.shape == (c_out, R) and f.S.shape == (R,) and f.Vt.shape == (R, dw[0].numel())
+    A, B = adapter_from_factors(f, R)
+    assert A.shape == (R, *dw.shape[1:]) and B.shape == (c_out, R)
+    x = torch.randn(2, c_in, 13, 11, generator=g)
+    y_ref = F.conv2d(x.double(), dw.double(), None, stride, padding, dilation)
+    t = F.conv2d(x, A, None, stride, padding, dilation)
+    y = F.conv2d(t, B[:, :, None, None])
+    assert y.shape == y_ref.shape
+    assert rel_err(y, y_ref) <= 1e-4
+    # and the factors themselves rebuild D
+    assert rel_err(f.matrix(), dw) <= 1e-5
+    assert rel_err((B @ A.reshape(R, -1)).reshape(dw.shape), dw) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_singular_values_sorted_nonnegative(method):
+    for seed in range(4):
+        w, dw, g = _conv_and_residual(seed, 4, 6, 3)
+        h = _hessian_for(dw, 1, 1, 1, g)[0] if method == "activation" else None
+        f = factorize_residual(dw, method=method, hessian=h)
+        assert (f.S >= 0).all()
+        assert (f.S[:-1] >= f.S[1:]).all()
+        assert f.S.dtype == torch.float32
+
+
+@pytest.mark.parametrize("c_in,c_out,k", [(4, 6, 3), (8, 5, 1), (3, 16, (3, 5))])
+def test_weight_truncation_is_eckart_young(c_in, c_out, k):
+    w, dw, g = _conv_and_residual(42, c_in, c_out, k)
+    f = factorize_residual(dw, method="weight")
+    D = dw.reshape(c_out, -1).double()
+    # the SVD is the real one: compare with torch's singular values of D
+    assert torch.allclose(f.S.double(), torch.linalg.svdvals(D), rtol=1e-5, atol=1e-7)
+    for r in range(0, f.rank + 1):
+        A, B = adapter_from_factors(f, r)
+        approx = B.double() @ A.reshape(r, D.shape[1]).double()
+        err = float(((D - approx) ** 2).sum())
+        expect = float((f.S[r:].double() ** 2).sum())
+        assert err == pytest.approx(expect, rel=1e-4, abs=1e-9 * float((D**2).sum()))
+    # and no random rank-r matrix does better (sanity of optimality)
+    r = max(1, f.rank // 2)
+    A, B = adapter_from_factors(f, r)
+    best = float(((D - B.double() @ A.reshape(r, D.shape[1]).double()) ** 2).sum())
+    for _ in range(5):
+        P = torch.randn(c_out, r, generator=g, dtype=torch.float64)
+        Q = torch.linalg.lstsq(P, D).solution  # best Q for a random column space
+        assert float(((D - P @ Q) ** 2).sum()) >= best * (1 - 1e-6)
+
+
+def test_activation_aware_beats_weight_svd_on_output_error():
+    c_in, c_out, k = 6, 12, 3
+    w, dw, g = _conv_and_residual(7, c_in, c_out, k, bits=2)
+    h, rows = _hessian_for(dw, 1, 1, 1, g, n_img=8)
+    D = dw.reshape(c_out, -1).double()
+    fa = factorize_residual(dw, method="activation", hessian=h, damp=1e-6)
+    fw = factorize_residual(dw, method="weight")
+
+    def out_err(f, r):
+        A, B = adapter_from_factors(f, r)
+        E = D - B.double() @ A.reshape(r, D.shape[1]).double()
+        return float(((rows @ E.T) ** 2).sum(1).mean())  # E||(D - BA) x||^2 over the calibration rows
+
+    strictly = 0
+    for r in range(1, fa.rank):
+        ea, ew = out_err(fa, r), out_err(fw, r)
+        assert ea <= ew * (1 + 1e-4), (r, ea, ew)
+        strictly += ea < ew * 0.99
+        # the activation-aware error equals the discarded (output-space) singular values squared
+        assert ea == pytest.approx(float((fa.S[r:].double() ** 2).sum()), rel=1e-3)
+    assert strictly >= fa.rank // 2  # correlated inputs: the gain is real, not a tie
+    # at full rank both reproduce the output exactly
+    assert out_err(fa, fa.rank) <= 1e-8 * float(((rows @ D.T) ** 2).sum(1).mean())
+
+
+def test_rank_out_of_range_raises():
+    _, dw, _ = _conv_and_residual(1, 3, 4, 3)
+    f = factorize_residual(dw)
+    with pytest.raises(ValueError, match="rank"):
+        adapter_from_factors(f, f.rank + 1)
+    with pytest.raises(ValueError, match="rank"):
+        adapter_from_factors(f, -1)
+    A, B = adapter_from_factors(f, 0)
+    assert A.shape == (0, 3, 3, 3) and B.shape == (4, 0)
+
+
+def test_bad_factorization_args_raise():
+    _, dw, _ = _conv_and_residual(2, 3, 4, 3)
+    with pytest.raises(ValueError, match="hessian"):
+        factorize_residual(dw, method="activation")
+    with pytest.raises(ValueError, match="hessian"):
+        factorize_residual(dw, method="activation", hessian=torch.eye(5))
+    with pytest.raises(ValueError, match="factorization"):
+        factorize_residual(dw, method="qr")
+
+
+def test_matrix_with_weights_is_differentiable():
+    _, dw, _ = _conv_and_residual(3, 3, 4, 3)
+    f = factorize_residual(dw)
+    assert isinstance(f, ResidualFactors)
+    t = torch.ones(f.rank, requires_grad=True)
+    m = f.matrix(t)
+    assert m.shape == dw.shape
+    (m * dw).sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all()
+    # d/dt_i <D_t, D> = S_i * (u_i^T D v_i) = S_i^2 >= 0
+    assert torch.allclose(t.grad, f.S**2, rtol=1e-3, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- the H behind "activation"
+ROW_CONVS = [
+    dict(kernel_size=3, stride=1, padding=1),
+    dict(kernel_size=(3, 5), stride=2, padding=(1, 2)),
+    dict(kernel_size=3, stride=1, padding=2, dilation=2),
+    dict(kernel_size=(2, 4), padding="same"),
+    dict(kernel_size=3, padding="valid"),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=3, stride=2, padding=1, padding_mode="circular"),
+    dict(kernel_size=1, stride=2),
+]
+
+
+@pytest.mark.parametrize("opts", ROW_CONVS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_layer_input_rows_are_the_im2col_of_the_conv(opts):
+    """rows @ W_flat^T reproduces the conv output, so H = rows^T rows / n is the right second moment."""
+    from cora.calibration import collect_hessians
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, bias=False, **opts)
+    x = torch.randn(2, 3, 9, 10)
+    rows = layer_input_rows(conv, x)
+    with torch.no_grad():
+        y = conv(x)
+    assert rows.shape == (y.shape[0] * y.shape[2] * y.shape[3], conv.weight[0].numel())
+    y_rows = (rows @ conv.weight.detach().reshape(5, -1).T).reshape(y.shape[0], y.shape[2], y.shape[3], 5).permute(0, 3, 1, 2)
+    assert rel_err(y_rows, y) <= 1e-5
+    # a random subset is a subset of those rows
+    sub = layer_input_rows(conv, x, max_rows=7, generator=torch.Generator().manual_seed(1))
+    assert sub.shape == (min(7, rows.shape[0]), rows.shape[1])
+    for r in sub:
+        assert (rows - r).abs().sum(1).min() == 0
+    # collect_hessians with no subsampling is exactly E[x x^T] over all rows
+    model = torch.nn.Sequential(conv)
+    h = collect_hessians(model, {"0": conv}, x, batch_size=1, max_rows=10**9)["0"]
+    ref = rows.double().T @ rows.double() / rows.shape[0]
+    assert rel_err(h, ref) <= 1e-6
