@@ -78,6 +78,9 @@ class CoRaConfig:
         ):
             if value not in allowed:
                 bad(f"{name}={value!r}; choose one of {allowed}")
+        for name in ("bits", "iterations", "batch_size", "calib_images", "stats_images", "order", "budget"):
+            if isinstance(getattr(self, name), bool):
+                bad(f"{name}={getattr(self, name)!r} must be a number, not a bool")
         if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget <= 1.0):
             bad(f"budget={self.budget!r} must be in (0, 1]")
         if not (isinstance(self.iterations, int) and self.iterations >= 1):
