@@ -2,6 +2,7 @@
 
 Importing the package never touches CUDA.
 """
+from .checkpoint import CheckpointError, load, save
 from .config import CoRaConfig
 from .convert import ConversionReport, convert, quantizable_layers
 from .modules import CoRaConv2d, QuantLinear
@@ -12,6 +13,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CoRaConfig",
+    "save",
+    "load",
+    "CheckpointError",
     "ConversionReport",
     "convert",
     "quantizable_layers",

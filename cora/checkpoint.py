@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from cora_kernels.packing import PACK_FORMAT_VERSION
 
+from ._modules_util import set_submodule
 from .modules import MODULE_FORMAT_VERSION, CoRaConv2d, QuantLinear
 
 __all__ = ["save", "load", "CheckpointError", "CHECKPOINT_FORMAT_VERSION"]
@@ -176,8 +177,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, map_locatio
             new = _build_layer(spec)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: bad layer description for {name!r}: {exc}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        set_submodule(model, name, new)
         tensors[f"{name}._extra_state" if name else "_extra_state"] = new.get_extra_state()
     try:
         model.load_state_dict(tensors, strict=True)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from ._modules_util import set_submodule
 from .calibration import collect_hessians, execution_order, materialize, model_logits, paired_moments
 from .config import CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
@@ -75,11 +76,6 @@ def _layer_bits(name: str, config: CoRaConfig) -> int:
         if _matches(name, (pattern,)):
             return b
     return config.bits
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplace: bool = False) -> nn.Module:
@@ -209,7 +205,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         new.train(mod.training)
         total_bits += new.storage_bits()
         total_weights += mod.weight.numel()
-        _set_submodule(work, name, new)
+        set_submodule(work, name, new)
         bar.update(i, name)
     del reference
     work.train(was_training)

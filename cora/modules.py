@@ -62,6 +62,18 @@ class _PackedWeightMixin:
         self.scale.copy_(scale.to(torch.float16))
         self.zero.copy_(zero.to(torch.uint8))
 
+    def _quantize_from(self, w, codes, scale, zero, per_channel: bool, range_method: str, std_k: float) -> None:
+        """Store ``codes``/``scale``/``zero`` if given, else round ``w`` to nearest on computed ranges."""
+        if codes is None:
+            if scale is None or zero is None:
+                scale, zero = compute_qparams(w, self.bits, per_channel=per_channel, method=range_method, std_k=std_k)
+            codes = quantize(w, scale, zero, self.bits)
+        elif scale is None or zero is None:
+            raise ValueError("codes given without scale and zero")
+        if tuple(codes.shape) != tuple(self.weight_shape):
+            raise ValueError(f"codes shape {tuple(codes.shape)} does not match the weight {tuple(self.weight_shape)}")
+        self._store_codes(codes, scale, zero)
+
     def codes(self) -> torch.Tensor:
         """Integer codes, uint8, in PyTorch weight layout ``weight_shape``."""
         gemm = unpack_codes(self.packed_planes(), self.bits, self.k_gemm)
@@ -213,15 +225,7 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
             rank=rank,
             adapter_dtype=adapter_dtype,
         )
-        if codes is None:
-            if scale is None or zero is None:
-                scale, zero = compute_qparams(w, bits, per_channel=per_channel, method=range_method, std_k=std_k)
-            codes = quantize(w, scale, zero, bits)
-        elif scale is None or zero is None:
-            raise ValueError("codes given without scale and zero")
-        if tuple(codes.shape) != m.weight_shape:
-            raise ValueError(f"codes shape {tuple(codes.shape)} does not match the weight {m.weight_shape}")
-        m._store_codes(codes, scale, zero)
+        m._quantize_from(w, codes, scale, zero, per_channel, range_method, std_k)
         if rank:
             if adapter is None:
                 residual = w - m.dequantized_weight()
@@ -393,11 +397,7 @@ class QuantLinear(_PackedWeightMixin, nn.Module):
         if not torch.isfinite(w).all():
             raise ValueError("linear weight contains NaN or Inf")
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits=bits)
-        if codes is None:
-            if scale is None or zero is None:
-                scale, zero = compute_qparams(w, bits, per_channel=per_channel, method=range_method, std_k=std_k)
-            codes = quantize(w, scale, zero, bits)
-        m._store_codes(codes, scale, zero)
+        m._quantize_from(w, codes, scale, zero, per_channel, range_method, std_k)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
         return m.to(linear.weight.device)

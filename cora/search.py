@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._modules_util import set_submodule
 from .butterworth import butterworth_mask
 from .residual import ResidualFactors
 
@@ -87,14 +88,18 @@ class Progress:
 
 # ---------------------------------------------------------------------- budget and allocation
 def _project(x: torch.Tensor, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, budget: float) -> torch.Tensor:
-    """Euclidean projection of ``x`` onto ``{w·x <= budget, lo <= x <= hi}`` (bisection on the multiplier)."""
-    x = torch.minimum(torch.maximum(x, lo), hi)
-    if float((w * x).sum()) <= budget:
-        return x
+    """Euclidean projection of ``x`` onto ``{w·x <= budget, lo <= x <= hi}`` (``w > 0``).
+
+    The solution is ``clip(x - λ·w, lo, hi)`` with the smallest ``λ >= 0`` that meets the budget
+    (KKT conditions); ``λ`` is found by bisection. If even ``lo`` exceeds the budget, ``lo`` is returned.
+    """
+    clipped = torch.minimum(torch.maximum(x, lo), hi)
+    if float((w * clipped).sum()) <= budget:
+        return clipped
     if float((w * lo).sum()) >= budget:
         return lo.clone()
     a, b = 0.0, float(((x - lo) / w).max())
-    for _ in range(60):
+    for _ in range(100):
         mid = 0.5 * (a + b)
         if float((w * torch.minimum(torch.maximum(x - mid * w, lo), hi)).sum()) > budget:
             a = mid
@@ -168,11 +173,6 @@ class _SoftAdapterConv(nn.Module):
         return self.conv._conv_forward(x, w, self.conv.bias)
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def search_ranks(
     search_model: nn.Module,
     layers: list[AdaptedLayer],
@@ -214,7 +214,7 @@ def search_ranks(
     for layer in layers:
         conv = search_model.get_submodule(layer.name)
         soft[layer.name] = _SoftAdapterConv(conv, layer, max(rho_init, 1.0 / layer.full_rank), order)
-        _set_submodule(search_model, layer.name, soft[layer.name])
+        set_submodule(search_model, layer.name, soft[layer.name])
     names = [l.name for l in layers]
     rhos = [soft[n].rho for n in names]
     w = torch.tensor([l.full_rank * l.cost_per_rank / conv_params for l in layers])
