@@ -24,4 +24,5 @@ timeout $(( ${BENCH_CAP:-240} + 90 )) python bench/conv_fused.py --time-cap "${B
   --out "$OUT/conv_fused.csv" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "bench rc=$bench_rc" | tee -a "$OUT/bench.log"
+timeout $(( ${E2E_CAP:-120} + 150 )) python bench/model_e2e.py --time-cap "${E2E_CAP:-120}" --out "$OUT/model_e2e.csv" 2>&1 | tee "$OUT/model_e2e.log"
 exit $(( test_rc != 0 || bench_rc != 0 ))

@@ -5,6 +5,7 @@ Importing the package never touches CUDA.
 from .checkpoint import CheckpointError, load, save
 from .config import CoRaConfig
 from .convert import ConversionReport, convert, quantizable_layers
+from .deploy import deploy, warmup
 from .modules import CoRaConv2d, QuantLinear
 from .quantizer import compute_qparams, dequantize, fake_quantize, gptq_quantize, quantize
 from .residual import ResidualFactors, adapter_from_factors, factorize_residual
@@ -18,6 +19,8 @@ __all__ = [
     "CheckpointError",
     "ConversionReport",
     "convert",
+    "deploy",
+    "warmup",
     "quantizable_layers",
     "CoRaConv2d",
     "QuantLinear",

@@ -1,0 +1,278 @@
+"""cora.deploy: BatchNorm folding and fused ReLU / residual add, against the converted model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cora
+from cora.deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv, deploy, warmup, weight_bytes
+from cora.models import cifar_resnet
+from cora.models.cifar_resnet import CifarBasicBlock
+from tests.tolerances import assert_close_rel
+
+tv_resnet = pytest.importorskip("torchvision.models.resnet")
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial eval statistics and affine parameters, so folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def resnet8():
+    torch.manual_seed(0)
+    model = _randomise_bn(cifar_resnet(8), seed=1)
+    calib = torch.randn(8, 3, 32, 32)
+    cfg = cora.CoRaConfig(bits=4, method="heuristic", budget=0.2, rounding="nearest", range_method="minmax",
+                          factorization="weight", sequential=False, refine=False, progress=False,
+                          calib_images=8, stats_images=8)
+    conv = cora.convert(model, calib, cfg).eval()
+    assert any(m.rank > 0 for m in conv.modules() if isinstance(m, cora.CoRaConv2d))
+    return conv
+
+
+def _swap_convs(module: nn.Module, bits: int, rank: int, seed: int) -> nn.Module:
+    """Replace every nn.Conv2d by a CoRaConv2d with a rank-``rank`` adapter."""
+    torch.manual_seed(seed)
+    for name, m in list(module.named_modules()):
+        if type(m) is nn.Conv2d:
+            r = min(rank, m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, cora.CoRaConv2d.from_conv(m, bits, r))
+    return module
+
+
+def _count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_resnet8_deploy_matches_converted(resnet8, backend, monkeypatch):
+    if backend:
+        monkeypatch.setenv("CORA_BACKEND", backend)
+    else:
+        monkeypatch.delenv("CORA_BACKEND", raising=False)
+    dep = deploy(resnet8)
+    assert _count(dep, nn.BatchNorm2d) == 0
+    assert _count(dep, DeployedBasicBlock) == 3
+    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7}
+    assert not dep.training
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = resnet8(x)
+        got = dep(x)
+    assert_close_rel(got, want, torch.float32)
+    # also an intermediate tensor (logits alone could hide a wrong ReLU placement)
+    with torch.no_grad():
+        assert_close_rel(dep.layer2(dep.layer1(torch.relu(dep.conv1(x)))),
+                         resnet8.layer2(resnet8.layer1(torch.relu(resnet8.bn1(resnet8.conv1(x))))), torch.float32)
+
+
+def test_deploy_leaves_the_converted_model_unchanged(resnet8):
+    before = {k: v.clone() for k, v in resnet8.state_dict().items() if isinstance(v, torch.Tensor)}
+    kinds = [type(m) for m in resnet8.modules()]
+    dep = deploy(resnet8)
+    assert dep is not resnet8
+    assert [type(m) for m in resnet8.modules()] == kinds
+    after = resnet8.state_dict()
+    assert before.keys() <= after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, DeployedConv) for m in resnet8.modules())
+    # inplace=True rewrites the model it is given
+    copy_ = copy.deepcopy(resnet8)
+    assert deploy(copy_, inplace=True) is copy_ and _count(copy_, DeployedConv) == 7
+
+
+def test_deploy_without_cora_layers_raises():
+    with pytest.raises(ValueError, match="no CoRaConv2d"):
+        deploy(cifar_resnet(8))
+
+
+def _tv_block(kind: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "basic":
+        ds = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        block = tv_resnet.BasicBlock(8, 16, stride=2, downsample=ds)
+    else:
+        ds = nn.Sequential(nn.Conv2d(8, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+        block = tv_resnet.Bottleneck(8, 8, stride=2, downsample=ds)  # width 8, out 8*4
+    return _swap_convs(_randomise_bn(block, seed + 1), bits=4, rank=3, seed=seed + 2)
+
+
+@pytest.mark.parametrize("kind,cls,n_convs", [("basic", DeployedBasicBlock, 3), ("bottleneck", DeployedBottleneck, 4)])
+def test_torchvision_blocks(kind, cls, n_convs, monkeypatch):
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    block = _tv_block(kind, seed=5)
+    model = nn.Sequential(block, nn.Identity())
+    dep = deploy(model)
+    assert isinstance(dep[0], cls)
+    assert isinstance(dep[0].shortcut, DeployedConv) and dep[0].shortcut.has_bn
+    assert _count(dep, DeployedConv) == n_convs and _count(dep, nn.BatchNorm2d) == 0
+    assert dep.cora_deploy["folded_bn"] == n_convs
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert_close_rel(dep(x), model(x), torch.float32)
+    # identity shortcut (no downsample) too
+    torch.manual_seed(6)
+    plain = tv_resnet.BasicBlock(8, 8) if kind == "basic" else tv_resnet.Bottleneck(32, 8)
+    plain = _swap_convs(_randomise_bn(plain, 7), bits=3, rank=2, seed=8)
+    dep2 = deploy(nn.Sequential(plain))
+    assert isinstance(dep2[0], cls) and isinstance(dep2[0].shortcut, nn.Identity)
+    x = torch.randn(2, plain.conv1.in_channels, 6, 6)
+    with torch.no_grad():
+        assert_close_rel(dep2(x), plain(x), torch.float32)
+
+
+def test_sequential_conv_bn_relu_and_padding_modes(monkeypatch):
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    torch.manual_seed(9)
+    seq = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, (3, 4), padding="same"), nn.ReLU(),  # asymmetric 'same', no BN
+        nn.Conv2d(5, 4, 1), nn.BatchNorm2d(4),  # BN without ReLU
+        nn.Conv2d(4, 4, 3, padding=1),  # a lone conv stays a CoRaConv2d
+    )
+    seq = _swap_convs(_randomise_bn(seq, 10), bits=4, rank=2, seed=11)
+    dep = deploy(seq)
+    assert [type(m).__name__ for m in dep] == ["DeployedConv", "Identity", "Identity", "DeployedConv", "Identity",
+                                              "DeployedConv", "Identity", "CoRaConv2d"]
+    assert (dep[0].relu, dep[0].has_bn, dep[3].relu, dep[3].has_bn, dep[5].relu, dep[5].has_bn) == (
+        True, True, True, False, False, True)
+    x = torch.randn(2, 3, 7, 8)
+    with torch.no_grad():
+        assert_close_rel(dep(x), seq(x), torch.float32)
+
+
+def test_block_with_a_float_conv_stays_unfused(monkeypatch):
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    torch.manual_seed(12)
+    block = _randomise_bn(CifarBasicBlock(4, 4), 13)
+    block.conv1 = cora.CoRaConv2d.from_conv(block.conv1, 4, 2)  # conv2 stays float
+    model = nn.Sequential(block)
+    dep = deploy(model)
+    assert isinstance(dep[0], CifarBasicBlock) and _count(dep, DeployedConv) == 0
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        assert_close_rel(dep(x), model(x), torch.float32)
+
+
+def test_one_fused_block_through_the_triton_interpreter(monkeypatch):
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    torch.manual_seed(14)
+    block = _randomise_bn(CifarBasicBlock(4, 8, stride=2), 15)  # option-A shortcut, stride 2
+    block = _swap_convs(block, bits=4, rank=2, seed=16)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        want = block(x)  # reference path (CPU default)
+        dep = deploy(nn.Sequential(block))
+        monkeypatch.setenv("CORA_BACKEND", "triton")
+        import cora_kernels.conv_fused as kernel_mod
+
+        launches = []
+        real = kernel_mod.cora_conv2d
+        monkeypatch.setattr(kernel_mod, "cora_conv2d", lambda *a, **k: launches.append(k) or real(*a, **k))
+        got = dep(x)
+    assert isinstance(dep[0], DeployedBasicBlock)
+    # two launches: conv1 (+BN1+ReLU) and conv2 (+BN2 + option-A shortcut + ReLU)
+    assert [(k["relu"], k["out_scale"] is not None, k["residual"] is not None) for k in launches] == [
+        (True, True, False), (True, True, True)]
+    assert_close_rel(got, want, torch.float32)
+
+
+def test_torch_compile_fullgraph_one_op_per_conv(resnet8, monkeypatch):
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    torch._dynamo.reset()
+    dep = deploy(resnet8)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = dep(x)
+        compiled = torch.compile(dep, fullgraph=True, backend=backend)(x)
+    assert_close_rel(compiled, eager, torch.float32)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("cora.conv2d" in t for t in targets) == 7  # stem + 3 blocks x 2 convs
+    assert not any("batch_norm" in t for t in targets)
+
+
+def test_warmup_runs_each_batch_once_and_restores_flags():
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+        def forward(self, x):
+            calls.append((x.shape[0], tuple(x.shape[1:]), x.dtype, torch.is_grad_enabled(), self.training,
+                          self.inner.training))
+            return x
+
+    m = Probe()
+    m.train()
+    m.inner.eval()  # mixed flags must come back as they were
+    warmup(m, [1, 4, 2], (3, 5, 5), "cpu", torch.float16)
+    assert calls == [(b, (3, 5, 5), torch.float16, False, False, False) for b in (1, 4, 2)]
+    assert m.training and not m.inner.training
+
+
+def test_weight_bytes_counts_stored_buffers(resnet8):
+    dep = deploy(resnet8)
+    wb = weight_bytes(dep)
+    convs = [m for m in dep.modules() if isinstance(m, cora.CoRaConv2d)]
+    assert wb["codes"] == sum(p.numel() * 4 for m in convs for p in m.packed_planes()) + sum(
+        p.numel() * 4 for p in dep.linear.packed_planes())
+    assert wb["adapters"] == sum(2 * m.adapter_params for m in convs)
+    assert wb["batchnorm"] == 0 and wb["bn_folded"] == 8 * sum(m.out_channels for m in convs)
+    assert wb["total"] == sum(v for k, v in wb.items() if k != "total")
+    fp16 = weight_bytes(copy.deepcopy(cifar_resnet(8)).half())
+    assert wb["codes"] < fp16["float"] / 3
+
+
+def test_torchvision_resnet_stem_and_blocks(monkeypatch):
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    torch.manual_seed(17)
+    model = tv_resnet.ResNet(tv_resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
+    model = _swap_convs(_randomise_bn(model, 18), bits=4, rank=1, seed=19)
+    dep = deploy(model)
+    assert isinstance(dep.conv1, DeployedConv) and dep.conv1.relu and dep.conv1.has_bn
+    assert isinstance(dep.bn1, nn.Identity) and isinstance(dep.relu, nn.Identity)
+    assert _count(dep, nn.BatchNorm2d) == 0 and dep.cora_deploy == {"blocks": 4, "folded_bn": 1 + 4 * 2 + 3}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(dep(x), model(x), torch.float32)
+
+
+def test_deployed_forward_from_several_threads(resnet8):
+    from concurrent.futures import ThreadPoolExecutor
+
+    dep = deploy(resnet8)
+    xs = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    with torch.no_grad():
+        want = [dep(x) for x in xs]
+
+        def run(x):
+            with torch.no_grad():
+                return dep(x)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = list(pool.map(run, xs))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
