@@ -33,10 +33,10 @@ ROWS = {
     "rtn": ("RTN (per-channel min-max, nearest)", lambda b, a: CoRaConfig(bits=b, method="rtn", rounding="nearest", range_method="minmax", **a)),
     "rtn_paper": ("RTN (paper quantizer: per-tensor, mean±5std)", lambda b, a: CoRaConfig.paper(b, method="rtn", **a)),
     "base": ("our base alone (MSE ranges + GPTQ, no adapters)", lambda b, a: CoRaConfig(bits=b, method="rtn", **a)),
-    "heuristic": ("heuristic ranks on our base (same fraction per layer)", lambda b, a: CoRaConfig(bits=b, method="heuristic", **a)),
-    "paper": ("CoRa, paper settings (per-tensor k=5, weight SVD, CE + penalty)", lambda b, a: CoRaConfig.paper(b, **a)),
-    "ours_weight_svd": ("CoRa, our defaults with the paper's weight-space SVD", lambda b, a: CoRaConfig(bits=b, factorization="weight", **a)),
-    "ours": ("CoRa, our defaults", lambda b, a: CoRaConfig(bits=b, **a)),
+    "paper": ("CoRa, paper settings (per-tensor k=5, weight SVD, CE + penalty, searched ranks)", lambda b, a: CoRaConfig.paper(b, **a)),
+    "search_weight_svd": ("our base + searched ranks, paper's weight-space SVD adapters", lambda b, a: CoRaConfig(bits=b, method="cora", factorization="weight", **a)),
+    "search": ("our base + searched ranks (method=cora)", lambda b, a: CoRaConfig(bits=b, method="cora", **a)),
+    "ours": ("our defaults: our base + uniform ranks (method=heuristic)", lambda b, a: CoRaConfig(bits=b, **a)),
 }
 
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet32"])
     p.add_argument("--bits", nargs="+", type=int, default=[4, 3])
-    p.add_argument("--rows", nargs="+", default=["rtn", "rtn_paper", "base", "heuristic", "paper", "ours_weight_svd", "ours"], choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=["rtn", "rtn_paper", "base", "paper", "search_weight_svd", "search", "ours"], choices=list(ROWS))
     p.add_argument("--budget", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-split", choices=("test", "holdout"), default="test")

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
     q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv parameters")
-    q.add_argument("--method", choices=("cora", "heuristic", "rtn"), default="cora")
+    q.add_argument("--method", choices=("cora", "heuristic", "rtn"), default=None,
+                   help="cora: searched ranks; heuristic: same fraction per layer (default; --paper: cora); rtn: no adapters")
     q.add_argument("--paper", action="store_true", help="the published recipe (per-tensor mean±5std, nearest, weight SVD, CE + penalty)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per tensor instead of per output channel")
     q.add_argument("--loss", choices=("kl", "ce"), default=None, help="search loss (default: kl; paper: ce)")
@@ -82,14 +83,13 @@ def _config(args):
 
     overrides = dict(
         budget=args.budget,
-        method=args.method,
         calib_images=args.calib,
         iterations=args.iters,
         seed=args.seed,
         skip=tuple(args.skip),
         progress=not args.quiet,
     )
-    for key in ("loss", "factorization", "rounding", "range_method"):
+    for key in ("method", "loss", "factorization", "rounding", "range_method"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.per_tensor:

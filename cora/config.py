@@ -22,13 +22,18 @@ class CoRaConfig:
     """Everything a conversion needs; validated on construction.
 
     Defaults are "ours" (design.md §1.1): per-output-channel scales, an MSE range search, GPTQ-style
-    error-compensating rounding, activation-aware adapters, a budget held by projection. Use
+    error-compensating rounding on the quantized model's inputs, activation-aware adapters re-fitted
+    to the float outputs, uniform ranks sized to the budget (``method="cora"`` searches them, with
+    the budget held by projection). Use
     :meth:`paper` for the published recipe (per-tensor, mean ± 5·std, round to nearest, weight-space
     SVD, CE + exp penalty); the final rank allocation holds the budget in both.
     """
 
     bits: int = 4
-    method: str = "cora"  # cora: searched ranks; heuristic: same channel fraction everywhere; rtn: no adapters
+    # heuristic: the same fraction of the full rank at every layer (the default: on the held-out
+    # calibration images it beat the searched ranks on top of this base, see README); cora: ranks
+    # from the differentiable Butterworth search; rtn: no adapters.
+    method: str = "heuristic"
     budget: float = 0.05  # adapter parameters / all conv weight parameters
     granularity: str = "channel"
     range_method: str = "mse"
@@ -41,13 +46,14 @@ class CoRaConfig:
     refine: bool = True  # after the search, re-fit each adapter to map the final quantized inputs to float outputs
     loss: str = "kl"  # kl: to the float model's logits (no labels); ce: cross-entropy with labels
     budget_mode: str = "project"  # project: cutoffs projected onto the budget each step; penalty: paper
+    optimizer: str = "adam"  # adam (paper: per-cutoff steps, gradients clipped) or sgd (normalised, keeps gradient ratios)
     iterations: int = 250
     batch_size: int = 32
     lr: float = 0.01
     order: int = 4  # Butterworth order n
     gamma: float = 1.0  # weight of the paper's exp budget penalty
     grad_clip: float = 0.2
-    rho_init: float = 0.9
+    rho_init: float | None = 0.9  # None: start at the uniform allocation that fills the budget
     search_bn: str = "train"  # BatchNorm mode during the search (the model returned keeps float BN stats)
     calib_images: int = 1600
     stats_images: int = 512  # images (of the calibration set) for the layer input statistics (GPTQ, adapters)
@@ -74,6 +80,7 @@ class CoRaConfig:
             ("factorization", self.factorization, FACTORIZATIONS),
             ("budget_mode", self.budget_mode, BUDGET_MODES),
             ("search_bn", self.search_bn, BN_MODES),
+            ("optimizer", self.optimizer, ("adam", "sgd")),
             ("adapter_dtype", self.adapter_dtype, ("float16", "bfloat16", "float32")),
         ):
             if value not in allowed:
@@ -97,7 +104,7 @@ class CoRaConfig:
             bad(f"lr={self.lr!r} must be > 0")
         if not (isinstance(self.order, int) and self.order >= 1):
             bad(f"order={self.order!r} must be an integer >= 1")
-        if not 0.0 < self.rho_init <= 1.0:
+        if self.rho_init is not None and not 0.0 < self.rho_init <= 1.0:
             bad(f"rho_init={self.rho_init!r} must be in (0, 1]")
         if self.grad_clip <= 0:
             bad(f"grad_clip={self.grad_clip!r} must be > 0")
@@ -114,6 +121,7 @@ class CoRaConfig:
         """The published recipe (per-tensor, mean ± 5·std, nearest rounding, weight SVD, CE + penalty)."""
         base = dict(
             bits=bits,
+            method="cora",
             granularity="tensor",
             range_method="std",
             std_k=5.0,
@@ -123,6 +131,7 @@ class CoRaConfig:
             refine=False,
             loss="ce",
             budget_mode="penalty",
+            optimizer="adam",
             search_bn="train",
         )
         base.update(overrides)

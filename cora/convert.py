@@ -173,6 +173,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
             labels=y,
             teacher_logits=teacher,
             budget_mode=config.budget_mode,
+            optimizer=config.optimizer,
             bn_mode=config.search_bn,
             seed=config.seed,
             progress=config.progress,

@@ -186,11 +186,12 @@ def search_ranks(
     order: int = 4,
     gamma: float = 1.0,
     grad_clip: float = 0.2,
-    rho_init: float = 0.9,
+    rho_init: float | None = 0.9,
     loss: str = "kl",
     labels: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     budget_mode: str = "project",
+    optimizer: str = "adam",
     bn_mode: str = "train",
     seed: int = 0,
     progress: bool = True,
@@ -210,6 +211,11 @@ def search_ranks(
     torch.manual_seed(seed)  # anything stochastic inside the model (e.g. dropout) repeats too
     for p in search_model.parameters():
         p.requires_grad_(False)
+    w = torch.tensor([l.full_rank * l.cost_per_rank / conv_params for l in layers])
+    if rho_init is None:
+        # Start from the uniform allocation that exactly fills the budget (the heuristic baseline),
+        # so that the search only has to move budget between layers.
+        rho_init = min(1.0, budget / float(w.sum()))
     soft = {}
     for layer in layers:
         conv = search_model.get_submodule(layer.name)
@@ -217,10 +223,18 @@ def search_ranks(
         set_submodule(search_model, layer.name, soft[layer.name])
     names = [l.name for l in layers]
     rhos = [soft[n].rho for n in names]
-    w = torch.tensor([l.full_rank * l.cost_per_rank / conv_params for l in layers])
     lo = torch.tensor([1.0 / l.full_rank for l in layers])
     hi = torch.ones(len(layers))
-    opt = torch.optim.Adam(rhos, lr=lr)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(rhos, lr=lr)
+    elif optimizer == "sgd":
+        # Plain momentum SGD on gradients normalised by their largest entry: unlike Adam, whose
+        # per-coordinate scaling equalises the layers' step sizes, this keeps the *ratios* of the
+        # layers' gradients, so with the projection the cutoffs settle where every layer's marginal
+        # loss reduction per unit of budget is equal (the KKT point of the budgeted problem).
+        opt = torch.optim.SGD(rhos, lr=lr, momentum=0.9)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
     search_model.train(bn_mode == "train")
     n = inputs.shape[0]
     bs = min(batch_size, n)
@@ -243,8 +257,13 @@ def search_ranks(
         total = task + gamma * torch.exp(F.relu(bud - budget)) if budget_mode == "penalty" else task
         opt.zero_grad(set_to_none=True)
         total.backward()
-        for r in rhos:
-            r.grad.clamp_(-grad_clip, grad_clip)
+        if optimizer == "adam":
+            for r in rhos:
+                r.grad.clamp_(-grad_clip, grad_clip)
+        else:
+            peak = max(float(r.grad.abs()) for r in rhos)
+            for r in rhos:
+                r.grad.div_(peak + 1e-12)
         opt.step()
         with torch.no_grad():
             vec = torch.stack([r.detach() for r in rhos])
