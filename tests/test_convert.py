@@ -252,7 +252,7 @@ def test_empty_calibration_raises(resnet8):
 
 def test_ce_without_labels_raises(resnet8, calib):
     with pytest.raises(ValueError, match="label"):
-        convert(resnet8, calib[0], _cfg(loss="ce"))
+        convert(resnet8, calib[0], _cfg(method="cora", loss="ce"))
 
 
 def test_model_without_layers_raises(calib):
