@@ -163,7 +163,8 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted layer's input is captured."""
 
 
-def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The input of ``layer`` when ``model`` runs on ``x`` (None if the layer is never called)."""
     box = []
 
     def hook(mod, args):
@@ -177,9 +178,7 @@ def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch
         pass
     finally:
         h.remove()
-    if not box:
-        raise RuntimeError("the layer was not called during the forward pass")
-    return box[0]
+    return box[0] if box else None
 
 
 @torch.no_grad()
@@ -215,12 +214,13 @@ def paired_moments(
     batch_size: int = 100,
     max_rows: int = 65536,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Second moments of one layer's im2col inputs in the float and the (partly) quantized model.
 
     Returns float64 ``(H_qq = E[x_q x_qᵀ], H_fq = E[x_f x_qᵀ])``, both ``[K, K]``, where ``x_f`` and
     ``x_q`` are the layer's input rows at the same positions of the same images in ``float_model``
-    and ``quant_model``. Forward passes stop at the layer. Both models run in eval mode.
+    and ``quant_model``. Forward passes stop at the layer. Both models run in eval mode. Returns
+    ``(None, None)`` for a layer the forward pass never reaches.
     """
     f_layer, q_layer = float_model.get_submodule(name), quant_model.get_submodule(name)
     gen = torch.Generator().manual_seed(seed)
@@ -233,8 +233,11 @@ def paired_moments(
     try:
         for start in range(0, inputs.shape[0], batch_size):
             xb = inputs[start : start + batch_size]
-            xf = _capture_input(float_model, f_layer, xb).float()
-            xq = _capture_input(quant_model, q_layer, xb).float()
+            xf = _capture_input(float_model, f_layer, xb)
+            xq = _capture_input(quant_model, q_layer, xb)
+            if xf is None or xq is None:
+                return None, None
+            xf, xq = xf.float(), xq.float()
             state = gen.get_state()
             rf = layer_input_rows(f_layer, xf, per_batch, gen)
             gen.set_state(state)  # the same positions in both

@@ -121,7 +121,8 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         w = mod.weight.detach().float().cpu()
         scale, zero = compute_qparams(w, bits, per_channel=per_channel, method=config.range_method, std_k=config.std_k)
         if sequential and getattr(mod, "groups", 1) == 1:
-            h = paired_moments(model, seq_model, name, xs, seed=config.seed)[0].cpu()
+            h = paired_moments(model, seq_model, name, xs, seed=config.seed)[0]
+            h = h.cpu() if h is not None else None  # None: the layer never runs on these inputs
         else:
             h = hessians.get(name)
             h = h.cpu() if h is not None else None
@@ -138,7 +139,10 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
             if mod.groups != 1:
                 skipped[name] = "grouped/depthwise conv: quantized without adapter"
             else:
-                factors = factorize_residual(w - qw, method=config.factorization, hessian=h)
+                # without input statistics (a layer the calibration data never reaches) fall back to
+                # the weight-space SVD
+                method = config.factorization if h is not None else "weight"
+                factors = factorize_residual(w - qw, method=method, hessian=h)
                 adapted.append(AdaptedLayer(name, qw, factors))
         bar.update(i, name)
     del seq_model
@@ -193,8 +197,10 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         if isinstance(mod, nn.Conv2d):
             r = ranks.get(name, 0)
             adapter = None
+            h_qq = h_fq = None
             if r and reference is not None:
                 h_qq, h_fq = paired_moments(reference, work, name, xs, seed=config.seed)
+            if h_qq is not None:
                 w = mod.weight.detach().float().cpu()
                 target = regression_residual(w, dequantize(codes, scale, zero), h_qq.cpu(), h_fq.cpu())
                 adapter = adapter_from_factors(factorize_residual(target, method="activation", hessian=h_qq.cpu()), r)

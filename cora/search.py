@@ -257,6 +257,9 @@ def search_ranks(
         total = task + gamma * torch.exp(F.relu(bud - budget)) if budget_mode == "penalty" else task
         opt.zero_grad(set_to_none=True)
         total.backward()
+        for r in rhos:
+            if r.grad is None:  # a layer this batch never reached
+                r.grad = torch.zeros_like(r)
         if optimizer == "adam":
             for r in rhos:
                 r.grad.clamp_(-grad_clip, grad_clip)

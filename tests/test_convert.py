@@ -282,3 +282,23 @@ def test_nan_calibration_raises(resnet8):
     x[3, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         convert(resnet8, x, _cfg(calib_images=8))
+
+
+def test_layer_never_called_is_quantized_without_statistics():
+    """A conv the forward pass never reaches still converts (nearest rounding, weight-space SVD)."""
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.unused = nn.Conv2d(8, 8, 3)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    for method in ("heuristic", "cora"):
+        q = convert(WithUnused(), torch.randn(16, 3, 8, 8), CoRaConfig(bits=4, method=method, iterations=3, budget=0.5, progress=False))
+        assert isinstance(q.unused, CoRaConv2d)
+        assert q.cora_report.adapter_fraction <= 0.5
