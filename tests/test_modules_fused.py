@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from cora import CoRaConv2d
 from tests.tolerances import assert_close_rel
 
+# The real kernel: on a GPU machine on CUDA tensors, otherwise on CPU tensors through the interpreter
+# (tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA device).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 CASES = [
     # (conv kwargs, bits, rank)
     (dict(in_channels=5, out_channels=7, kernel_size=3, stride=1, padding=1), 4, 3),
@@ -40,12 +44,12 @@ def _expected(m: CoRaConv2d, x: torch.Tensor) -> torch.Tensor:
 def test_triton_backend_matches_effective_weight(case, dtype, monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "triton")
     kwargs, bits, rank = CASES[case]
-    m = _layer(kwargs, bits, rank, seed=case)
-    x = torch.randn(2, kwargs["in_channels"], 9, 8).to(dtype)
+    m = _layer(kwargs, bits, rank, seed=case).to(DEVICE)
+    x = torch.randn(2, kwargs["in_channels"], 9, 8).to(DEVICE, dtype)
     with torch.no_grad():
         y = m(x)
     assert y.dtype == dtype
-    assert_close_rel(y, _expected(m, x), dtype)
+    assert_close_rel(y.cpu(), _expected(m.cpu(), x.cpu()), dtype)
 
 
 def test_reference_backend_through_the_op_matches(monkeypatch):
