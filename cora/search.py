@@ -7,8 +7,12 @@ plus its full-rank, softly masked adapter — as ONE conv, so a step costs about
 Budget: ``Bud(rho) = Σ_l w_l rho_l`` with ``w_l = R_l (C_in·kh·kw + C_out) / P_conv``.
 
 * ``budget_mode="penalty"`` (paper): loss ``+ gamma · exp(relu(Bud - Bud*))``; known to overshoot.
-* ``budget_mode="project"`` (ours): after every Adam step the cutoffs are projected (Euclidean) onto
+* ``budget_mode="project"`` (ours): after every optimizer step the cutoffs are projected (Euclidean) onto
   ``{rho : Bud(rho) <= Bud*, 1/R_l <= rho_l <= 1}``, so the task loss alone decides where the budget goes.
+
+``optimizer="adam"`` is the paper's (per-cutoff steps, gradients clipped to ±grad_clip);
+``optimizer="sgd"`` takes momentum steps along the gradient normalised by its largest entry, which keeps
+the ratios between layers so the projected cutoffs settle at equal marginal value per unit of budget.
 
 Either way :func:`allocate_ranks` turns the cutoffs into integer ranks whose cost never exceeds the
 budget (a projection of the cutoffs, floor, then a largest-remainder fill).
