@@ -22,13 +22,17 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def candidate_roots(root: str | os.PathLike | None = None) -> list[Path]:
-    """Every shared-folder candidate, in priority order (an explicit root comes alone)."""
+    """Every shared-folder candidate, in priority order.
+
+    An explicit root, or else ``CORA_SHARED``, comes alone: a folder the user named is never
+    silently replaced by a default one.
+    """
     if root is not None:
         return [Path(root).expanduser()]
-    out: list[Path] = []
     env = os.environ.get(ENV_VAR)
     if env:
-        out.append(Path(env).expanduser())
+        return [Path(env).expanduser()]
+    out: list[Path] = []
     out.append(_REPO_ROOT.parent / "shared")
     out.append(Path.cwd().parent / "shared")
     # Drop duplicates (the repo root is usually the cwd) but keep the order.

@@ -45,8 +45,22 @@ def test_missing_file_message_lists_places(tmp_path, monkeypatch):
         paths.find_file("data/nope.npz")
     msg = str(e.value)
     assert str(tmp_path / "data" / "nope.npz") in msg
-    assert str(paths._REPO_ROOT.parent / "shared" / "data" / "nope.npz") in msg
     assert "CORA_SHARED" in msg and "--shared" in msg
+    # a folder the user named is authoritative: no silent fallback to the default one
+    assert str(paths._REPO_ROOT.parent / "shared" / "data" / "nope.npz") not in msg
+
+
+def test_env_var_is_not_replaced_by_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        paths.find_file("data/cifar10_test.npz")
+
+
+def test_default_locations_listed_without_env(monkeypatch):
+    monkeypatch.delenv(paths.ENV_VAR, raising=False)
+    with pytest.raises(FileNotFoundError) as e:
+        paths.find_file("data/nope.npz")
+    assert str(paths._REPO_ROOT.parent / "shared" / "data" / "nope.npz") in str(e.value)
 
 
 def test_missing_glob_message(tmp_path):
