@@ -56,7 +56,10 @@ class CoRaConfig:
     rho_init: float | None = 0.9  # None: start at the uniform allocation that fills the budget
     search_bn: str = "train"  # BatchNorm mode during the search (the model returned keeps float BN stats)
     calib_images: int = 1600
-    stats_images: int = 512  # images (of the calibration set) for the layer input statistics (GPTQ, adapters)
+    # Images (a seeded subset of the calibration set) for the layer input statistics (GPTQ, adapters).
+    # Held-out check, ResNet-20, defaults otherwise: 512 -> 85.18 (W3) / 85.85 (W4) top-1 on the 3,400
+    # held-back calibration images; all 1,600 -> 84.50 / 85.88, at twice the time.
+    stats_images: int = 512
     seed: int = 0
     skip: tuple[str, ...] = ()  # module names (or fnmatch patterns) left in float
     layer_bits: tuple[tuple[str, int], ...] = ()  # per-layer bit overrides: (name or pattern, bits)
