@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _harness import git_commit  # noqa: E402
 from cora import CoRaConfig  # noqa: E402
-from cora.data import evaluate  # noqa: E402
 from cora.pipeline import quantize_and_evaluate  # noqa: E402
 
 ROWS = {
@@ -38,13 +38,6 @@ ROWS = {
     "search": ("our base + searched ranks (method=cora)", lambda b, a: CoRaConfig(bits=b, method="cora", **a)),
     "ours": ("our defaults: our base + uniform ranks (method=heuristic)", lambda b, a: CoRaConfig(bits=b, **a)),
 }
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -66,7 +59,7 @@ def main(argv=None) -> int:
         machine=f"{platform.machine()} {os.cpu_count()} cpus",
         threads=torch.get_num_threads(),
         torch=torch.__version__,
-        commit=_git_commit(),
+        commit=git_commit(),
     )
     out_rows = []
     out = Path(args.out)

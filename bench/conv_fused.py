@@ -18,10 +18,8 @@ through the Triton interpreter instead; it never pretends to time.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -30,6 +28,8 @@ import torch
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import git_commit, write_csv  # noqa: E402
 
 # hand-listed fallback when torchvision is missing: (C_in, C_out, k, stride, padding, H_in)
 _R18 = [(3, 64, 7, 2, 3, 224), (64, 64, 3, 1, 1, 56), (64, 128, 3, 2, 1, 56), (128, 128, 3, 1, 1, 28),
@@ -63,14 +63,6 @@ def conv_shapes(model_name: str):
 
 def budget_rank(c_in, c_out, k):
     return max(1, int(0.05 * c_out * c_in * k * k / (c_in * k * k + c_out)))
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=_ROOT).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def make_layer(c_in, c_out, k, bits, r, device, seed=0):
@@ -225,11 +217,7 @@ def main(argv=None):
                 break
         if capped:
             break
-    if rows:
-        with open(out_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(rows, out_csv)
     if capped:
         print(f"# time cap of {args.time_cap:.0f}s reached: {len(rows)} rows measured")
     print(f"# CSV: {out_csv}")

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
-import subprocess
 import sys
 import time
 
@@ -32,20 +30,14 @@ import torch
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import git_commit, write_csv  # noqa: E402
 
 import cora  # noqa: E402
 from cora.deploy import deploy, warmup, weight_bytes  # noqa: E402
 
 IMAGE = (3, 224, 224)
 DEVICE = "cuda"  # the timed path always runs on CUDA (a module constant only so its bookkeeping can be dry-run)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=_ROOT).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def float_model(name: str) -> torch.nn.Module:
@@ -227,11 +219,7 @@ def gpu_bench(args) -> int:
         torch.cuda.empty_cache()
         if capped:
             break
-    if rows:
-        with open(out_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(rows, out_csv)
     if capped:
         print(f"# time cap of {args.time_cap:.0f}s reached: {len(rows)} rows measured")
     print(f"# CSV: {out_csv}")

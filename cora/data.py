@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from cora import paths
+from cora.models import IMAGENET_MEAN, IMAGENET_STD  # one definition of the input normalisation
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -36,8 +37,6 @@ __all__ = [
     "evaluate",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TEST_FILE = "data/cifar10_test.npz"
 CALIB_FILE = "data/cifar10_calib.npz"
