@@ -1,4 +1,4 @@
-"""CIFAR-10 accuracy table: RTN, heuristic ranks, the paper's recipe and our defaults (budget 5%).
+"""CIFAR-10 accuracy table: RTN, the paper's recipe, searched / uniform ranks, adapter tuning, our defaults (budget 5%).
 
     python bench/accuracy.py                       # ResNet-20 and -32, W4 and W3, all rows (~30 min on 2 cores)
     python bench/accuracy.py --models cifar_resnet20 --bits 3 --rows ours
@@ -34,9 +34,16 @@ ROWS = {
     "rtn_paper": ("RTN (paper quantizer: per-tensor, mean±5std)", lambda b, a: CoRaConfig.paper(b, method="rtn", **a)),
     "base": ("our base alone (MSE ranges + GPTQ, no adapters)", lambda b, a: CoRaConfig(bits=b, method="rtn", **a)),
     "paper": ("CoRa, paper settings (per-tensor k=5, weight SVD, CE + penalty, searched ranks)", lambda b, a: CoRaConfig.paper(b, **a)),
-    "search_weight_svd": ("our base + searched ranks, paper's weight-space SVD adapters", lambda b, a: CoRaConfig(bits=b, method="cora", factorization="weight", **a)),
-    "search": ("our base + searched ranks (method=cora)", lambda b, a: CoRaConfig(bits=b, method="cora", **a)),
-    "ours": ("our defaults: our base + uniform ranks (method=heuristic)", lambda b, a: CoRaConfig(bits=b, **a)),
+    "search_weight_svd": ("our base + searched ranks, paper's weight-space SVD adapters, no tuning",
+                          lambda b, a: CoRaConfig(bits=b, method="cora", factorization="weight", tune_iterations=0, **a)),
+    "search": ("our base + searched ranks (method=cora), no tuning", lambda b, a: CoRaConfig(bits=b, method="cora", tune_iterations=0, **a)),
+    "uniform": ("our base + uniform ranks (method=heuristic), no tuning", lambda b, a: CoRaConfig(bits=b, tune_iterations=0, **a)),
+    "tuned_kl": ("our base + uniform ranks + adapters tuned by KL to the float logits (no labels)", lambda b, a: CoRaConfig(bits=b, tune_loss="kl", **a)),
+    "ours": ("our defaults: our base + uniform ranks + adapters tuned by CE on the calibration labels", lambda b, a: CoRaConfig(bits=b, **a)),
+    # The same CE tuning on a W8 base (no quantization loss to reclaim): what the tuning adds by fitting
+    # the calibration images' domain. Runs once per model, whatever --bits says.
+    "control_w8": ("control: W8 base + uniform ranks + the same CE tuning (domain fit, not quantization recovery)",
+                   lambda b, a: CoRaConfig(bits=8, **a)),
 }
 
 
@@ -44,7 +51,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet32"])
     p.add_argument("--bits", nargs="+", type=int, default=[4, 3])
-    p.add_argument("--rows", nargs="+", default=["rtn", "rtn_paper", "base", "paper", "search_weight_svd", "search", "ours"], choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--budget", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-split", choices=("test", "holdout"), default="test")
@@ -65,7 +72,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["model", "bits", "row", "description", "split", "acc", "float_acc", "adapter_fraction", "equiv_bits", "iterations",
-              "calib_images", "search_seconds", "quantize_seconds", "budget", "seed", "ranks", "machine", "threads", "torch", "commit"]
+              "calib_images", "search_seconds", "tune_loss", "tune_iterations", "tune_seconds", "quantize_seconds", "budget", "seed",
+              "ranks", "machine", "threads", "torch", "commit"]
     with out.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -73,28 +81,33 @@ def main(argv=None) -> int:
             float_acc = None
             for bits in args.bits:
                 for row in args.rows:
+                    if row == "control_w8" and bits != args.bits[0]:
+                        continue  # bit-width independent: once per model
                     desc, make = ROWS[row]
                     cfg = make(bits, common)
                     t = time.perf_counter()
                     _, res = quantize_and_evaluate(model, cfg, shared=args.shared, eval_split=args.eval_split, with_float=float_acc is None, with_rtn=False)
                     float_acc = res.get("float_acc", float_acc)
-                    rec = dict(model=model, bits=bits, row=row, description=desc, split=args.eval_split, acc=round(res["acc"], 2),
+                    rec = dict(model=model, bits=cfg.bits, row=row, description=desc, split=args.eval_split, acc=round(res["acc"], 2),
                                float_acc=round(float_acc, 2), adapter_fraction=round(res["adapter_fraction"], 4),
                                equiv_bits=round(res["equiv_bits"], 3), iterations=res["iterations"], calib_images=res["calib_images"],
-                               search_seconds=round(res["search_seconds"], 1), quantize_seconds=round(res["quantize_seconds"], 1),
+                               search_seconds=round(res["search_seconds"], 1), tune_loss=res["tune_loss"] or "",
+                               tune_iterations=res["tune_iterations"], tune_seconds=round(res["tune_seconds"], 1),
+                               quantize_seconds=round(res["quantize_seconds"], 1),
                                budget=args.budget, seed=args.seed, ranks=json.dumps(res["ranks"]), **env)
                     writer.writerow(rec)
                     fh.flush()
                     out_rows.append(rec)
-                    print(f"{model} W{bits} {row:16s} acc {rec['acc']:6.2f}  frac {rec['adapter_fraction']:.4f}  "
+                    print(f"{model} W{cfg.bits} {row:16s} acc {rec['acc']:6.2f}  frac {rec['adapter_fraction']:.4f}  "
                           f"bits {rec['equiv_bits']:.3f}  search {rec['search_seconds']:5.1f}s  all {rec['quantize_seconds']:5.1f}s "
                           f"[{time.perf_counter() - t:.0f}s]", flush=True)
     print(f"\nwrote {out}\n")
-    print("| model | bits | row | top-1 % | adapter fraction | equiv. bits | iterations | images | search s | quantize s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | bits | row | top-1 % | adapter fraction | equiv. bits | search it. | tuning it. | images | search s | tuning s | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out_rows:
         print(f"| {r['model']} (float {r['float_acc']}) | W{r['bits']} | {r['description']} | {r['acc']:.2f} | {r['adapter_fraction']:.4f} | "
-              f"{r['equiv_bits']:.3f} | {r['iterations']} | {r['calib_images']} | {r['search_seconds']} | {r['quantize_seconds']} |")
+              f"{r['equiv_bits']:.3f} | {r['iterations']} | {r['tune_iterations']} | {r['calib_images']} | {r['search_seconds']} | "
+              f"{r['tune_seconds']} | {r['quantize_seconds']} |")
     return 0
 
 

@@ -60,7 +60,7 @@ def float_model(name: str) -> torch.nn.Module:
 def convert_model(model: torch.nn.Module, bits: int, calib: torch.Tensor) -> torch.nn.Module:
     cfg = cora.CoRaConfig(bits=bits, method="heuristic", budget=0.05, rounding="nearest", range_method="minmax",
                           factorization="weight", sequential=False, refine=False, progress=False,
-                          calib_images=calib.shape[0])
+                          calib_images=calib.shape[0], tune_iterations=0)  # random weights: nothing to tune for
     return cora.convert(model, calib, cfg).eval()
 
 

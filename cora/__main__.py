@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--range", dest="range_method", choices=("mse", "minmax", "std"), default=None)
     q.add_argument("--calib", type=_positive_int, default=1600, help="calibration images (default 1600)")
     q.add_argument("--iters", type=_positive_int, default=250, help="search iterations (default 250)")
+    q.add_argument("--tune-iters", type=int, default=None,
+                   help="adapter tuning iterations after the ranks are fixed (default 250; 0: off; --paper: 0)")
+    q.add_argument("--tune-loss", choices=("auto", "kl", "ce"), default=None,
+                   help="adapter tuning loss (default auto: ce with the calibration labels, kl without)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip", action="append", default=[], help="layer name or pattern to keep in float (repeatable)")
     q.add_argument("--out", default=None, help="write the quantized model to this checkpoint (safetensors)")
@@ -89,7 +93,11 @@ def _config(args):
         skip=tuple(args.skip),
         progress=not args.quiet,
     )
-    for key in ("method", "loss", "factorization", "rounding", "range_method"):
+    if args.tune_iters is not None:
+        if args.tune_iters < 0:
+            raise _CliError(f"--tune-iters must be >= 0, got {args.tune_iters}")
+        overrides["tune_iterations"] = args.tune_iters
+    for key in ("method", "loss", "factorization", "rounding", "range_method", "tune_loss"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.per_tensor:
@@ -108,6 +116,7 @@ def _table(res: dict) -> str:
         ("iterations", str(res["iterations"])),
         ("calibration images", str(res["calib_images"])),
         ("search time", f"{res['search_seconds']:.1f} s"),
+        ("adapter tuning", f"{res['tune_iterations']} iterations ({res['tune_loss']}), {res['tune_seconds']:.1f} s" if res.get("tune_iterations") else "off"),
         ("quantize time (all)", f"{res['quantize_seconds']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)

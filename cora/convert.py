@@ -16,6 +16,7 @@ from .modules import CoRaConv2d, QuantLinear
 from .quantizer import compute_qparams, dequantize, gptq_quantize, quantize
 from .residual import adapter_from_factors, factorize_residual, regression_residual
 from .search import AdaptedLayer, Progress, adapter_fraction, heuristic_ranks, search_ranks
+from .tune import tune_adapters
 
 __all__ = ["convert", "ConversionReport", "quantizable_layers"]
 
@@ -39,6 +40,9 @@ class ConversionReport:
     config: dict
     continuous_budget: float | None = None
     trace: list = field(default_factory=list)
+    tune_loss: str | None = None  # the loss the adapter tuning ran with (None: no tuning)
+    tune_iterations: int = 0
+    tune_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +101,8 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     y = y.to(device) if y is not None else None
     if config.method == "cora" and config.loss == "ce" and y is None:
         raise ValueError("loss='ce' needs labelled calibration data; pass (images, labels) or use loss='kl'")
+    if config.method != "rtn" and config.tune_iterations and config.tune_loss == "ce" and y is None:
+        raise ValueError("tune_loss='ce' needs labelled calibration data; pass (images, labels) or use tune_loss='kl' (or 'auto')")
     work = model if inplace else copy.deepcopy(model)
     was_training = model.training
     conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -215,6 +221,18 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         set_submodule(work, name, new)
         bar.update(i, name)
     del reference
+
+    # 4) joint, end-to-end tuning of the adapters (ranks, codes and everything else fixed)
+    tune_loss, tune_iters, tune_seconds = None, 0, 0.0
+    if config.method != "rtn" and config.tune_iterations and any(ranks.values()):
+        tune_loss = config.tune_loss if config.tune_loss != "auto" else ("ce" if y is not None else "kl")
+        teacher = model_logits(model, x) if tune_loss == "kl" else None
+        rep = tune_adapters(
+            work, x, loss=tune_loss, labels=y, teacher_logits=teacher, iterations=config.tune_iterations,
+            lr=config.tune_lr, batch_size=config.tune_batch_size, seed=config.seed,
+            progress=Progress(config.tune_iterations, "tune", config.progress),
+        )
+        tune_iters, tune_seconds = rep.iterations, rep.seconds
     work.train(was_training)
     work.cora_report = ConversionReport(
         method=config.method,
@@ -232,5 +250,8 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         config=config.to_dict(),
         continuous_budget=cont,
         trace=trace,
+        tune_loss=tune_loss,
+        tune_iterations=tune_iters,
+        tune_seconds=tune_seconds,
     )
     return work

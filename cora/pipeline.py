@@ -107,6 +107,9 @@ def quantize_and_evaluate(
         iterations=rep.iterations,
         calib_images=rep.calib_images,
         search_seconds=rep.search_seconds,
+        tune_loss=rep.tune_loss,
+        tune_iterations=rep.tune_iterations,
+        tune_seconds=rep.tune_seconds,
         ranks=rep.ranks,
         seed=config.seed,
     )

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         calib, _ = cifar10_calibration(250, shared=args.shared).tensors()
         cfg = cora.CoRaConfig(bits=args.bits, method="heuristic", budget=0.05, rounding="nearest",
                               range_method="minmax", factorization="weight", sequential=False, refine=False,
-                              progress=False, calib_images=250)
+                              progress=False, calib_images=250, tune_iterations=0)  # the fast path, for a demo
         converted = cora.convert(float_model, calib, cfg)
         print(f"quantized ResNet-{args.depth} to W{args.bits} in {time.perf_counter() - t0:.1f}s "
               f"({converted.cora_report.equiv_bits:.2f} bits per conv/linear weight incl. adapters)")

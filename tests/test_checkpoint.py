@@ -21,7 +21,7 @@ def qmodel():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 3, 32, 32, generator=g)
     # nearest rounding + weight SVD: the fastest conversion that still gives adapters
-    q = convert(m, x, CoRaConfig(method="heuristic", rounding="nearest", factorization="weight", calib_images=32, progress=False))
+    q = convert(m, x, CoRaConfig(method="heuristic", rounding="nearest", factorization="weight", calib_images=32, tune_iterations=3, progress=False))
     q.cora_architecture = {"name": "cifar_resnet8"}
     return q
 
@@ -208,7 +208,7 @@ def test_mobilenet_round_trip_grouped_and_linear_bits(tmp_path):
     m = build_model("mobilenet_v2")
     x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     cfg = CoRaConfig(bits=3, method="heuristic", range_method="minmax", rounding="nearest", factorization="weight",
-                     calib_images=4, progress=False, layer_bits=(("classifier.*", 8),))
+                     calib_images=4, tune_iterations=0, progress=False, layer_bits=(("classifier.*", 8),))
     q = convert(m, x, cfg)
     q.cora_architecture = {"name": "mobilenet_v2"}
     path = save(q, tmp_path / "mnv2.safetensors")

@@ -24,6 +24,8 @@ BAD_ARGS = {
     "unknown_model": ["quantize", "not_a_model_xyz"],
     "calib_zero": ["quantize", "cifar_resnet20", "--calib", "0"],
     "iters_neg": ["quantize", "cifar_resnet20", "--iters", "-3"],
+    "tune_iters_neg": ["quantize", "cifar_resnet20", "--tune-iters", "-1"],
+    "tune_loss_bad": ["quantize", "cifar_resnet20", "--tune-loss", "mse"],
     "no_command": [],
     "bad_method": ["quantize", "cifar_resnet20", "--method", "magic"],
     "eval_missing_ckpt": ["eval", "--checkpoint", "/nonexistent/ckpt.safetensors"],
@@ -103,7 +105,7 @@ def _run(args, timeout=600):
 @pytest.mark.parametrize("rtn", [False, True], ids=["no_rtn", "rtn"])
 def test_end_to_end_quantize_then_eval(tmp_path, rtn):
     ckpt = tmp_path / "ckpt.safetensors"
-    args = ["quantize", "cifar_resnet20", "--bits", "4", "--calib", "160", "--iters", "5", "--json", "--quiet",
+    args = ["quantize", "cifar_resnet20", "--bits", "4", "--calib", "160", "--iters", "5", "--tune-iters", "5", "--json", "--quiet",
             "--eval-split", "holdout", "--out", str(ckpt)]
     if not rtn:
         args += ["--no-rtn", "--method", "cora"]  # the searched ranks; the other run takes the default
@@ -113,6 +115,7 @@ def test_end_to_end_quantize_then_eval(tmp_path, rtn):
     assert ("rtn_acc" in res) == rtn
     assert res["adapter_fraction"] <= 0.05
     assert res["iterations"] == (0 if rtn else 5) and res["calib_images"] == 160
+    assert res["tune_iterations"] == 5 and res["tune_loss"] == "ce"  # the CIFAR calibration set has labels
     assert 0 <= res["acc"] <= 100 and 0 <= res["float_acc"] <= 100
     assert res["acc"] > 50 and res["float_acc"] > 50  # the pretrained model, not noise
     assert res["equiv_bits"] > 4

@@ -33,14 +33,15 @@ def calib():
 
 
 def _cfg(**kw):
-    base = dict(iterations=5, calib_images=N_CALIB, batch_size=16, progress=False)
+    # adapter tuning off here: these are tests of the conversion itself (tuning: tests/test_tune.py)
+    base = dict(iterations=5, calib_images=N_CALIB, batch_size=16, progress=False, tune_iterations=0)
     base.update(kw)
     return CoRaConfig(**base)
 
 
 def _cheap(**kw):
     """Round to nearest with min-max ranges: the fast base, for tests about plumbing."""
-    base = dict(iterations=5, calib_images=N_CALIB, batch_size=16, progress=False, range_method="minmax", rounding="nearest")
+    base = dict(iterations=5, calib_images=N_CALIB, batch_size=16, progress=False, range_method="minmax", rounding="nearest", tune_iterations=0)
     base.update(kw)
     return CoRaConfig(**base)
 
@@ -213,7 +214,7 @@ def test_torchvision_models_convert(name, kw):
     torch.manual_seed(0)
     model = build_model(name)
     x = torch.randn(8, 3, 64, 64)
-    q = convert(model, x, CoRaConfig(iterations=3, calib_images=8, batch_size=8, progress=False, **kw))
+    q = convert(model, x, CoRaConfig(iterations=3, calib_images=8, batch_size=8, tune_iterations=2, progress=False, **kw))
     rep = q.cora_report
     assert rep.adapter_fraction <= 0.05
     assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in q.modules())
@@ -299,6 +300,6 @@ def test_layer_never_called_is_quantized_without_statistics():
 
     torch.manual_seed(0)
     for method in ("heuristic", "cora"):
-        q = convert(WithUnused(), torch.randn(16, 3, 8, 8), CoRaConfig(bits=4, method=method, iterations=3, budget=0.5, progress=False))
+        q = convert(WithUnused(), torch.randn(16, 3, 8, 8), CoRaConfig(bits=4, method=method, iterations=3, budget=0.5, tune_iterations=3, progress=False))
         assert isinstance(q.unused, CoRaConv2d)
         assert q.cora_report.adapter_fraction <= 0.5

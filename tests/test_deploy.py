@@ -39,7 +39,7 @@ def resnet8():
     calib = torch.randn(8, 3, 32, 32)
     cfg = cora.CoRaConfig(bits=4, method="heuristic", budget=0.2, rounding="nearest", range_method="minmax",
                           factorization="weight", sequential=False, refine=False, progress=False,
-                          calib_images=8, stats_images=8)
+                          calib_images=8, stats_images=8, tune_iterations=0)
     conv = cora.convert(model, calib, cfg).eval()
     assert any(m.rank > 0 for m in conv.modules() if isinstance(m, cora.CoRaConv2d))
     return conv

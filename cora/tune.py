@@ -1,0 +1,153 @@
+"""Adapter tuning: a short gradient pass over the low-rank adapters of a converted model.
+
+After conversion every adapter is the best one *layer by layer* (closed form, on the layer's own
+inputs). ``tune_adapters`` then trains all adapters of the model jointly, end to end, on the
+calibration images: only ``A`` and ``B`` move; the integer codes, scales, zero points, biases,
+BatchNorm statistics and every float layer stay exactly as they are (BatchNorm runs in eval mode, so
+its running statistics are never touched). The rank of every layer, hence the budget, is unchanged.
+
+Losses: ``"kl"`` to the float model's logits (no labels; keeps the quantized model close to the float
+one) or ``"ce"`` with the calibration labels (also fits the calibration images' domain, so the result
+can land above the float model on images like them; see the README for how much of that is domain).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._modules_util import set_submodule
+from .config import LOSSES
+from .modules import CoRaConv2d
+
+__all__ = ["tune_adapters", "TuneReport"]
+
+
+@dataclass
+class TuneReport:
+    loss: str
+    iterations: int
+    layers: int
+    first_loss: float  # mean loss over the first tenth of the iterations
+    last_loss: float  # mean loss over the last tenth
+    seconds: float
+
+
+class _TrainableAdapterConv(nn.Module):
+    """Stand-in for a ``CoRaConv2d`` during tuning: frozen ``Q(W)`` and bias, float32 ``A``/``B`` parameters.
+
+    ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` in float32 (the stored adapters may be
+    float16: training in float16 would lose the small updates). Same arithmetic as
+    ``CoRaConv2d.reference_forward``.
+    """
+
+    def __init__(self, layer: CoRaConv2d) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("weight_q", layer.dequantized_weight().float())
+        a, b = layer.adapter_conv_weights()
+        self.a = nn.Parameter(a.detach().float().clone())
+        self.b = nn.Parameter(b.detach().float().clone())
+        self.register_buffer("bias_f", None if layer.bias is None else layer.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layer
+        x, pad = lay._padded_input(x.float())
+        y = F.conv2d(x, self.weight_q, self.bias_f, lay.stride, pad, lay.dilation, lay.groups)
+        return y + F.conv2d(F.conv2d(x, self.a, None, lay.stride, pad, lay.dilation), self.b)
+
+    def write_back(self) -> CoRaConv2d:
+        """Store the trained factors in the layer (its storage dtype) and return it."""
+        self.layer.set_adapter(self.a.detach(), self.b.detach())
+        return self.layer
+
+
+def tune_adapters(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    loss: str = "kl",
+    labels: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    iterations: int = 250,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress=None,
+) -> TuneReport:
+    """Train the adapters of every ``CoRaConv2d`` (rank > 0) in ``model``, in place.
+
+    ``images``: float ``[N, C, H, W]`` calibration inputs on the model's device. ``loss="ce"`` needs
+    ``labels`` (int64 ``[N]``); ``loss="kl"`` needs ``teacher_logits`` (float ``[N, classes]``, the
+    float model's eval-mode outputs on ``images``). Adam with a cosine learning-rate decay over
+    ``iterations`` steps of ``batch_size`` images drawn with ``seed`` (a private generator: the global
+    RNG is not touched). ``progress``: a ``Progress``-like object with ``update(step, text)``, or None.
+    Nothing but the adapters changes; the model's training mode and ``requires_grad`` flags are restored.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"tune loss {loss!r}; choose one of {LOSSES}")
+    if loss == "ce" and labels is None:
+        raise ValueError("adapter tuning with loss='ce' needs labelled calibration data; pass (images, labels) or use loss='kl'")
+    if loss == "kl" and teacher_logits is None:
+        raise ValueError("adapter tuning with loss='kl' needs the float model's logits")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("adapter tuning needs at least one calibration image")
+    names = [name for name, m in model.named_modules() if isinstance(m, CoRaConv2d) and m.rank > 0]
+    t0 = time.perf_counter()
+    if not names or iterations <= 0:
+        return TuneReport(loss, 0, len(names), math.nan, math.nan, 0.0)
+
+    was_training = model.training
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    wrappers: dict[str, _TrainableAdapterConv] = {}
+    done = False
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for name in names:
+            wrappers[name] = _TrainableAdapterConv(model.get_submodule(name))
+            set_submodule(model, name, wrappers[name])
+        model.eval()  # BatchNorm uses (and keeps) the float model's running statistics
+        params = [p for w in wrappers.values() for p in (w.a, w.b)]
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
+        gen = torch.Generator().manual_seed(seed)
+        tenth = max(1, iterations // 10)
+        losses = []
+        for it in range(1, iterations + 1):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(images.device)
+            out = model(images[idx]).float()
+            if loss == "ce":
+                value = F.cross_entropy(out, labels[idx])
+            else:
+                value = F.kl_div(F.log_softmax(out, -1), F.log_softmax(teacher_logits[idx].float(), -1), log_target=True, reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(value.detach()))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"adapter tuning diverged at iteration {it} (loss {losses[-1]}); lower tune_lr")
+            if progress is not None:
+                progress.update(it, f"{loss} {sum(losses[-tenth:]) / len(losses[-tenth:]):.4f}")
+        done = True
+    finally:
+        # on failure the layers go back untouched, never half-trained
+        for name, w in wrappers.items():
+            set_submodule(model, name, w.write_back() if done else w.layer)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return TuneReport(
+        loss=loss,
+        iterations=iterations,
+        layers=len(names),
+        first_loss=sum(losses[:tenth]) / tenth,
+        last_loss=sum(losses[-tenth:]) / tenth,
+        seconds=time.perf_counter() - t0,
+    )

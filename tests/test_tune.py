@@ -1,0 +1,155 @@
+"""Adapter tuning (cora/tune.py) and its place in ``convert``."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cora import CoRaConfig, CoRaConv2d, convert
+from cora.calibration import model_logits
+from cora.models import cifar_resnet
+from cora.tune import tune_adapters
+
+torch.set_num_threads(1)
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    m = cifar_resnet(8).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(N, 3, 32, 32, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+
+def _cfg(**kw):
+    # W3 with a large budget: a big residual, so there is something for the tuning to win
+    base = dict(bits=3, budget=0.3, calib_images=N, stats_images=N, progress=False, rounding="nearest", range_method="minmax")
+    base.update(kw)
+    return CoRaConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def untuned(model, data):
+    return convert(model, data, _cfg(tune_iterations=0))
+
+
+def _same(a, b) -> bool:
+    """state_dict entries: tensors, or the modules' extra state (a dict)."""
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def _kl(q, teacher, x):
+    with torch.no_grad():
+        return float(F.kl_div(F.log_softmax(q(x), -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean"))
+
+
+def test_kl_tuning_lowers_kl_and_moves_only_adapters(model, data, untuned):
+    x, _ = data
+    q = convert(model, x, _cfg(tune_iterations=40, tune_loss="kl", tune_lr=3e-3))
+    rep = q.cora_report
+    assert rep.tune_loss == "kl" and rep.tune_iterations == 40 and rep.tune_seconds > 0
+    assert rep.ranks == untuned.cora_report.ranks and rep.adapter_fraction == untuned.cora_report.adapter_fraction
+    teacher = model_logits(model, x)
+    assert _kl(q, teacher, x) < 0.9 * _kl(untuned, teacher, x)
+    tuned_sd, base_sd = q.state_dict(), untuned.state_dict()
+    assert tuned_sd.keys() == base_sd.keys()
+    moved = {k for k in base_sd if not _same(tuned_sd[k], base_sd[k])}
+    assert moved and all(k.endswith(("adapter_a", "adapter_b")) for k in moved), sorted(moved)
+    for k in moved:
+        assert tuned_sd[k].dtype == base_sd[k].dtype and tuned_sd[k].shape == base_sd[k].shape
+    assert not q.training
+    assert all(p.grad is None for p in q.parameters())
+
+
+def test_ce_tuning_fits_labels(model, data, untuned):
+    x, y = data
+    q = convert(model, (x, y), _cfg(tune_iterations=40, tune_loss="ce", tune_lr=3e-3))
+    assert q.cora_report.tune_loss == "ce"
+    with torch.no_grad():
+        assert F.cross_entropy(q(x), y) < 0.9 * F.cross_entropy(untuned(x), y)
+
+
+def test_auto_loss_follows_the_labels(model, data):
+    x, y = data
+    cfg = _cfg(tune_iterations=2)
+    assert cfg.tune_loss == "auto"
+    assert convert(model, (x, y), cfg).cora_report.tune_loss == "ce"
+    assert convert(model, x, cfg).cora_report.tune_loss == "kl"
+
+
+def test_off_for_rtn_paper_and_zero(model, data):
+    x, y = data
+    assert convert(model, (x, y), _cfg(method="rtn")).cora_report.tune_loss is None
+    assert CoRaConfig.paper(4).tune_iterations == 0
+    rep = convert(model, (x, y), _cfg(tune_iterations=0)).cora_report
+    assert rep.tune_loss is None and rep.tune_iterations == 0
+
+
+def test_same_seed_same_adapters(model, data):
+    x, y = data
+    a = convert(model, (x, y), _cfg(tune_iterations=5))
+    b = convert(model, (x, y), _cfg(tune_iterations=5))
+    for k, v in a.state_dict().items():
+        assert _same(v, b.state_dict()[k]), k
+
+
+def test_model_state_restored(model, data, untuned):
+    """Training mode and requires_grad flags come back; BatchNorm statistics never move."""
+    import copy
+
+    x, _ = data
+    q = copy.deepcopy(untuned).train()
+    flags = {n: p.requires_grad for n, p in q.named_parameters()}
+    bn = {k: v.clone() for k, v in q.state_dict().items() if "running" in k or "num_batches" in k}
+    tune_adapters(q, x, loss="kl", teacher_logits=model_logits(model, x), iterations=3)
+    assert q.training
+    assert {n: p.requires_grad for n, p in q.named_parameters()} == flags
+    for k, v in bn.items():
+        assert torch.equal(q.state_dict()[k], v), k
+    assert any(isinstance(m, CoRaConv2d) for m in q.modules())
+
+
+def test_divergence_leaves_adapters_untouched(model, data, untuned):
+    import copy
+
+    x, _ = data
+    q = copy.deepcopy(untuned)
+    teacher = model_logits(model, x)
+    teacher[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="diverged"):
+        tune_adapters(q, x, loss="kl", teacher_logits=teacher, iterations=3, batch_size=N)
+    for k, v in untuned.state_dict().items():
+        assert _same(q.state_dict()[k], v), k
+    assert all(type(m) is not nn.Module and not hasattr(m, "write_back") for m in q.modules())
+
+
+def test_bad_input_raises(untuned, data):
+    x, _ = data
+    with pytest.raises(ValueError, match="label"):
+        tune_adapters(untuned, x, loss="ce")
+    with pytest.raises(ValueError, match="logits"):
+        tune_adapters(untuned, x, loss="kl")
+    with pytest.raises(ValueError, match="choose one of"):
+        tune_adapters(untuned, x, loss="mse")
+    with pytest.raises(ValueError, match="label"):
+        convert(cifar_resnet(8).eval(), x, _cfg(tune_iterations=2, tune_loss="ce"))
+
+
+@pytest.mark.parametrize("field,value", [("tune_iterations", -1), ("tune_lr", 0.0), ("tune_batch_size", 0), ("tune_loss", "mse"), ("tune_iterations", True)])
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match="invalid CoRaConfig"):
+        CoRaConfig(**{field: value})
