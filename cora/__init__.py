@@ -9,6 +9,7 @@ from .deploy import deploy, warmup
 from .modules import CoRaConv2d, QuantLinear
 from .quantizer import compute_qparams, dequantize, fake_quantize, gptq_quantize, quantize
 from .residual import ResidualFactors, adapter_from_factors, factorize_residual
+from .tune import TuneReport, tune_adapters
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,7 @@ __all__ = [
     "ResidualFactors",
     "factorize_residual",
     "adapter_from_factors",
+    "tune_adapters",
+    "TuneReport",
     "__version__",
 ]

@@ -223,9 +223,11 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     del reference
 
     # 4) joint, end-to-end tuning of the adapters (ranks, codes and everything else fixed)
-    tune_loss, tune_iters, tune_seconds = None, 0, 0.0
-    if config.method != "rtn" and config.tune_iterations and any(ranks.values()):
-        tune_loss = config.tune_loss if config.tune_loss != "auto" else ("ce" if y is not None else "kl")
+    tune_loss = config.tune_loss if config.tune_loss != "auto" else ("ce" if y is not None else None)
+    tune_iters, tune_seconds = 0, 0.0
+    if config.method == "rtn" or not config.tune_iterations or not any(ranks.values()):
+        tune_loss = None
+    if tune_loss is not None:
         teacher = model_logits(model, x) if tune_loss == "kl" else None
         rep = tune_adapters(
             work, x, loss=tune_loss, labels=y, teacher_logits=teacher, iterations=config.tune_iterations,

@@ -21,7 +21,7 @@ def qmodel():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 3, 32, 32, generator=g)
     # nearest rounding + weight SVD: the fastest conversion that still gives adapters
-    q = convert(m, x, CoRaConfig(method="heuristic", rounding="nearest", factorization="weight", calib_images=32, tune_iterations=3, progress=False))
+    q = convert(m, x, CoRaConfig(method="heuristic", rounding="nearest", factorization="weight", calib_images=32, tune_iterations=3, tune_loss="kl", progress=False))
     q.cora_architecture = {"name": "cifar_resnet8"}
     return q
 

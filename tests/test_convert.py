@@ -214,9 +214,10 @@ def test_torchvision_models_convert(name, kw):
     torch.manual_seed(0)
     model = build_model(name)
     x = torch.randn(8, 3, 64, 64)
-    q = convert(model, x, CoRaConfig(iterations=3, calib_images=8, batch_size=8, tune_iterations=2, progress=False, **kw))
+    q = convert(model, x, CoRaConfig(iterations=3, calib_images=8, batch_size=8, tune_iterations=2, tune_loss="kl", progress=False, **kw))
     rep = q.cora_report
     assert rep.adapter_fraction <= 0.05
+    assert rep.tune_loss == "kl" and rep.tune_iterations == 2  # the tuning runs on these models too
     assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in q.modules())
     if name == "mobilenet_v2":
         dw = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
@@ -300,6 +301,6 @@ def test_layer_never_called_is_quantized_without_statistics():
 
     torch.manual_seed(0)
     for method in ("heuristic", "cora"):
-        q = convert(WithUnused(), torch.randn(16, 3, 8, 8), CoRaConfig(bits=4, method=method, iterations=3, budget=0.5, tune_iterations=3, progress=False))
+        q = convert(WithUnused(), torch.randn(16, 3, 8, 8), CoRaConfig(bits=4, method=method, iterations=3, budget=0.5, tune_iterations=3, tune_loss="kl", progress=False))
         assert isinstance(q.unused, CoRaConv2d)
         assert q.cora_report.adapter_fraction <= 0.5

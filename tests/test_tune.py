@@ -88,7 +88,8 @@ def test_auto_loss_follows_the_labels(model, data):
     cfg = _cfg(tune_iterations=2)
     assert cfg.tune_loss == "auto"
     assert convert(model, (x, y), cfg).cora_report.tune_loss == "ce"
-    assert convert(model, x, cfg).cora_report.tune_loss == "kl"
+    rep = convert(model, x, cfg).cora_report  # no labels: auto does not tune (KL showed no reliable gain)
+    assert rep.tune_loss is None and rep.tune_iterations == 0
 
 
 def test_off_for_rtn_paper_and_zero(model, data):
