@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from cora import CoRaConfig, CoRaConv2d, QuantLinear, convert
 from cora.models import build_model, cifar_resnet
+from tests.helpers import randomise_bn
 
 torch.set_num_threads(1)
 
@@ -16,14 +17,7 @@ N_CALIB = 64
 @pytest.fixture(scope="module")
 def resnet8():
     torch.manual_seed(0)
-    m = cifar_resnet(8).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-default BN statistics, so "unchanged" is a real check
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-    return m
+    return randomise_bn(cifar_resnet(8), seed=1)  # non-default BN statistics, so "unchanged" is a real check
 
 
 @pytest.fixture(scope="module")

@@ -13,29 +13,16 @@ import cora
 from cora.deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv, deploy, warmup, weight_bytes
 from cora.models import cifar_resnet
 from cora.models.cifar_resnet import CifarBasicBlock
+from tests.helpers import randomise_bn
 from tests.tolerances import assert_close_rel
 
 tv_resnet = pytest.importorskip("torchvision.models.resnet")
 
 
-def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial eval statistics and affine parameters, so folding is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def resnet8():
     torch.manual_seed(0)
-    model = _randomise_bn(cifar_resnet(8), seed=1)
+    model = randomise_bn(cifar_resnet(8), seed=1)
     calib = torch.randn(8, 3, 32, 32)
     cfg = cora.CoRaConfig(bits=4, method="heuristic", budget=0.2, rounding="nearest", range_method="minmax",
                           factorization="weight", sequential=False, refine=False, progress=False,
@@ -110,7 +97,7 @@ def _tv_block(kind: str, seed: int) -> nn.Module:
     else:
         ds = nn.Sequential(nn.Conv2d(8, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
         block = tv_resnet.Bottleneck(8, 8, stride=2, downsample=ds)  # width 8, out 8*4
-    return _swap_convs(_randomise_bn(block, seed + 1), bits=4, rank=3, seed=seed + 2)
+    return _swap_convs(randomise_bn(block, seed + 1), bits=4, rank=3, seed=seed + 2)
 
 
 @pytest.mark.parametrize("kind,cls,n_convs", [("basic", DeployedBasicBlock, 3), ("bottleneck", DeployedBottleneck, 4)])
@@ -129,7 +116,7 @@ def test_torchvision_blocks(kind, cls, n_convs, monkeypatch):
     # identity shortcut (no downsample) too
     torch.manual_seed(6)
     plain = tv_resnet.BasicBlock(8, 8) if kind == "basic" else tv_resnet.Bottleneck(32, 8)
-    plain = _swap_convs(_randomise_bn(plain, 7), bits=3, rank=2, seed=8)
+    plain = _swap_convs(randomise_bn(plain, 7), bits=3, rank=2, seed=8)
     dep2 = deploy(nn.Sequential(plain))
     assert isinstance(dep2[0], cls) and isinstance(dep2[0].shortcut, nn.Identity)
     x = torch.randn(2, plain.conv1.in_channels, 6, 6)
@@ -146,7 +133,7 @@ def test_sequential_conv_bn_relu_and_padding_modes(monkeypatch):
         nn.Conv2d(5, 4, 1), nn.BatchNorm2d(4),  # BN without ReLU
         nn.Conv2d(4, 4, 3, padding=1),  # a lone conv stays a CoRaConv2d
     )
-    seq = _swap_convs(_randomise_bn(seq, 10), bits=4, rank=2, seed=11)
+    seq = _swap_convs(randomise_bn(seq, 10), bits=4, rank=2, seed=11)
     dep = deploy(seq)
     assert [type(m).__name__ for m in dep] == ["DeployedConv", "Identity", "Identity", "DeployedConv", "Identity",
                                               "DeployedConv", "Identity", "CoRaConv2d"]
@@ -160,7 +147,7 @@ def test_sequential_conv_bn_relu_and_padding_modes(monkeypatch):
 def test_block_with_a_float_conv_stays_unfused(monkeypatch):
     monkeypatch.delenv("CORA_BACKEND", raising=False)
     torch.manual_seed(12)
-    block = _randomise_bn(CifarBasicBlock(4, 4), 13)
+    block = randomise_bn(CifarBasicBlock(4, 4), 13)
     block.conv1 = cora.CoRaConv2d.from_conv(block.conv1, 4, 2)  # conv2 stays float
     model = nn.Sequential(block)
     dep = deploy(model)
@@ -175,7 +162,7 @@ def test_block_with_a_float_conv_stays_unfused(monkeypatch):
 def test_one_fused_block_through_the_triton_interpreter(monkeypatch):
     monkeypatch.delenv("CORA_BACKEND", raising=False)
     torch.manual_seed(14)
-    block = _randomise_bn(CifarBasicBlock(4, 8, stride=2), 15)  # option-A shortcut, stride 2
+    block = randomise_bn(CifarBasicBlock(4, 8, stride=2), 15)  # option-A shortcut, stride 2
     block = _swap_convs(block, bits=4, rank=2, seed=16)
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
@@ -254,7 +241,7 @@ def test_torchvision_resnet_stem_and_blocks(monkeypatch):
     monkeypatch.delenv("CORA_BACKEND", raising=False)
     torch.manual_seed(17)
     model = tv_resnet.ResNet(tv_resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
-    model = _swap_convs(_randomise_bn(model, 18), bits=4, rank=1, seed=19)
+    model = _swap_convs(randomise_bn(model, 18), bits=4, rank=1, seed=19)
     dep = deploy(model)
     assert isinstance(dep.conv1, DeployedConv) and dep.conv1.relu and dep.conv1.has_bn
     assert isinstance(dep.bn1, nn.Identity) and isinstance(dep.relu, nn.Identity)

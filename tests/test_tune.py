@@ -10,6 +10,7 @@ from cora import CoRaConfig, CoRaConv2d, convert
 from cora.calibration import model_logits
 from cora.models import cifar_resnet
 from cora.tune import tune_adapters
+from tests.helpers import randomise_bn
 
 torch.set_num_threads(1)
 
@@ -19,14 +20,7 @@ N = 48
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
-    m = cifar_resnet(8).eval()
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-    return m
+    return randomise_bn(cifar_resnet(8), seed=4)
 
 
 @pytest.fixture(scope="module")
