@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tune-iters", type=int, default=None,
                    help="adapter tuning iterations after the ranks are fixed (default 250; 0: off; --paper: 0)")
     q.add_argument("--tune-loss", choices=("auto", "kl", "ce"), default=None,
-                   help="adapter tuning loss (default auto: ce with the calibration labels, kl without)")
+                   help="adapter tuning loss (default auto: ce with the calibration labels, no tuning without)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip", action="append", default=[], help="layer name or pattern to keep in float (repeatable)")
     q.add_argument("--out", default=None, help="write the quantized model to this checkpoint (safetensors)")

@@ -25,9 +25,9 @@ class CoRaConfig:
     Defaults are "ours" (design.md §1.1): per-output-channel scales, an MSE range search, GPTQ-style
     error-compensating rounding on the quantized model's inputs, activation-aware adapters re-fitted
     to the float outputs, uniform ranks sized to the budget (``method="cora"`` searches them, with
-    the budget held by projection), then all adapters tuned jointly for 250 steps (cross-entropy when
-    the calibration data has labels, KL to the float logits otherwise; ``tune_iterations=0`` turns
-    this off). Use
+    the budget held by projection), then, when the calibration data has labels, all adapters tuned
+    jointly for 250 steps by cross-entropy (``tune_loss="kl"`` tunes to the float logits instead, no
+    labels needed; ``tune_iterations=0`` turns the tuning off). Use
     :meth:`paper` for the published recipe (per-tensor, mean ± 5·std, round to nearest, weight-space
     SVD, CE + exp penalty); the final rank allocation holds the budget in both.
     """

@@ -40,9 +40,9 @@ class TuneReport:
 class _TrainableAdapterConv(nn.Module):
     """Stand-in for a ``CoRaConv2d`` during tuning: frozen ``Q(W)`` and bias, float32 ``A``/``B`` parameters.
 
-    ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` in float32 (the stored adapters may be
-    float16: training in float16 would lose the small updates). Same arithmetic as
-    ``CoRaConv2d.reference_forward``.
+    ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` are float32 masters (the stored adapters
+    may be float16, which would lose the small updates); like ``CoRaConv2d.reference_forward`` the
+    conv runs in the input's dtype, so a half-precision model keeps its dtypes between layers.
     """
 
     def __init__(self, layer: CoRaConv2d) -> None:
@@ -55,10 +55,11 @@ class _TrainableAdapterConv(nn.Module):
         self.register_buffer("bias_f", None if layer.bias is None else layer.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lay = self.layer
-        x, pad = lay._padded_input(x.float())
-        y = F.conv2d(x, self.weight_q, self.bias_f, lay.stride, pad, lay.dilation, lay.groups)
-        return y + F.conv2d(F.conv2d(x, self.a, None, lay.stride, pad, lay.dilation), self.b)
+        lay, dt = self.layer, x.dtype
+        x, pad = lay._padded_input(x)
+        bias = None if self.bias_f is None else self.bias_f.to(dt)
+        y = F.conv2d(x, self.weight_q.to(dt), bias, lay.stride, pad, lay.dilation, lay.groups)
+        return y + F.conv2d(F.conv2d(x, self.a.to(dt), None, lay.stride, pad, lay.dilation), self.b.to(dt))
 
     def write_back(self) -> CoRaConv2d:
         """Store the trained factors in the layer (its storage dtype) and return it."""
