@@ -34,16 +34,20 @@ ROWS = {
     "rtn_paper": ("RTN (paper quantizer: per-tensor, mean±5std)", lambda b, a: CoRaConfig.paper(b, method="rtn", **a)),
     "base": ("our base alone (MSE ranges + GPTQ, no adapters)", lambda b, a: CoRaConfig(bits=b, method="rtn", **a)),
     "paper": ("CoRa, paper settings (per-tensor k=5, weight SVD, CE + penalty, searched ranks)", lambda b, a: CoRaConfig.paper(b, **a)),
-    "search_weight_svd": ("our base + searched ranks, paper's weight-space SVD adapters, no tuning",
-                          lambda b, a: CoRaConfig(bits=b, method="cora", factorization="weight", tune_iterations=0, **a)),
-    "search": ("our base + searched ranks (method=cora), no tuning", lambda b, a: CoRaConfig(bits=b, method="cora", tune_iterations=0, **a)),
-    "uniform": ("our base + uniform ranks (method=heuristic), no tuning", lambda b, a: CoRaConfig(bits=b, tune_iterations=0, **a)),
-    "tuned_kl": ("our base + uniform ranks + adapters tuned by KL to the float logits (no labels)", lambda b, a: CoRaConfig(bits=b, tune_loss="kl", **a)),
-    "ours": ("our defaults: our base + uniform ranks + adapters tuned by CE on the calibration labels", lambda b, a: CoRaConfig(bits=b, **a)),
-    # The same CE tuning on a W8 base (no quantization loss to reclaim): what the tuning adds by fitting
-    # the calibration images' domain. Runs once per model, whatever --bits says.
-    "control_w8": ("control: W8 base + uniform ranks + the same CE tuning (domain fit, not quantization recovery)",
-                   lambda b, a: CoRaConfig(bits=8, **a)),
+    "search_weight_svd": ("our base + ranks searched by KL, paper's weight-space SVD adapters, no tuning",
+                          lambda b, a: CoRaConfig(bits=b, method="cora", loss="kl", factorization="weight", tune_iterations=0, **a)),
+    "search": ("our base + ranks searched by KL (no labels), no tuning", lambda b, a: CoRaConfig(bits=b, method="cora", loss="kl", tune_iterations=0, **a)),
+    "uniform": ("our base + uniform ranks, no tuning (the defaults without labels)",
+                lambda b, a: CoRaConfig(bits=b, method="heuristic", tune_iterations=0, **a)),
+    "tuned_kl": ("our base + uniform ranks + adapters tuned by KL to the float logits (no labels)",
+                 lambda b, a: CoRaConfig(bits=b, method="heuristic", tune_loss="kl", **a)),
+    "tuned_ce_uniform": ("our base + uniform ranks + adapters tuned by CE on the calibration labels",
+                         lambda b, a: CoRaConfig(bits=b, method="heuristic", tune_loss="ce", **a)),
+    "ours": ("our defaults with labels: our base + ranks searched by CE + adapters tuned by CE", lambda b, a: CoRaConfig(bits=b, **a)),
+    # The defaults on a W8 base (almost no quantization loss to reclaim): what the labelled search and
+    # tuning add by fitting the calibration images' domain. Runs once per model, whatever --bits says.
+    "control_w8": ("control: the defaults on a W8 base (domain fit, not quantization recovery)", lambda b, a: CoRaConfig(bits=8, **a)),
+    "control_w8_uniform": ("control: W8 base + uniform ranks + CE tuning", lambda b, a: CoRaConfig(bits=8, method="heuristic", tune_loss="ce", **a)),
 }
 
 
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
             float_acc = None
             for bits in args.bits:
                 for row in args.rows:
-                    if row == "control_w8" and bits != args.bits[0]:
+                    if row.startswith("control_w8") and bits != args.bits[0]:
                         continue  # bit-width independent: once per model
                     desc, make = ROWS[row]
                     cfg = make(bits, common)

@@ -55,11 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
     q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv parameters")
-    q.add_argument("--method", choices=("cora", "heuristic", "rtn"), default=None,
-                   help="cora: searched ranks; heuristic: same fraction per layer (default; --paper: cora); rtn: no adapters")
+    q.add_argument("--method", choices=("auto", "cora", "heuristic", "rtn"), default=None,
+                   help="cora: searched ranks; heuristic: same fraction per layer; rtn: no adapters; "
+                        "auto (default): cora with labelled calibration data, else heuristic (--paper: cora)")
     q.add_argument("--paper", action="store_true", help="the published recipe (per-tensor mean±5std, nearest, weight SVD, CE + penalty)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per tensor instead of per output channel")
-    q.add_argument("--loss", choices=("kl", "ce"), default=None, help="search loss (default: kl; paper: ce)")
+    q.add_argument("--loss", choices=("auto", "kl", "ce"), default=None, help="search loss (default auto: ce with labels, else kl; paper: ce)")
     q.add_argument("--factorization", choices=("activation", "weight"), default=None)
     q.add_argument("--rounding", choices=("gptq", "nearest"), default=None)
     q.add_argument("--range", dest="range_method", choices=("mse", "minmax", "std"), default=None)

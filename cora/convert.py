@@ -100,9 +100,10 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     x = x.to(device)
     y = y.to(device) if y is not None else None
     if config.method == "cora" and config.loss == "ce" and y is None:
-        raise ValueError("loss='ce' needs labelled calibration data; pass (images, labels) or use loss='kl'")
+        raise ValueError("loss='ce' needs labelled calibration data; pass (images, labels) or use loss='kl' (or 'auto')")
     if config.method != "rtn" and config.tune_iterations and config.tune_loss == "ce" and y is None:
         raise ValueError("tune_loss='ce' needs labelled calibration data; pass (images, labels) or use tune_loss='kl' (or 'auto')")
+    config = config.resolved(has_labels=y is not None)  # the report records the choices made
     work = model if inplace else copy.deepcopy(model)
     was_training = model.training
     conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -223,11 +224,9 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     del reference
 
     # 4) joint, end-to-end tuning of the adapters (ranks, codes and everything else fixed)
-    tune_loss = config.tune_loss if config.tune_loss != "auto" else ("ce" if y is not None else None)
-    tune_iters, tune_seconds = 0, 0.0
-    if config.method == "rtn" or not config.tune_iterations or not any(ranks.values()):
-        tune_loss = None
-    if tune_loss is not None:
+    tune_loss, tune_iters, tune_seconds = None, 0, 0.0
+    if config.method != "rtn" and config.tune_iterations and any(ranks.values()):
+        tune_loss = config.tune_loss
         teacher = model_logits(model, x) if tune_loss == "kl" else None
         rep = tune_adapters(
             work, x, loss=tune_loss, labels=y, teacher_logits=teacher, iterations=config.tune_iterations,

@@ -102,6 +102,8 @@ def quantize_and_evaluate(
     qmodel.cora_architecture = model.cora_architecture
     out["acc"] = evaluate(qmodel, evalset)
     out.update(
+        method=rep.method,  # "auto" resolved
+        loss=rep.config["loss"],
         adapter_fraction=rep.adapter_fraction,
         equiv_bits=rep.equiv_bits,
         iterations=rep.iterations,

@@ -108,14 +108,16 @@ def test_end_to_end_quantize_then_eval(tmp_path, rtn):
     args = ["quantize", "cifar_resnet20", "--bits", "4", "--calib", "160", "--iters", "5", "--tune-iters", "5", "--json", "--quiet",
             "--eval-split", "holdout", "--out", str(ckpt)]
     if not rtn:
-        args += ["--no-rtn", "--method", "cora"]  # the searched ranks; the other run takes the default
+        args += ["--no-rtn", "--method", "heuristic"]  # uniform ranks; the other run takes the default (auto)
     res = _run(args)
     for k in KEYS:
         assert k in res, k
     assert ("rtn_acc" in res) == rtn
     assert res["adapter_fraction"] <= 0.05
-    assert res["iterations"] == (0 if rtn else 5) and res["calib_images"] == 160
-    assert res["tune_iterations"] == 5 and res["tune_loss"] == "ce"  # the CIFAR calibration set has labels
+    # the CIFAR calibration set has labels: auto = ranks searched by CE, adapters tuned by CE
+    assert res["method"] == ("cora" if rtn else "heuristic") and res["loss"] == "ce"
+    assert res["iterations"] == (5 if rtn else 0) and res["calib_images"] == 160
+    assert res["tune_iterations"] == 5 and res["tune_loss"] == "ce"
     assert 0 <= res["acc"] <= 100 and 0 <= res["float_acc"] <= 100
     assert res["acc"] > 50 and res["float_acc"] > 50  # the pretrained model, not noise
     assert res["equiv_bits"] > 4

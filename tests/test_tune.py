@@ -31,7 +31,8 @@ def data():
 
 def _cfg(**kw):
     # W3 with a large budget: a big residual, so there is something for the tuning to win
-    base = dict(bits=3, budget=0.3, calib_images=N, stats_images=N, progress=False, rounding="nearest", range_method="minmax")
+    base = dict(bits=3, budget=0.3, calib_images=N, stats_images=N, progress=False, rounding="nearest", range_method="minmax",
+                method="heuristic", iterations=5)
     base.update(kw)
     return CoRaConfig(**base)
 
@@ -77,13 +78,17 @@ def test_ce_tuning_fits_labels(model, data, untuned):
         assert F.cross_entropy(q(x), y) < 0.9 * F.cross_entropy(untuned(x), y)
 
 
-def test_auto_loss_follows_the_labels(model, data):
+def test_auto_choices_follow_the_labels(model, data):
     x, y = data
-    cfg = _cfg(tune_iterations=2)
-    assert cfg.tune_loss == "auto"
-    assert convert(model, (x, y), cfg).cora_report.tune_loss == "ce"
-    rep = convert(model, x, cfg).cora_report  # no labels: auto does not tune (KL showed no reliable gain)
-    assert rep.tune_loss is None and rep.tune_iterations == 0
+    cfg = _cfg(tune_iterations=2, method="auto")
+    assert cfg.method == cfg.loss == cfg.tune_loss == "auto"
+    rep = convert(model, (x, y), cfg).cora_report  # labels: ranks searched by CE, adapters tuned by CE
+    assert (rep.method, rep.config["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations) == ("cora", "ce", "ce", 5, 2)
+    rep = convert(model, x, cfg).cora_report  # no labels: uniform ranks, no tuning (KL showed no reliable gain)
+    assert (rep.method, rep.config["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations) == ("heuristic", "kl", None, 0, 0)
+    assert rep.config["method"] == "heuristic" and rep.config["tune_iterations"] == 0
+    # explicit choices are kept whatever the data
+    assert CoRaConfig(method="cora", loss="kl", tune_loss="kl").resolved(True) == CoRaConfig(method="cora", loss="kl", tune_loss="kl")
 
 
 def test_off_for_rtn_paper_and_zero(model, data):
