@@ -49,7 +49,6 @@ def float_model(name: str) -> torch.nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
                 m.running_mean.normal_(0.0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.75, 1.25)
