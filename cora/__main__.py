@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter tuning iterations after the ranks are fixed (default 250; 0: off; --paper: 0)")
     q.add_argument("--tune-loss", choices=("auto", "kl", "ce"), default=None,
                    help="adapter tuning loss (default auto: ce with the calibration labels, no tuning without)")
+    q.add_argument("--bn-reestimate", action="store_true",
+                   help="re-estimate BatchNorm statistics on the calibration images (default: keep the float model's)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--skip", action="append", default=[], help="layer name or pattern to keep in float (repeatable)")
     q.add_argument("--out", default=None, help="write the quantized model to this checkpoint (safetensors)")
@@ -103,6 +105,8 @@ def _config(args):
             overrides[key] = getattr(args, key)
     if args.per_tensor:
         overrides["granularity"] = "tensor"
+    if args.bn_reestimate:
+        overrides["bn_reestimate"] = True
     return CoRaConfig.paper(args.bits, **overrides) if args.paper else CoRaConfig(bits=args.bits, **overrides)
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["materialize", "layer_input_rows", "collect_hessians", "model_logits", "execution_order", "paired_moments"]
+__all__ = ["materialize", "layer_input_rows", "collect_hessians", "model_logits", "execution_order", "paired_moments",
+           "reestimate_batchnorm"]
 
 
 def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -249,3 +250,37 @@ def paired_moments(
         float_model.train(modes[0])
         quant_model.train(modes[1])
     return hqq / n, hfq / n
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> int:
+    """Replace every BatchNorm's running statistics by those of ``model`` on ``inputs``; returns how many.
+
+    ``inputs``: ``[N, C, H, W]`` on the model's device. Statistics are the cumulative average over
+    batches of ``batch_size`` (``momentum=None``), computed with every earlier layer as it is (the
+    quantized layers included). Affine parameters are not touched; momentum and training mode are
+    restored. With ``N`` not a multiple of ``batch_size`` the last, smaller batch is dropped (unless it
+    is the only one) so that no batch's statistics weigh more than the others'.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    if inputs.shape[0] < 2:
+        raise ValueError("BatchNorm re-estimation needs at least 2 calibration images")
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average
+        model.train()
+        n = inputs.shape[0]
+        full = max(1, n // batch_size) * batch_size if n >= batch_size else n
+        for i in range(0, full, batch_size):
+            model(inputs[i : i + batch_size])
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return len(norms)
+

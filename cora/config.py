@@ -74,6 +74,9 @@ class CoRaConfig:
     # Held-out, R20 CE: 3e-4 -> 88.18 / 89.12 (bench/results/holdout_tuning.log).
     tune_lr: float = 1e-3
     tune_batch_size: int = 64
+    # Re-estimate every BatchNorm's running statistics on the calibration images with the quantized
+    # layers in place (before the tuning). Off by default: the float model's statistics are kept.
+    bn_reestimate: bool = False
     calib_images: int = 1600
     # Images (a seeded subset of the calibration set) for the layer input statistics (GPTQ, adapters).
     # Held-out check, ResNet-20, defaults otherwise: 512 -> 85.18 (W3) / 85.85 (W4) top-1 on the 3,400
@@ -121,6 +124,8 @@ class CoRaConfig:
             bad(f"calib_images={self.calib_images!r} must be an integer >= 1")
         if not (isinstance(self.stats_images, int) and self.stats_images >= 1):
             bad(f"stats_images={self.stats_images!r} must be an integer >= 1")
+        if not isinstance(self.bn_reestimate, bool):
+            bad(f"bn_reestimate={self.bn_reestimate!r} must be True or False")
         if not (isinstance(self.tune_iterations, int) and self.tune_iterations >= 0):
             bad(f"tune_iterations={self.tune_iterations!r} must be an integer >= 0 (0: no adapter tuning)")
         if not (isinstance(self.tune_batch_size, int) and self.tune_batch_size >= 1):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ._modules_util import set_submodule
-from .calibration import collect_hessians, execution_order, materialize, model_logits, paired_moments
+from .calibration import collect_hessians, execution_order, materialize, model_logits, paired_moments, reestimate_batchnorm
 from .config import CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
 from .quantizer import compute_qparams, dequantize, gptq_quantize, quantize
@@ -88,7 +88,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     ``calib``: calibration data, a DataLoader of ``(images, labels)`` (labels are needed only for
     ``loss="ce"``), of bare image batches, or tensors; the first ``config.calib_images`` samples are used.
     Runs on the device the model is on. Returns the converted model (a copy unless ``inplace=True``;
-    BatchNorm statistics are never changed) with the :class:`ConversionReport` as ``model.cora_report``.
+    BatchNorm statistics are kept unless ``config.bn_reestimate``) with the :class:`ConversionReport` as ``model.cora_report``.
     """
     config = config or CoRaConfig()
     if not isinstance(model, nn.Module):
@@ -222,6 +222,8 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         set_submodule(work, name, new)
         bar.update(i, name)
     del reference
+    if config.bn_reestimate:  # asked for: BatchNorm statistics of the quantized model on the calibration images
+        reestimate_batchnorm(work, x, batch_size=config.tune_batch_size)
 
     # 4) joint, end-to-end tuning of the adapters (ranks, codes and everything else fixed)
     tune_loss, tune_iters, tune_seconds = None, 0, 0.0

@@ -298,3 +298,23 @@ def test_layer_never_called_is_quantized_without_statistics():
         q = convert(WithUnused(), torch.randn(16, 3, 8, 8), CoRaConfig(bits=4, method=method, iterations=3, budget=0.5, tune_iterations=3, tune_loss="kl", progress=False))
         assert isinstance(q.unused, CoRaConv2d)
         assert q.cora_report.adapter_fraction <= 0.5
+
+
+def test_bn_reestimate_only_when_asked(resnet8, calib):
+    """bn_reestimate=True: BatchNorm statistics become those of the quantized model on the calibration
+    images (one batch of 64 here: exactly its mean and unbiased variance); the original keeps its own."""
+    before = _snapshot(resnet8)
+    q = convert(resnet8, calib, _cheap(method="heuristic", bn_reestimate=True, tune_batch_size=N_CALIB))
+    x = calib[0]
+    with torch.no_grad():
+        h = q.conv1(x)  # the first BatchNorm's input, the quantized stem conv's output
+    assert torch.allclose(q.bn1.running_mean, h.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(q.bn1.running_var, h.transpose(0, 1).flatten(1).var(dim=1, unbiased=True), atol=1e-5, rtol=1e-4)
+    assert q.bn1.momentum == resnet8.bn1.momentum and not q.training
+    for k, v in before.items():
+        assert torch.equal(resnet8.state_dict()[k], v), k
+    kept = convert(resnet8, calib, _cheap(method="heuristic"))
+    assert torch.equal(kept.bn1.running_mean, resnet8.bn1.running_mean)
+    assert not torch.equal(q.bn1.running_mean, resnet8.bn1.running_mean)
+    with pytest.raises(ValueError, match="bn_reestimate"):
+        CoRaConfig(bn_reestimate=1)
