@@ -253,14 +253,16 @@ def paired_moments(
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> int:
+def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64, seed: int = 0) -> int:
     """Replace every BatchNorm's running statistics by those of ``model`` on ``inputs``; returns how many.
 
     ``inputs``: ``[N, C, H, W]`` on the model's device. Statistics are the cumulative average over
     batches of ``batch_size`` (``momentum=None``), computed with every earlier layer as it is (the
     quantized layers included). Affine parameters are not touched; momentum and training mode are
-    restored. With ``N`` not a multiple of ``batch_size`` the last, smaller batch is dropped (unless it
-    is the only one) so that no batch's statistics weigh more than the others'.
+    restored. The images are shuffled first (seeded): averaged per-batch variances miss the spread
+    *between* batches, so batches must be alike (calibration sets are often sorted by class). With
+    ``N`` not a multiple of ``batch_size`` the last, smaller batch is dropped (unless it is the only
+    one) so that no batch's statistics weigh more than the others'.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
@@ -275,9 +277,10 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
             m.momentum = None  # cumulative moving average
         model.train()
         n = inputs.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(inputs.device)
         full = max(1, n // batch_size) * batch_size if n >= batch_size else n
         for i in range(0, full, batch_size):
-            model(inputs[i : i + batch_size])
+            model(inputs[order[i : i + batch_size]])
     finally:
         for m, mom in zip(norms, momenta):
             m.momentum = mom

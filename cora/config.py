@@ -76,6 +76,9 @@ class CoRaConfig:
     tune_batch_size: int = 64
     # Re-estimate every BatchNorm's running statistics on the calibration images with the quantized
     # layers in place (before the tuning). Off by default: the float model's statistics are kept.
+    # Held-out check, ResNet-20: it costs about 3 points here (uniform, no tuning: 82.68 / 82.56 vs
+    # 85.18 / 85.85 at W3 / W4; labelled defaults: 87.62 / 87.76 vs 89.35 / 89.68; the float model drops from
+    # 85.85 to 82.56), so it stays an option for models whose statistics are known to be stale.
     bn_reestimate: bool = False
     calib_images: int = 1600
     # Images (a seeded subset of the calibration set) for the layer input statistics (GPTQ, adapters).

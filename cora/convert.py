@@ -223,7 +223,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         bar.update(i, name)
     del reference
     if config.bn_reestimate:  # asked for: BatchNorm statistics of the quantized model on the calibration images
-        reestimate_batchnorm(work, x, batch_size=config.tune_batch_size)
+        reestimate_batchnorm(work, x, batch_size=config.tune_batch_size, seed=config.seed)
 
     # 4) joint, end-to-end tuning of the adapters (ranks, codes and everything else fixed)
     tune_loss, tune_iters, tune_seconds = None, 0, 0.0

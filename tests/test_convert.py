@@ -318,3 +318,18 @@ def test_bn_reestimate_only_when_asked(resnet8, calib):
     assert not torch.equal(q.bn1.running_mean, resnet8.bn1.running_mean)
     with pytest.raises(ValueError, match="bn_reestimate"):
         CoRaConfig(bn_reestimate=1)
+
+
+def test_bn_reestimate_sees_the_spread_between_sorted_batches():
+    """Calibration sets sorted by class: averaged per-batch variances would miss the spread between
+    batches; the re-estimation shuffles first, so the statistics are those of the whole set."""
+    from cora.calibration import reestimate_batchnorm
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(64, 3, 4, 4, generator=g) + 3.0, torch.randn(64, 3, 4, 4, generator=g) - 3.0])
+    bn = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    assert reestimate_batchnorm(bn, x, batch_size=32) == 1
+    whole = x.transpose(0, 1).flatten(1)
+    assert torch.allclose(bn[0].running_mean, whole.mean(1), atol=0.3)
+    assert torch.allclose(bn[0].running_var, whole.var(1), rtol=0.1)  # ~10, not ~1
+    assert not bn.training and bn[0].momentum == 0.1
