@@ -85,8 +85,9 @@ def _layer_bits(name: str, config: CoRaConfig) -> int:
 def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplace: bool = False) -> nn.Module:
     """Quantize ``model``'s convs to ``CoRaConv2d`` (with searched adapters) and linears to ``QuantLinear``.
 
-    ``calib``: calibration data, a DataLoader of ``(images, labels)`` (labels are needed only for
-    ``loss="ce"``), of bare image batches, or tensors; the first ``config.calib_images`` samples are used.
+    ``calib``: calibration data, a DataLoader of ``(images, labels)``, of bare image batches, or
+    tensors; the first ``config.calib_images`` samples are used. Labels change what the "auto" config
+    choices do (:meth:`CoRaConfig.resolved`) and are required for an explicit ``loss``/``tune_loss="ce"``.
     Runs on the device the model is on. Returns the converted model (a copy unless ``inplace=True``;
     BatchNorm statistics are kept unless ``config.bn_reestimate``) with the :class:`ConversionReport` as ``model.cora_report``.
     """
