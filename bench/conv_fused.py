@@ -29,7 +29,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import git_commit, write_csv  # noqa: E402
+from _harness import gpu_run_header, write_csv  # noqa: E402
 
 # hand-listed fallback when torchvision is missing: (C_in, C_out, k, stride, padding, H_in)
 _R18 = [(3, 64, 7, 2, 3, 224), (64, 64, 3, 1, 1, 56), (64, 128, 3, 2, 1, 56), (128, 128, 3, 1, 1, 28),
@@ -120,7 +120,6 @@ def main(argv=None):
         correctness_sweep()
         return 0
 
-    import triton
     import torch.nn.functional as F
     from triton.testing import do_bench
 
@@ -130,12 +129,7 @@ def main(argv=None):
 
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda")
-    dname = torch.cuda.get_device_name(dev)
-    meta = dict(device=dname, torch=torch.__version__, triton=triton.__version__, commit=git_commit())
-    print(f"# {meta}")
-    out_csv = args.out or os.path.join(_ROOT, "bench", "results",
-                                       f"conv_fused_{dname.replace(' ', '_').replace('/', '_')}.csv")
-    os.makedirs(os.path.dirname(out_csv) or ".", exist_ok=True)
+    meta, out_csv = gpu_run_header("conv_fused", dev, args.out)
     t0 = time.time()
     rows = []
     shapes = []

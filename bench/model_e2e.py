@@ -31,7 +31,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import git_commit, write_csv  # noqa: E402
+from _harness import gpu_run_header, write_csv  # noqa: E402
 
 import cora  # noqa: E402
 from cora.deploy import deploy, warmup, weight_bytes  # noqa: E402
@@ -147,17 +147,11 @@ def time_graph(model, x, do_bench):
 
 
 def gpu_bench(args) -> int:
-    import triton
     from triton.testing import do_bench
 
     torch.backends.cudnn.benchmark = True
     dev = torch.device(DEVICE)
-    dname = torch.cuda.get_device_name(dev)
-    meta = dict(device=dname, torch=torch.__version__, triton=triton.__version__, commit=git_commit())
-    print(f"# {meta}")
-    out_csv = args.out or os.path.join(_ROOT, "bench", "results",
-                                       f"model_e2e_{dname.replace(' ', '_').replace('/', '_')}.csv")
-    os.makedirs(os.path.dirname(out_csv) or ".", exist_ok=True)
+    meta, out_csv = gpu_run_header("model_e2e", dev, args.out)
     t0 = time.time()
     rows, capped = [], False
     cl = torch.channels_last
