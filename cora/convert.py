@@ -156,6 +156,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     del seq_model
 
     # 2) ranks
+    teacher = None  # the float model's logits on the calibration images, when a KL loss needs them
     ranks = {l.name: 0 for l in adapted}
     iterations, search_seconds, cont, trace = 0, 0.0, None, []
     if config.method == "heuristic" and adapted:
@@ -230,7 +231,8 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     tune_loss, tune_iters, tune_seconds = None, 0, 0.0
     if config.method != "rtn" and config.tune_iterations and any(ranks.values()):
         tune_loss = config.tune_loss
-        teacher = model_logits(model, x) if tune_loss == "kl" else None
+        if tune_loss == "kl" and teacher is None:  # the search's float logits serve here too
+            teacher = model_logits(model, x)
         rep = tune_adapters(
             work, x, loss=tune_loss, labels=y, teacher_logits=teacher, iterations=config.tune_iterations,
             lr=config.tune_lr, batch_size=config.tune_batch_size, seed=config.seed,
