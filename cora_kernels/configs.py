@@ -8,9 +8,9 @@
 * :func:`choose_split_k` -- split factor that fills the GPU when there are too few output tiles.
 
 Register / shared-memory budget: every config below is compiled for sm_80 and sm_90 by
-``tests/kernels/test_compile.py``, which records REG / STACK / SHARED and fails on any spill.
+``tests/cora_kernels/test_compile.py``, which records REG / STACK / SHARED and fails on any spill.
 Measured with triton 3.8 (fp16, bits 4, rank pad 16; sm_80 / sm_90), see the test output
-(``pytest tests/kernels/test_compile.py -s``); the configs that spilled are listed below and
+(``pytest tests/cora_kernels/test_compile.py -s``); the configs that spilled are listed below and
 left out.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Runs the full Triton pipeline (TTIR -> TTGIR -> LLIR -> PTX -> cubin via ptxas) 
 
 It must run with ``TRITON_INTERPRET`` unset (under the interpreter ``@triton.jit`` functions cannot
 be compiled), so ``test_compile.py`` runs it as a subprocess:
-``python tests/kernels/gpu_compile.py JOBS_JSON`` prints one JSON result per job.  Without
+``python tests/cora_kernels/gpu_compile.py JOBS_JSON`` prints one JSON result per job.  Without
 arguments it prints a table of every config.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Runs the whole Triton compiler to PTX and a cubin (ptxas), checks for tensor-core instructions,
 records REG / STACK / SHARED (``cuobjdump --dump-resource-usage``) and fails on spills (STACK > 0).
 The compilation runs in subprocesses with ``TRITON_INTERPRET`` unset (``gpu_compile.py``), one
-per target, in parallel.  See the numbers with ``pytest tests/kernels/test_compile.py -s``.
+per target, in parallel.  See the numbers with ``pytest tests/cora_kernels/test_compile.py -s``.
 """
 import json
 import os

@@ -158,7 +158,7 @@ def test_block_with_a_float_conv_stays_unfused(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"),
-                    reason="CPU tensors need the Triton interpreter; on a GPU tests/kernels covers the kernel")
+                    reason="CPU tensors need the Triton interpreter; on a GPU tests/cora_kernels covers the kernel")
 def test_one_fused_block_through_the_triton_interpreter(monkeypatch):
     monkeypatch.delenv("CORA_BACKEND", raising=False)
     torch.manual_seed(14)
