@@ -39,13 +39,18 @@ try:  # the experiment harness's home after the layout change; before it, the fl
     from cora.experiments.data import cifar10_calibration
     from cora.experiments.models import load_cifar_resnet
 except ImportError:
-    from cora.data import cifar10_calibration
-    from cora.models import load_cifar_resnet
+    from cora.experiments.data import cifar10_calibration
+    from cora.experiments.models import load_cifar_resnet
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+def tensor_digest(tensors: dict) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor; other entries (the layers' extra state) as JSON."""
     h = hashlib.sha256()
     for name in sorted(tensors):
+        if not isinstance(tensors[name], torch.Tensor):
+            h.update(name.encode())
+            h.update(json.dumps(tensors[name], sort_keys=True, default=str).encode())
+            continue
         t = tensors[name].detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
