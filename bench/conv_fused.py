@@ -66,26 +66,22 @@ def budget_rank(c_in, c_out, k):
 
 
 def make_layer(c_in, c_out, k, bits, r, device, seed=0):
-    from cora_kernels.packing import pack_codes
+    """Packed weights, scale, zero, fp16 adapter ``a`` ``[r, K]`` / ``b`` ``[C_out, r]`` and fp16 bias on ``device``."""
+    from cora_kernels.testing import random_packed_weights
 
     g = torch.Generator().manual_seed(seed)
-    K = k * k * c_in
-    qmax = 2**bits - 1
-    codes = torch.randint(0, qmax + 1, (c_out, K), generator=g)
-    planes = [p.to(device) for p in pack_codes(codes, bits)]
-    scale = ((torch.rand(c_out, generator=g) + 0.5) / (qmax * K**0.5)).to(device)
-    zero = torch.randint(0, qmax + 1, (c_out,), generator=g).float().to(device)
-    a = (torch.randn(r, K, generator=g) / K**0.5).half().to(device)
-    b = (torch.randn(c_out, r, generator=g) * 0.1).half().to(device)
-    bias = (torch.randn(c_out, generator=g) * 0.1).half().to(device)
-    return planes, scale, zero, a, b, bias
+    planes, scale, zero, a, b = random_packed_weights(c_out, k * k * c_in, bits, r, g)
+    bias = torch.randn(c_out, generator=g) * 0.1
+    return ([p.to(device) for p in planes], scale.to(device), zero.to(device), a.half().to(device),
+            b.half().to(device), bias.half().to(device))
 
 
 def correctness_sweep():
     """No GPU: run a few small shapes through the interpreter and print rel errors vs the reference."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    from cora_kernels.conv_fused import cora_conv2d
+    from cora_kernels.conv_fused import cora_conv2d_triton
     from cora_kernels.reference import cora_conv2d_reference
+    from cora_kernels.testing import rel_err
 
     print("correctness sweep through the Triton interpreter (small shapes, not timed):")
     cases = [(8, 16, 3, 1, 1, 6, 4), (32, 24, 1, 2, 0, 8, 3), (3, 16, 7, 2, 3, 12, 4), (64, 32, 3, 2, 1, 6, 3)]
@@ -96,10 +92,10 @@ def correctness_sweep():
         for dt in (torch.float32, torch.float16):
             x = torch.randn(2, c_in, h, h).to(dt).contiguous(memory_format=torch.channels_last)
             kw = dict(bits=bits, kernel_size=k, stride=s, padding=p, dilation=1, relu=True)
-            y = cora_conv2d(x, planes, scale, zero, a.float(), b.float(), bias.float(), **kw)
+            y = cora_conv2d_triton(x, planes, scale, zero, a.float(), b.float(), bias.float(), **kw)
             yr = cora_conv2d_reference(x, planes, scale, zero, a.float(), b.float(), bias.float(), **kw,
                                        compute_dtype=torch.float64, out_dtype=torch.float64)
-            err = ((y.double() - yr).norm() / yr.norm()).item()
+            err = rel_err(y, yr)
             worst = max(worst, err)
             print(f"  C_in={c_in:<3} C_out={c_out:<3} k={k} s={s} p={p} {h}x{h} int{bits} r={r:<2} "
                   f"{str(dt)[6:]:<8} rel err {err:.2e}")
@@ -123,7 +119,7 @@ def main(argv=None):
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from cora_kernels.conv_fused import cora_conv2d, dense_gemm_weight
+    from cora_kernels.conv_fused import cora_conv2d_triton, dense_gemm_weight
     from cora_kernels.packing import from_gemm_layout
     from cora_kernels.reference import dequantize_weight
 
@@ -169,10 +165,10 @@ def main(argv=None):
                     return y + F.conv2d(F.conv2d(x, a4, None, **conv), b4)
 
                 def p_fused():
-                    return cora_conv2d(x, planes, scale, zero, a, b, bias, **kw)
+                    return cora_conv2d_triton(x, planes, scale, zero, a, b, bias, **kw)
 
                 def p_fp16w():
-                    return cora_conv2d(x, planes, scale, zero, a, b, bias, **kw, dense_weight=dense)
+                    return cora_conv2d_triton(x, planes, scale, zero, a, b, bias, **kw, dense_weight=dense)
 
                 res = {}
                 for name, fn in (("cudnn", p_cudnn), ("unfused", p_unfused), ("fused", p_fused), ("fp16w", p_fp16w)):
@@ -206,7 +202,6 @@ def main(argv=None):
                       f"{res['cudnn'][0]:>9.1f}{res['unfused'][0]:>9.1f}{t_f:>9.1f}{res['fp16w'][0]:>9.1f} "
                       f"{row['speedup_vs_cudnn']:>8.2f}{row['speedup_vs_unfused']:>7.2f}{row['tbps_fused']:>6.2f}"
                       f"{row['tflops_fused']:>8.1f}", flush=True)
-                del x, w16, a4, b4, dense
             if capped:
                 break
         if capped:

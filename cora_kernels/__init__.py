@@ -1,9 +1,22 @@
-"""Triton kernels for CoRa layers (imports only torch and triton; no device work at import).
+"""Triton kernels for CoRa layers: low-bit packed conv weights plus a low-rank adapter, one launch.
 
-Importing this package is light: it loads the packed-format helpers only.  ``cora_conv2d`` (the op,
-``torch.ops.cora.conv2d``) and ``cora_conv2d_reference`` are loaded on first access, and Triton is
-imported only when the Triton backend first runs.
+Modules (imports only torch and triton; no device work at import):
+
+* :mod:`.packing` -- the packed weight format (host side); :mod:`.packing_jit` its Triton unpackers;
+* :mod:`.geometry` -- conv shapes and padding, validation of a layer call;
+* :mod:`.reference` -- the pure-torch ground truth;
+* :mod:`.conv_fused` -- the fused Triton kernel and its launcher :func:`cora_conv2d_triton`;
+* :mod:`.tuning` -- launch configurations, the autotuner and its cache (:func:`save_tuning`,
+  :func:`load_tuning`);
+* :mod:`.ops` -- the ``cora::conv2d`` op (:func:`cora_conv2d`) and the backend choice
+  (:class:`Backend`, :func:`resolve_backend`, env ``CORA_BACKEND``);
+* :mod:`.testing` -- random layers and the error measure shared by tests and benchmarks.
+
+Importing this package is light: it loads the packed format and the geometry helpers only.  The
+other names are loaded on first access, and Triton is imported only when the Triton backend first
+runs (or :func:`cora_conv2d_triton` is first accessed).
 """
+from .geometry import PADDING_MODES, conv_output_size, explicit_padding, pad_input
 from .packing import (
     PACK_FORMAT_VERSION,
     SUPPORTED_BITS,
@@ -22,15 +35,30 @@ __all__ = [
     "unpack_codes",
     "to_gemm_layout",
     "from_gemm_layout",
+    "PADDING_MODES",
+    "conv_output_size",
+    "explicit_padding",
+    "pad_input",
+    "Backend",
+    "resolve_backend",
     "cora_conv2d",
     "cora_conv2d_reference",
+    "cora_conv2d_triton",
     "dequantize_weight",
+    "save_tuning",
+    "load_tuning",
 ]
 
+# name -> (module, attribute), imported on first access
 _LAZY = {
+    "Backend": ("ops", "Backend"),
+    "resolve_backend": ("ops", "resolve_backend"),
     "cora_conv2d": ("ops", "cora_conv2d"),
     "cora_conv2d_reference": ("reference", "cora_conv2d_reference"),
+    "cora_conv2d_triton": ("conv_fused", "cora_conv2d_triton"),  # imports triton
     "dequantize_weight": ("reference", "dequantize_weight"),
+    "save_tuning": ("tuning", "save_tuning"),
+    "load_tuning": ("tuning", "load_tuning"),
 }
 
 
@@ -43,3 +71,7 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""The fused CoRa convolution: ``_cora_conv2d_kernel`` and its launcher :func:`cora_conv2d`.
+"""The fused CoRa convolution: ``_cora_conv2d_kernel`` and its launcher :func:`cora_conv2d_triton`.
 
 One launch computes
 
@@ -32,24 +32,34 @@ Numerics (documented choice):
 
 An fp16-weight control variant of the same kernel (``BITS = 16``: a dense ``[K, C_out]`` weight in
 the activation dtype, no scale/zero) separates "Triton conv vs cuDNN" from "fewer weight bytes".
+
+The launcher :func:`cora_conv2d_triton` runs in three steps: :func:`~cora_kernels.geometry.check_conv_args`
+validates the call, :func:`_prepare` puts the tensors in the kernel's layout (NHWC input, contiguous
+planes, strides in (n, h, w, c) order, variant flags, dot precision) and :func:`_launch` starts the
+kernel (plus the split-K reduction) for one :class:`~cora_kernels.tuning.ConvConfig`, which
+:func:`cora_kernels.tuning.select_config` chooses (timing candidates through ``_launch``).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import configs as _cfgs
-from ._common import check_conv_args, out_memory_format
+from . import tuning
+from .geometry import ConvGeometry, check_conv_args, out_memory_format
 from .packing import plane_bits
 from .packing_jit import load_codes_aligned, load_codes_gather
 
-__all__ = ["cora_conv2d", "dense_gemm_weight", "rank_pad", "is_interpreting"]
+__all__ = ["cora_conv2d_triton", "dense_gemm_weight", "rank_pad", "is_interpreting"]
 
 
 def is_interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET`` set, not "0").
+
+    The one reader of ``TRITON_INTERPRET`` in the package."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -243,7 +253,7 @@ def _splitk_epilogue_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# launcher
+# launcher: check -> prepare -> (choose a config) -> launch
 # ----------------------------------------------------------------------------------------------
 
 def dense_gemm_weight(qweight, scale, zero, bits: int, K: int, dtype) -> torch.Tensor:
@@ -253,49 +263,133 @@ def dense_gemm_weight(qweight, scale, zero, bits: int, K: int, dtype) -> torch.T
     return dequantize_gemm(qweight, scale, zero, bits, K, torch.float32).t().contiguous().to(dtype)
 
 
-_TUNED: dict = {}
-
-
 def _nhwc_strides(t: torch.Tensor):
     sn, sc, sh, sw = t.stride()
     return sn, sh, sw, sc
 
 
-def _pick_config(key, g, r_pad, elem, launch_for, device):
-    # key[-1]: whether the aligned unpack path applies (C_in a multiple of the codes per word)
-    """(config, split_k) for this shape: fixed under the interpreter, timed once per key on CUDA."""
-    if is_interpreting() or device.type != "cuda":
-        return _cfgs.INTERPRETER_CONFIG, 1
-    if key in _TUNED:
-        return _TUNED[key]
-    major, _ = torch.cuda.get_device_capability(device)
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-    steps_of = lambda cfg: g.KH * g.KW * triton.cdiv(g.C_in, cfg.BLOCK_K)  # noqa: E731
-    if torch.cuda.is_current_stream_capturing() or os.environ.get("CORA_AUTOTUNE", "1") == "0":
-        cfg = _cfgs.heuristic_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem)
-        return cfg, _cfgs.choose_split_k(M=g.M, C_out=g.C_out, steps=steps_of(cfg), cfg=cfg, n_sm=n_sm)
-    cands = _cfgs.prune_configs(_cfgs.CONV_CONFIGS, M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad,
-                                elem_bytes=elem, capability_major=major, aligned=key[-1])
-    best, best_t = None, float("inf")
-    for cfg in cands:
-        splits = {1, _cfgs.choose_split_k(M=g.M, C_out=g.C_out, steps=steps_of(cfg), cfg=cfg, n_sm=n_sm)}
-        for split in sorted(splits):
-            try:
-                ms = triton.testing.do_bench(lambda: launch_for(cfg, split), warmup=3, rep=15)
-            except Exception:  # e.g. out of resources on this device: skip the candidate
-                continue
-            if ms < best_t:
-                best, best_t = (cfg, split), ms
-    if best is None:
-        cfg = _cfgs.heuristic_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem)
-        best = (cfg, 1)
-    _TUNED[key] = best
-    return best
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    """Everything a launch needs apart from the config: tensors in the kernel's layout, strides
+    in (n, h, w, c) order, the kernel's variant flags.  Missing optional tensors are ``out``
+    (never read: their flag is off)."""
+
+    g: ConvGeometry
+    out: torch.Tensor             # [N, C_out, OH, OW], x's dtype and memory format
+    x: torch.Tensor               # the input in NHWC (channels_last) storage (as given when C_in == 1)
+    w0: torch.Tensor              # first packed plane int32 [words, C_out], or the dense [K, C_out]
+    w1: torch.Tensor              # second plane (bits 3), else w0
+    scale: torch.Tensor           # [C_out]
+    zero: torch.Tensor            # [C_out]
+    a: torch.Tensor               # [r, K] or out
+    b: torch.Tensor               # [C_out, r] or out
+    bias: torch.Tensor            # [C_out] or out
+    out_scale: torch.Tensor       # [C_out] or out
+    out_shift: torch.Tensor       # [C_out] or out
+    residual: torch.Tensor        # [N, C_out, OH, OW] or out
+    x_strides: tuple              # (n, h, w, c)
+    a_strides: tuple              # (r, k), (0, 0) without adapter
+    b_strides: tuple              # (n, r), (0, 0) without adapter
+    out_strides: tuple            # (n, h, w, c)
+    res_strides: tuple            # (n, h, w, c), zeros without residual
+    bits: int                     # 2, 3, 4, 8, or 16 for the dense-weight control
+    codes_per_word: int           # most codes per int32 word over the planes (1 for dense)
+    r_pad: int                    # adapter rank padded for tl.dot (0: no adapter)
+    has_bias: bool
+    has_bn: bool
+    has_res: bool
+    relu: bool
+    dot_prec: str                 # tl.dot input_precision
+    upcast: bool                  # bf16 under the interpreter (see _mma / _cast)
+    aligned_ok: bool              # the aligned unpack path may apply (also needs BLOCK_K % per == 0)
 
 
-def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1, padding=0,
-                dilation=1, out_scale=None, out_shift=None, residual=None, relu=False, groups=1,
-                in_channels=None, dense_weight=None, config=None, split_k=None):
+def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, relu,
+             g: ConvGeometry, bits: int, dense_weight) -> _Prepared:
+    dev = x.device
+    out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=dev, dtype=x.dtype,
+                      memory_format=out_memory_format(x))
+    # the gather reads C_in-contiguous rows: give the kernel NHWC (a copy for NCHW input)
+    xk = x.contiguous(memory_format=torch.channels_last) if g.C_in > 1 else x
+    r = g.rank
+    if dense_weight is not None:
+        if tuple(dense_weight.shape) != (g.K, g.C_out) or dense_weight.device != dev:
+            raise ValueError(f"dense_weight must be [K={g.K}, C_out={g.C_out}] on {dev}")
+        kbits = 16
+        w0 = dense_weight.to(x.dtype).contiguous()
+        w1 = w0
+        per = 1
+    else:
+        kbits = bits
+        w0 = qweight[0].contiguous()
+        w1 = qweight[1].contiguous() if len(qweight) > 1 else w0
+        per = max(32 // pb for pb in plane_bits(bits))
+    has_bn = out_scale is not None
+    return _Prepared(
+        g=g, out=out, x=xk, w0=w0, w1=w1, scale=scale.contiguous(), zero=zero.contiguous(),
+        a=a if r > 0 else out, b=b if r > 0 else out,
+        bias=bias if bias is not None else out,
+        out_scale=out_scale if has_bn else out, out_shift=out_shift if has_bn else out,
+        residual=residual if residual is not None else out,
+        x_strides=_nhwc_strides(xk),
+        a_strides=(a.stride(0), a.stride(1)) if r > 0 else (0, 0),
+        b_strides=(b.stride(0), b.stride(1)) if r > 0 else (0, 0),
+        out_strides=_nhwc_strides(out),
+        res_strides=_nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
+        bits=kbits, codes_per_word=per, r_pad=rank_pad(r),
+        has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, relu=bool(relu),
+        # fp32: 3xTF32 on the GPU (tensor cores, ~fp32 accuracy); the interpreter computes in fp32 anyway
+        dot_prec=("ieee" if is_interpreting() else "tf32x3") if x.dtype == torch.float32 else "tf32",
+        upcast=x.dtype == torch.bfloat16 and is_interpreting(),
+        # fp32 keeps the gather unpack: the register expansion of the aligned path spills with 3xTF32
+        aligned_ok=(kbits != 16 and g.C_in % per == 0 and (x.dtype != torch.float32 or is_interpreting())),
+    )
+
+
+def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
+    """Run the kernel (and the split-K reduction when ``split > 1``) with one config; returns ``p.out``."""
+    g = p.g
+    M = g.M
+    n_cblk = triton.cdiv(g.C_in, cfg.BLOCK_K)
+    total = g.KH * g.KW * n_cblk
+    split = max(1, min(int(split), total))
+    per_split = triton.cdiv(total, split)
+    split = triton.cdiv(total, per_split)  # no empty splits
+    aligned = p.aligned_ok and cfg.BLOCK_K % p.codes_per_word == 0
+    ws = torch.empty((split, M, g.C_out), device=p.out.device, dtype=torch.float32) if split > 1 else p.out
+    flags = dict(HAS_BIAS=p.has_bias, HAS_BN=p.has_bn, HAS_RES=p.has_res, RELU=p.relu)
+    son, soh, sow, soc = p.out_strides
+    srn, srh, srw, src = p.res_strides
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
+    _cora_conv2d_kernel[grid](
+        p.x, p.w0, p.w1, p.scale, p.zero, p.a, p.b,
+        p.bias, p.out_scale, p.out_shift, p.residual, p.out, ws,
+        M, g.C_in, g.H, g.W, g.C_out, g.OH, g.OW, g.KW, g.rank,
+        n_cblk, total, per_split,
+        g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+        *p.x_strides, *p.a_strides, *p.b_strides,
+        son, soh, sow, soc, srn, srh, srw, src,
+        BITS=p.bits, ALIGNED=aligned, R_PAD=p.r_pad, SPLIT_K=split, DOT_PREC=p.dot_prec, UPCAST=p.upcast,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # with split-K the epilogue runs in the reduction kernel, after the splits are summed
+        **(flags if split == 1 else dict(HAS_BIAS=False, HAS_BN=False, HAS_RES=False, RELU=False)),
+    )
+    if split > 1:
+        rc = tuning.REDUCE_CONFIG
+        grid2 = (triton.cdiv(M, rc.BLOCK_M), triton.cdiv(g.C_out, rc.BLOCK_N))
+        _splitk_epilogue_kernel[grid2](
+            ws, p.bias, p.out_scale, p.out_shift, p.residual, p.out,
+            M, g.C_out, g.OH, g.OW, split, son, soh, sow, soc, srn, srh, srw, src,
+            UPCAST=p.upcast, BLOCK_M=rc.BLOCK_M, BLOCK_N=rc.BLOCK_N, num_warps=rc.num_warps,
+            **flags,
+        )
+    return p.out
+
+
+def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,
+                       padding=0, dilation=1, out_scale=None, out_shift=None, residual=None, relu=False,
+                       groups=1, in_channels=None, dense_weight=None, config=None, split_k=None):
     """Fused CoRa conv through the Triton kernel (see the module docstring).
 
     Shapes: x ``[N, C_in, H, W]`` (fp32/fp16/bf16, NCHW or channels_last); ``qweight`` the packed
@@ -305,7 +399,7 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
     Returns ``[N, C_out, OH, OW]`` in x's dtype and memory format.
 
     Test / benchmark hooks: ``dense_weight`` (``[K, C_out]`` in x's dtype) selects the fp16-weight
-    control variant; ``config`` (:class:`~cora_kernels.configs.ConvConfig`) and ``split_k`` bypass
+    control variant; ``config`` (:class:`~cora_kernels.tuning.ConvConfig`) and ``split_k`` bypass
     the tuner.  ``groups > 1`` is not handled by the kernel (the op routes it to the reference).
     """
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
@@ -313,84 +407,17 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
                         residual=residual, groups=groups, in_channels=in_channels)
     if g.groups != 1:
         raise NotImplementedError("the fused kernel supports groups == 1 only; use the reference path")
-    dev = x.device
-    out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=dev, dtype=x.dtype,
-                      memory_format=out_memory_format(x))
-    # the gather reads C_in-contiguous rows: give the kernel NHWC (a copy for NCHW input)
-    xk = x.contiguous(memory_format=torch.channels_last) if g.C_in > 1 else x
-    r = g.rank
-    r_pad = rank_pad(r)
-    if dense_weight is not None:
-        if tuple(dense_weight.shape) != (g.K, g.C_out) or dense_weight.device != dev:
-            raise ValueError(f"dense_weight must be [K={g.K}, C_out={g.C_out}] on {dev}")
-        BITS = 16
-        w0 = dense_weight.to(x.dtype).contiguous()
-        w1 = w0
-        per = 1
-    else:
-        BITS = bits
-        w0 = qweight[0].contiguous()
-        w1 = qweight[1].contiguous() if len(qweight) > 1 else w0
-        per = max(32 // pb for pb in plane_bits(bits))
-    sc = scale.contiguous()
-    zp = zero.contiguous()
-    dummy = out
-    a_t = a if r > 0 else dummy
-    b_t = b if r > 0 else dummy
-    sar, sak = (a.stride(0), a.stride(1)) if r > 0 else (0, 0)
-    sbn, sbr = (b.stride(0), b.stride(1)) if r > 0 else (0, 0)
-    res = residual if residual is not None else dummy
-    srn, srh, srw, src = _nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)
-    son, soh, sow, soc = _nhwc_strides(out)
-    sxn, sxh, sxw, sxc = _nhwc_strides(xk)
-    has_bn = out_scale is not None
-    flags = dict(HAS_BIAS=bias is not None, HAS_BN=has_bn, HAS_RES=residual is not None, RELU=bool(relu))
-    # fp32: 3xTF32 on the GPU (tensor cores, ~fp32 accuracy); the interpreter computes in fp32 anyway
-    dot_prec = ("ieee" if is_interpreting() else "tf32x3") if x.dtype == torch.float32 else "tf32"
-    upcast = x.dtype == torch.bfloat16 and is_interpreting()
-    M = g.M
-
-    def launch(cfg, split):
-        n_cblk = triton.cdiv(g.C_in, cfg.BLOCK_K)
-        total = g.KH * g.KW * n_cblk
-        split = max(1, min(int(split), total))
-        per_split = triton.cdiv(total, split)
-        split = triton.cdiv(total, per_split)  # no empty splits
-        # fp32 keeps the gather unpack: the register expansion of the aligned path spills with 3xTF32
-        aligned = (BITS != 16 and g.C_in % per == 0 and cfg.BLOCK_K % per == 0
-                   and (x.dtype != torch.float32 or is_interpreting()))
-        ws = torch.empty((split, M, g.C_out), device=dev, dtype=torch.float32) if split > 1 else out
-        grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
-        _cora_conv2d_kernel[grid](
-            xk, w0, w1, sc, zp, a_t, b_t,
-            bias if bias is not None else dummy, out_scale if has_bn else dummy,
-            out_shift if has_bn else dummy, res, out, ws,
-            M, g.C_in, g.H, g.W, g.C_out, g.OH, g.OW, g.KW, r,
-            n_cblk, total, per_split,
-            g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-            sxn, sxh, sxw, sxc, sar, sak, sbn, sbr,
-            son, soh, sow, soc, srn, srh, srw, src,
-            BITS=BITS, ALIGNED=aligned, R_PAD=r_pad, SPLIT_K=split, DOT_PREC=dot_prec, UPCAST=upcast,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **(flags if split == 1 else dict(HAS_BIAS=False, HAS_BN=False, HAS_RES=False, RELU=False)),
-        )
-        if split > 1:
-            rc = _cfgs.REDUCE_CONFIG
-            grid2 = (triton.cdiv(M, rc.BLOCK_M), triton.cdiv(g.C_out, rc.BLOCK_N))
-            _splitk_epilogue_kernel[grid2](
-                ws, bias if bias is not None else dummy, out_scale if has_bn else dummy,
-                out_shift if has_bn else dummy, res, out,
-                M, g.C_out, g.OH, g.OW, split, son, soh, sow, soc, srn, srh, srw, src,
-                UPCAST=upcast, BLOCK_M=rc.BLOCK_M, BLOCK_N=rc.BLOCK_N, num_warps=rc.num_warps,
-                **flags,
-            )
-        return out
-
+    prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, relu, g, bits,
+                    dense_weight)
     if config is None:
-        key = (g.C_in, g.C_out, g.KH, g.KW, g.stride, g.dilation, g.padding, BITS, r_pad, x.dtype,
-               triton.next_power_of_2(M), flags["HAS_RES"], str(dev), BITS == 16 or g.C_in % per == 0)
-        config, tuned_split = _pick_config(key, g, r_pad, x.element_size(), launch, dev)
+        key = tuning.TuneKey(
+            C_in=g.C_in, C_out=g.C_out, KH=g.KH, KW=g.KW, stride=g.stride, dilation=g.dilation,
+            padding=g.padding, bits=prep.bits, r_pad=prep.r_pad, dtype=str(x.dtype).removeprefix("torch."),
+            m_bucket=triton.next_power_of_2(g.M), has_residual=prep.has_res,
+            device=tuning.device_name(x.device), aligned=g.C_in % prep.codes_per_word == 0)
+        choice = tuning.select_config(key, g, prep.r_pad, x.element_size(),
+                                      lambda cfg, split: _launch(prep, cfg, split), x.device)
+        config = choice.config
         if split_k is None:
-            split_k = tuned_split
-    return launch(config, split_k or 1)
+            split_k = choice.split_k
+    return _launch(prep, config, split_k or 1)

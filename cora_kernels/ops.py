@@ -1,38 +1,82 @@
-"""The op boundary: ``cora::conv2d`` as a ``torch.library`` custom op (the only torch.library code).
+"""The op boundary: ``cora::conv2d`` as a ``torch.library`` custom op, and the one backend decision.
 
 ``torch.compile(fullgraph=True)`` sees one opaque op (its fake implementation gives the output's
-shape, dtype and strides), not a graph break.  Dispatch, decided at *call* time:
+shape, dtype and strides), not a graph break.
 
-* ``CORA_BACKEND=reference`` -- the pure-torch reference (:mod:`cora_kernels.reference`);
-* ``CORA_BACKEND=triton``    -- the Triton kernel, also for CPU tensors (which then need
-  ``TRITON_INTERPRET=1`` set before Triton is imported);
-* unset / ``auto``           -- Triton on CUDA, the reference elsewhere.
+Backends (:class:`Backend`), chosen per call by :func:`resolve_backend`:
 
-``groups > 1`` always goes to the reference.  Validation happens in :func:`cora_conv2d` before the
-op is called, so bad inputs fail with a clear message and no launch.
+* ``reference`` -- the pure-torch reference (:mod:`cora_kernels.reference`);
+* ``triton``    -- the Triton kernel (:func:`cora_kernels.conv_fused.cora_conv2d_triton`), also for
+  CPU tensors (which then need ``TRITON_INTERPRET=1`` set before Triton is imported);
+* ``auto``      -- Triton on CUDA, the reference elsewhere.
+
+The default comes from the environment variable ``CORA_BACKEND`` (:func:`default_backend`), read
+when the op runs, so it can be changed between calls, also for a compiled model.  ``groups > 1``
+and anything that needs gradients (the op has no autograd) always take the reference.
+
+Validation happens in :func:`cora_conv2d` before the op is called, so bad inputs fail with a clear
+message and no launch.
 """
+import enum
 import os
 from typing import List, Optional
 
 import torch
 
-from ._common import check_conv_args, out_memory_format, pair
+from .geometry import check_conv_args, conv_output_size, out_memory_format, pair
 
-__all__ = ["cora_conv2d", "backend_for"]
-
-_BACKENDS = ("auto", "triton", "reference")
+__all__ = ["Backend", "default_backend", "resolve_backend", "cora_conv2d"]
 
 
-def backend_for(x: torch.Tensor, groups: int = 1) -> str:
-    """``"triton"`` or ``"reference"`` for this input, honouring ``CORA_BACKEND`` (read now)."""
+class Backend(str, enum.Enum):
+    """Where ``cora::conv2d`` runs.  ``Backend(name)`` accepts any case and surrounding spaces, and
+    raises ValueError listing the choices for anything else."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    REFERENCE = "reference"
+
+    @classmethod
+    def _missing_(cls, value):
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().lower():
+                    return member
+        raise ValueError(f"backend must be one of {tuple(m.value for m in cls)}, got {value!r}")
+
+
+_CHOICES = tuple(b.value for b in Backend)
+
+
+def default_backend() -> Backend:
+    """The backend named by ``CORA_BACKEND`` (read now; unset or empty: AUTO; case-insensitive).
+
+    The one reader of ``CORA_BACKEND``; a bad value raises ValueError naming it and the choices.
+    """
     choice = os.environ.get("CORA_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in _BACKENDS:
-        raise ValueError(f"CORA_BACKEND must be one of {_BACKENDS}, got {choice!r}")
-    if groups != 1 or choice == "reference":
-        return "reference"
-    if choice == "triton":
-        return "triton"
-    return "triton" if x.is_cuda else "reference"
+    if choice not in _CHOICES:
+        raise ValueError(f"CORA_BACKEND must be one of {_CHOICES}, got {choice!r}")
+    return Backend(choice)
+
+
+def _as_backend(backend) -> Backend:
+    """``backend`` (a Backend or its value, any case) as a Backend; ValueError listing the choices."""
+    return backend if isinstance(backend, Backend) else Backend(backend)
+
+
+def resolve_backend(backend, x: torch.Tensor, *, groups: int = 1, needs_grad: bool = False) -> Backend:
+    """The backend that runs this call: ``Backend.TRITON`` or ``Backend.REFERENCE``.
+
+    ``backend`` is a :class:`Backend`, its string value, or None for :func:`default_backend`.
+    ``needs_grad`` (the op has no autograd) and ``groups != 1`` (not in the kernel) force the
+    reference; AUTO means Triton for CUDA tensors and the reference elsewhere.
+    """
+    choice = default_backend() if backend is None else _as_backend(backend)
+    if needs_grad or groups != 1:
+        return Backend.REFERENCE
+    if choice is Backend.AUTO:
+        return Backend.TRITON if x.is_cuda else Backend.REFERENCE
+    return choice
 
 
 @torch.library.custom_op("cora::conv2d", mutates_args=())
@@ -54,14 +98,16 @@ def _cora_conv2d_op(
     residual: Optional[torch.Tensor],
     relu: bool,
     groups: int,
+    backend: Optional[str],
 ) -> torch.Tensor:
+    # backend: a Backend value, or None for CORA_BACKEND read here, when the op runs
     kw = dict(bits=bits, kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
               dilation=tuple(dilation), out_scale=out_scale, out_shift=out_shift, residual=residual,
               relu=relu, groups=groups)
-    if backend_for(x, groups) == "triton":
-        from .conv_fused import cora_conv2d as _triton_conv2d  # imports triton on first use only
+    if resolve_backend(backend, x, groups=groups) is Backend.TRITON:
+        from . import conv_fused  # imports triton on first use only
 
-        return _triton_conv2d(x, list(qweight), scale, zero, a, b, bias, **kw)
+        return conv_fused.cora_conv2d_triton(x, list(qweight), scale, zero, a, b, bias, **kw)
     from .reference import cora_conv2d_reference
 
     return cora_conv2d_reference(x, list(qweight), scale, zero, a, b, bias, **kw)
@@ -69,18 +115,16 @@ def _cora_conv2d_op(
 
 @_cora_conv2d_op.register_fake
 def _cora_conv2d_fake(x, qweight, scale, zero, a, b, bias, bits, kernel_size, stride, padding, dilation,
-                      out_scale, out_shift, residual, relu, groups):
+                      out_scale, out_shift, residual, relu, groups, backend):
     n, _, h, w = x.shape
-    kh, kw = kernel_size
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    oh, ow = conv_output_size(h, w, kernel_size, stride, padding, dilation)
     return torch.empty((n, scale.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=out_memory_format(x))
 
 
 def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1, padding=0,
                 dilation=1, out_scale=None, out_shift=None, residual=None, relu=False, groups=1,
-                in_channels=None):
+                in_channels=None, backend=None):
     """One CoRa layer: ``relu((conv(x; scale*(q-zero)) + conv1x1(conv_kxk(x; A); B) + bias) * out_scale
     + out_shift + residual)``, each optional step skipped when its argument is None / False.
 
@@ -93,19 +137,22 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
         bias, out_scale, out_shift: ``[C_out]`` or None (out_scale/out_shift: folded BatchNorm).
         residual: ``[N, C_out, OH, OW]`` or None, added after the BatchNorm step.
         relu: applied last.
-        kernel_size, stride, padding, dilation: ints or pairs (symmetric zero padding).
+        kernel_size, stride, padding, dilation: ints or pairs (symmetric zero padding; see
+            :func:`cora_kernels.geometry.pad_input` for the rest).
         groups: > 1 runs the reference (no adapter allowed).
         in_channels: optional, checked against x (the packed planes alone cannot always tell).
+        backend: a :class:`Backend` or its value; None (default) follows ``CORA_BACKEND``.
 
     Returns ``[N, C_out, OH, OW]`` in x's dtype and memory format.
     """
     check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                     padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
                     residual=residual, groups=groups, in_channels=in_channels)
+    backend = None if backend is None else _as_backend(backend).value
     if a is not None and a.shape[0] == 0:
         a = b = None
     return torch.ops.cora.conv2d(
         x, list(qweight), scale, zero, a, b, bias, bits,
         list(pair(kernel_size, "kernel_size")), list(pair(stride, "stride")), list(pair(padding, "padding")),
-        list(pair(dilation, "dilation")), out_scale, out_shift, residual, bool(relu), int(groups),
+        list(pair(dilation, "dilation")), out_scale, out_shift, residual, bool(relu), int(groups), backend,
     )

@@ -1,4 +1,4 @@
-"""Packed storage of b-bit integer weight codes (design.md §3.1).
+"""Packed storage of b-bit integer weight codes.
 
 Layout, shared by the host code here and the Triton kernels:
 

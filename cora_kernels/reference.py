@@ -1,7 +1,9 @@
 """Pure-torch ground truth for the CoRa kernels (tests, benchmarks, and the CPU path).
 
-Same signature as :func:`cora_kernels.cora_conv2d`.  Computes, in ``compute_dtype`` (float32 by
-default; tests pass float64):
+:func:`cora_conv2d_reference` takes the arguments of :func:`cora_kernels.cora_conv2d` (x
+``[N, C_in, H, W]``, packed planes of the codes ``[C_out, K]``, ``scale``/``zero`` ``[C_out]``,
+adapter ``a`` ``[r, K]`` / ``b`` ``[C_out, r]``, ...) and computes, with ``F.conv2d`` in
+``compute_dtype`` (float32 by default; tests pass float64):
 
     y = conv(x; scale * (q - zero)) + conv1x1(conv_kxk(x; A); B) + bias
     y = y * out_scale + out_shift        (folded BatchNorm, optional)
@@ -15,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_conv_args, out_memory_format
+from .geometry import check_conv_args, out_memory_format
 from .packing import from_gemm_layout, unpack_codes
 
-__all__ = ["dequantize_gemm", "dequantize_weight", "cora_conv2d_reference", "unfused_cora_conv2d"]
+__all__ = ["dequantize_gemm", "dequantize_weight", "cora_conv2d_reference"]
 
 
 def dequantize_gemm(qweight, scale, zero, bits: int, K: int, dtype=torch.float32) -> torch.Tensor:
@@ -59,15 +61,3 @@ def cora_conv2d_reference(x, qweight, scale, zero, a, b, bias, *, bits, kernel_s
     if relu:
         y = torch.relu(y)
     return y.to(out_dtype or x.dtype).contiguous(memory_format=out_memory_format(x))
-
-
-def unfused_cora_conv2d(x, w_deq, a4, b4, bias, *, stride, padding, dilation):
-    """The unfused CoRa path as a user would write it with cuDNN (benchmark baseline).
-
-    ``w_deq`` is the dequantized weight (the dequantization itself is timed by the caller),
-    ``a4`` ``[r, C_in, kh, kw]`` and ``b4`` ``[C_out, r, 1, 1]`` the adapter convs.
-    """
-    y = F.conv2d(x, w_deq, bias, stride=stride, padding=padding, dilation=dilation)
-    if a4 is not None:
-        y = y + F.conv2d(F.conv2d(x, a4, None, stride=stride, padding=padding, dilation=dilation), b4)
-    return y

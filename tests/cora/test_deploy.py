@@ -172,8 +172,8 @@ def test_one_fused_block_through_the_triton_interpreter(monkeypatch):
         import cora_kernels.conv_fused as kernel_mod
 
         launches = []
-        real = kernel_mod.cora_conv2d
-        monkeypatch.setattr(kernel_mod, "cora_conv2d", lambda *a, **k: launches.append(k) or real(*a, **k))
+        real = kernel_mod.cora_conv2d_triton
+        monkeypatch.setattr(kernel_mod, "cora_conv2d_triton", lambda *a, **k: launches.append(k) or real(*a, **k))
         got = dep(x)
     assert isinstance(dep[0], DeployedBasicBlock)
     # two launches: conv1 (+BN1+ReLU) and conv2 (+BN2 + option-A shortcut + ReLU)

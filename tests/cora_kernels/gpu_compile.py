@@ -26,7 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from cora_kernels import configs as C  # noqa: E402
+from cora_kernels import tuning  # noqa: E402
 from cora_kernels.conv_fused import _cora_conv2d_kernel, _splitk_epilogue_kernel  # noqa: E402
 
 _TRITON_DIR = os.path.dirname(triton.__file__)
@@ -80,7 +80,7 @@ def resource_usage(cubin: bytes) -> dict:
     return res
 
 
-def compile_conv(cfg: C.ConvConfig, *, cc: int, bits: int = 4, dtype: str = "fp16", r_pad: int = 16,
+def compile_conv(cfg: tuning.ConvConfig, *, cc: int, bits: int = 4, dtype: str = "fp16", r_pad: int = 16,
                  split_k: int = 1, aligned: bool = True, epilogue: bool = True) -> CompileResult:
     """Compile ``_cora_conv2d_kernel`` for one config, specialised like a ResNet layer at run time
     (channels_last activations: unit channel stride; C_in, C_out and strides divisible by 16)."""
@@ -110,7 +110,7 @@ def compile_conv(cfg: C.ConvConfig, *, cc: int, bits: int = 4, dtype: str = "fp1
 
 def compile_reduce(*, cc: int, dtype: str = "fp16") -> CompileResult:
     dt = _DT[dtype]
-    cfg = C.REDUCE_CONFIG
+    cfg = tuning.REDUCE_CONFIG
     sig = {"ws_ptr": "*fp32", "bias_ptr": "*fp32", "oscale_ptr": "*fp32", "oshift_ptr": "*fp32",
            "res_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
     sig.update({n: "i32" for n in ["M", "C_out", "OH", "OW", "split_k", "son", "soh", "sow", "srn", "srh", "srw"]})
@@ -124,7 +124,7 @@ def compile_reduce(*, cc: int, dtype: str = "fp16") -> CompileResult:
 
 
 def all_conv_configs():
-    return list(C.CONV_CONFIGS) + [C.FALLBACK_CONFIG]
+    return list(tuning.CONV_CONFIGS) + [tuning.FALLBACK_CONFIG]
 
 
 def run_job(job: dict) -> dict:
@@ -134,7 +134,7 @@ def run_job(job: dict) -> dict:
         if kind == "reduce":
             res = compile_reduce(**job)
         else:
-            cfg = C.ConvConfig(*job.pop("cfg"))
+            cfg = tuning.config_named(job.pop("cfg"))
             res = compile_conv(cfg, **job)
         return {"ok": True, **res.__dict__}
     except Exception as e:  # report, the test fails with the message

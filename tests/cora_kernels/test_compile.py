@@ -15,18 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import triton
 
-from cora_kernels import configs as C
+from cora_kernels import tuning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 pytestmark = pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="triton's bundled CUDA tools are missing")
 
 TARGETS = (80, 90)
-CONFIGS = list(C.CONV_CONFIGS) + [C.FALLBACK_CONFIG]
+CONFIGS = list(tuning.CONV_CONFIGS) + [tuning.FALLBACK_CONFIG]
 
 
 def _cfg(c):
-    return [c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages, c.GROUP_M]
+    return c.name  # gpu_compile.py looks it up with tuning.config_named
 
 
 def _conv(cc, cfg, **kw):
@@ -42,18 +42,18 @@ def _default_jobs():
 
 
 def _variant_jobs(cc):
-    cfg = CONFIGS[3]
+    cfg = tuning.config_named("mid_m_64n")
     return [_conv(cc, cfg, bits=4, dtype="bf16"), _conv(cc, cfg, bits=3, split_k=4),
             _conv(cc, cfg, bits=3, aligned=False), _conv(cc, cfg, bits=4, r_pad=0, epilogue=False)]
 
 
 def _slow_jobs():
-    # the gather (unaligned) path only ever gets BLOCK_K <= 64 (see configs.prune_configs)
+    # the gather (unaligned) path only ever gets BLOCK_K <= 64 (see tuning.prune_configs)
     # and BLOCK_K <= 64 whenever r_pad > 16
     jobs = [_conv(cc, cfg, bits=4, dtype="bf16", r_pad=16 if cfg.BLOCK_K > 64 else 32, aligned=cfg.BLOCK_K > 64)
             for cc in TARGETS for cfg in CONFIGS]
     jobs += [_conv(cc, cfg, bits=b, dtype="fp32", r_pad=16, aligned=False)
-             for cc in TARGETS for cfg in C.FP32_CONFIGS for b in (3, 4)]
+             for cc in TARGETS for cfg in tuning.FP32_CONFIGS for b in (3, 4)]
     return jobs
 
 
@@ -134,7 +134,7 @@ def test_conv_config_compiles_bf16(cc, cfg, record_property):
                          aligned=cfg.BLOCK_K > 64), _slow_jobs), record_property)
 
 
-@pytest.mark.parametrize("cfg", C.FP32_CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", tuning.FP32_CONFIGS, ids=str)
 @pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
 def test_fp32_configs_compile(cc, cfg, record_property):
     # fp32 activations: 3xTF32 dots, gather unpack path (what the launcher uses for fp32)

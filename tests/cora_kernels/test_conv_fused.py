@@ -2,12 +2,10 @@
 import pytest
 import torch
 
-from cora_kernels.conv_fused import cora_conv2d as fused_conv2d
-from cora_kernels.conv_fused import dense_gemm_weight
+from cora_kernels.conv_fused import cora_conv2d_triton, dense_gemm_weight
 from cora_kernels.reference import cora_conv2d_reference, dequantize_weight
+from cora_kernels.testing import Case, random_layer
 from tests.tolerances import assert_close_rel
-
-from ._cases import Case, make_layer
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -37,8 +35,8 @@ CASES = [
 
 
 def _check(c: Case, **extra):
-    args, kw = make_layer(c)
-    y = fused_conv2d(*args, **kw, split_k=c.split_k, **extra)
+    args, kw = random_layer(c)
+    y = cora_conv2d_triton(*args, **kw, split_k=c.split_k, **extra)
     y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
     assert y.dtype == c.dtype
     assert y.is_contiguous(memory_format=torch.channels_last if c.channels_last else torch.contiguous_format)
@@ -72,13 +70,13 @@ def test_fused_grid_slow(case):
 def test_delta_input_reproduces_dequantized_weights(bits, dtype):
     """One nonzero input pixel of value 1: the output at each tap is exactly the dequantized weight."""
     c = Case(N=1, C_in=6, C_out=9, H=7, W=7, k=(3, 3), padding=(1, 1), bits=bits, rank=0, dtype=dtype)
-    args, kw = make_layer(c)
+    args, kw = random_layer(c)
     x, planes, scale, zero = args[:4]
     w = dequantize_weight(planes, scale, zero, bits, (c.C_out, c.C_in, 3, 3), dtype=torch.float32)
     for ch in (0, 5):
         x = torch.zeros_like(x)
         x[0, ch, 3, 3] = 1.0
-        y = fused_conv2d(x, planes, scale, zero, None, None, None, **kw)
+        y = cora_conv2d_triton(x, planes, scale, zero, None, None, None, **kw)
         for kh in range(3):
             for kw_ in range(3):
                 got = y[0, :, 3 - kh + 1, 3 - kw_ + 1]
@@ -89,11 +87,11 @@ def test_delta_input_reproduces_dequantized_weights(bits, dtype):
 def test_dense_weight_control_variant(dtype):
     """The fp16-weight control (BITS=16) computes the same layer from a dense dequantized weight."""
     c = Case(N=2, C_in=9, C_out=10, H=6, W=6, k=(3, 3), bits=4, rank="odd", dtype=dtype, bias=True, relu=True)
-    args, kw = make_layer(c)
+    args, kw = random_layer(c)
     x, planes, scale, zero = args[:4]
     dense = dense_gemm_weight(planes, scale, zero, c.bits, c.K, dtype)
     assert dense.shape == (c.K, c.C_out)
-    y = fused_conv2d(*args, **kw, dense_weight=dense)
+    y = cora_conv2d_triton(*args, **kw, dense_weight=dense)
     y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
     tol_dtype = dtype
     assert_close_rel(y, y_ref, tol_dtype)
@@ -101,18 +99,18 @@ def test_dense_weight_control_variant(dtype):
 
 def test_nchw_and_channels_last_agree():
     c = Case(N=2, C_in=8, C_out=6, H=5, W=5, k=(3, 3), bits=4, rank=1, dtype=F32, res=True)
-    args, kw = make_layer(c)
-    y1 = fused_conv2d(*args, **kw)
+    args, kw = random_layer(c)
+    y1 = cora_conv2d_triton(*args, **kw)
     x_cl = args[0].contiguous(memory_format=torch.channels_last)
     kw_cl = dict(kw, residual=kw["residual"].contiguous(memory_format=torch.channels_last))
-    y2 = fused_conv2d(x_cl, *args[1:], **kw_cl)
+    y2 = cora_conv2d_triton(x_cl, *args[1:], **kw_cl)
     assert y1.is_contiguous() and y2.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y1, y2, rtol=0, atol=1e-6)
 
 
 def test_groups_not_in_kernel():
     c = Case(N=1, C_in=2, C_out=4, rank=0)  # per-group K = 9 * 2
-    args, kw = make_layer(c)
+    args, kw = random_layer(c)
     x = torch.randn(1, 4, c.H, c.W, device=args[0].device)
     with pytest.raises(NotImplementedError):
-        fused_conv2d(x, *args[1:], **kw, groups=2)
+        cora_conv2d_triton(x, *args[1:], **kw, groups=2)

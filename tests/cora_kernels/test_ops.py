@@ -1,33 +1,34 @@
-"""The op boundary: torch.library registration, torch.compile, backend dispatch, validation."""
+"""The op boundary: torch.library registration, torch.compile, backend choice and dispatch, validation."""
 import pytest
 import torch
 
 import cora_kernels
-from cora_kernels import ops
+from cora_kernels.ops import Backend, default_backend, resolve_backend
 from cora_kernels.reference import cora_conv2d_reference
+from cora_kernels.testing import Case, random_layer
 from tests.tolerances import assert_close_rel
-
-from ._cases import Case
-from ._cases import make_layer as _make_layer
 
 
 def make_layer(c, device="cpu"):  # the op tests run on CPU (reference dispatch, or the interpreter)
-    return _make_layer(c, device=device)
+    return random_layer(c, device=device)
 
 
-def _op_args(c: Case):
+def _op_args(c: Case, backend=None):
     args, kw = make_layer(c)
     x, planes, scale, zero, a, b, bias = args
     return (x, planes, scale, zero, a, b, bias, c.bits, list(c.k), list(c.stride), list(c.padding),
-            list(c.dilation), kw.get("out_scale"), kw.get("out_shift"), kw.get("residual"), c.relu, 1)
+            list(c.dilation), kw.get("out_scale"), kw.get("out_shift"), kw.get("residual"), c.relu, 1, backend)
 
 
 def test_import_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, cora_kernels; cora_kernels.cora_conv2d; "
-            "assert 'triton' not in sys.modules, 'triton imported eagerly'")
+    code = ("import sys, cora_kernels; cora_kernels.cora_conv2d; cora_kernels.Backend; cora_kernels.resolve_backend; "
+            "cora_kernels.save_tuning; cora_kernels.load_tuning; cora_kernels.explicit_padding; "
+            "cora_kernels.cora_conv2d_reference; import cora_kernels.testing; "
+            "assert 'triton' not in sys.modules, 'triton imported eagerly'; "
+            "assert not sys.modules['torch'].cuda.is_initialized(), 'CUDA initialised at import'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
 
 
@@ -38,6 +39,8 @@ def test_import_is_light():
 def test_opcheck(case, monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "reference")
     torch.library.opcheck(torch.ops.cora.conv2d.default, _op_args(case))
+    monkeypatch.delenv("CORA_BACKEND")
+    torch.library.opcheck(torch.ops.cora.conv2d.default, _op_args(case, backend="reference"))
 
 
 def test_torch_compile_fullgraph_one_op(monkeypatch):
@@ -77,13 +80,13 @@ def test_backend_env_read_at_call_time(monkeypatch):
     c = Case(N=1, C_in=5, C_out=6, H=5, W=5, rank=1, bias=True)
     args, kw = make_layer(c)
     calls = []
-    real = cf.cora_conv2d
+    real = cf.cora_conv2d_triton
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(cf, "cora_conv2d", spy)
+    monkeypatch.setattr(cf, "cora_conv2d_triton", spy)
     monkeypatch.delenv("CORA_BACKEND", raising=False)
     y_auto = cora_kernels.cora_conv2d(*args, **kw)
     assert calls == []  # CPU tensors -> reference
@@ -115,8 +118,148 @@ def test_groups_go_to_reference(monkeypatch):
     torch.testing.assert_close(y, y_ref)
 
 
-# --- validation: clear errors before any launch --------------------------------------------------
+# --- the backend choice ---------------------------------------------------------------------------
+class _FakeCuda:  # resolve_backend only asks x.is_cuda
+    is_cuda = True
 
+
+@pytest.mark.parametrize("env, want", [(None, Backend.AUTO), ("", Backend.AUTO), ("  ", Backend.AUTO),
+                                       ("auto", Backend.AUTO), ("triton", Backend.TRITON),
+                                       (" Triton ", Backend.TRITON), ("REFERENCE", Backend.REFERENCE)])
+def test_default_backend_from_env(monkeypatch, env, want):
+    if env is None:
+        monkeypatch.delenv("CORA_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("CORA_BACKEND", env)
+    assert default_backend() is want
+
+
+@pytest.mark.parametrize("env", ["cuda", "tritonn", "ref"])
+def test_default_backend_bad_env(monkeypatch, env):
+    monkeypatch.setenv("CORA_BACKEND", env)
+    with pytest.raises(ValueError, match=r"CORA_BACKEND.*auto.*triton.*reference"):
+        default_backend()
+    with pytest.raises(ValueError, match="CORA_BACKEND"):
+        resolve_backend(None, torch.randn(1, 2, 3, 3))
+
+
+def test_resolve_backend_env_default(monkeypatch):
+    x = torch.randn(1, 2, 3, 3)
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    assert resolve_backend(None, x) is Backend.REFERENCE  # auto, CPU tensor
+    assert resolve_backend(None, _FakeCuda()) is Backend.TRITON  # auto, CUDA tensor
+    monkeypatch.setenv("CORA_BACKEND", "triton")
+    assert resolve_backend(None, x) is Backend.TRITON
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    assert resolve_backend(None, _FakeCuda()) is Backend.REFERENCE
+
+
+@pytest.mark.parametrize("backend, on_cpu, on_cuda", [
+    (Backend.AUTO, Backend.REFERENCE, Backend.TRITON), ("auto", Backend.REFERENCE, Backend.TRITON),
+    (Backend.TRITON, Backend.TRITON, Backend.TRITON), ("triton", Backend.TRITON, Backend.TRITON),
+    ("Triton", Backend.TRITON, Backend.TRITON),
+    (Backend.REFERENCE, Backend.REFERENCE, Backend.REFERENCE), ("reference", Backend.REFERENCE, Backend.REFERENCE),
+])
+def test_resolve_backend_explicit_wins_over_env(monkeypatch, backend, on_cpu, on_cuda):
+    for env in ("triton", "reference", "not-even-valid"):  # an explicit choice does not read CORA_BACKEND
+        monkeypatch.setenv("CORA_BACKEND", env)
+        assert resolve_backend(backend, torch.randn(2, 3)) is on_cpu
+        assert resolve_backend(backend, _FakeCuda()) is on_cuda
+
+
+@pytest.mark.parametrize("backend", [None, Backend.AUTO, Backend.TRITON, "triton"])
+def test_resolve_backend_grad_and_groups_force_reference(monkeypatch, backend):
+    monkeypatch.setenv("CORA_BACKEND", "triton")
+    x = _FakeCuda()
+    assert resolve_backend(backend, x) is Backend.TRITON
+    assert resolve_backend(backend, x, needs_grad=True) is Backend.REFERENCE
+    assert resolve_backend(backend, x, groups=2) is Backend.REFERENCE
+    assert resolve_backend(backend, x, groups=1, needs_grad=False) is Backend.TRITON
+
+
+@pytest.mark.parametrize("bad", ["cuda", "", "triton-please", 3, object()])
+def test_resolve_backend_bad_values(monkeypatch, bad):
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    with pytest.raises(ValueError, match=r"auto.*triton.*reference"):
+        resolve_backend(bad, torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"auto.*triton.*reference"):
+        Backend(bad)
+
+
+def test_backend_enum_from_strings():
+    assert Backend("triton") is Backend.TRITON and Backend(" REFERENCE ") is Backend.REFERENCE
+    assert Backend(Backend.AUTO) is Backend.AUTO and Backend.TRITON == "triton"
+
+
+def test_backend_argument_of_the_wrapper(monkeypatch):
+    import cora_kernels.conv_fused as cf
+
+    c = Case(N=1, C_in=4, C_out=5, H=5, W=5, rank=1, bias=True)
+    args, kw = make_layer(c)
+    calls = []
+    real = cf.cora_conv2d_triton
+    monkeypatch.setattr(cf, "cora_conv2d_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("CORA_BACKEND", "triton")
+    y_ref = cora_kernels.cora_conv2d(*args, **kw, backend=Backend.REFERENCE)
+    y_ref2 = cora_kernels.cora_conv2d(*args, **kw, backend="reference")
+    assert calls == []  # explicit reference beats CORA_BACKEND=triton
+    y64 = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    assert_close_rel(y_ref, y64, torch.float32)
+    torch.testing.assert_close(y_ref, y_ref2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"auto.*triton.*reference"):
+        cora_kernels.cora_conv2d(*args, **kw, backend="gpu")
+    if not torch.cuda.is_available():  # CPU tensors run the kernel through the interpreter
+        monkeypatch.setenv("CORA_BACKEND", "reference")
+        y_tri = cora_kernels.cora_conv2d(*args, **kw, backend="triton")
+        assert calls == [1]
+        assert_close_rel(y_tri, y64, torch.float32)
+
+
+def test_torch_compile_explicit_backend_and_env_at_run_time(monkeypatch):
+    """An explicit backend compiles to the same single op; CORA_BACKEND is read when the op runs,
+    so changing it after compilation still takes effect."""
+    import cora_kernels.conv_fused as cf
+
+    c = Case(N=1, C_in=3, C_out=4, H=5, W=5, rank=1, relu=True)
+    args, kw = make_layer(c)
+    x, rest = args[0], args[1:]
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def explicit(inp):
+        return (cora_kernels.cora_conv2d(inp, *rest, **kw, backend=Backend.REFERENCE)
+                + cora_kernels.cora_conv2d(inp, *rest, **kw, backend=" Reference ")) * 0.5 + 1.0
+
+    def default(inp):
+        return cora_kernels.cora_conv2d(inp, *rest, **kw) + 1.0
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    y = torch.compile(explicit, backend=counting_backend, fullgraph=True)(x)
+    y64 = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64) + 1.0
+    assert_close_rel(y, y64, torch.float32)
+    compiled_default = torch.compile(default, backend=counting_backend, fullgraph=True)
+    y2 = compiled_default(x)
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    assert len(graphs) == 2
+    for gm, n_ops in zip(graphs, (2, 1)):
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert sum(t in (torch.ops.cora.conv2d, torch.ops.cora.conv2d.default) for t in targets) == n_ops, targets
+    if not torch.cuda.is_available():
+        calls = []
+        real = cf.cora_conv2d_triton
+        monkeypatch.setattr(cf, "cora_conv2d_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setenv("CORA_BACKEND", "triton")
+        y3 = compiled_default(x)
+        assert calls == [1] and len(graphs) == 2  # the same graph, the op read the new value
+        assert_close_rel(y3, y64, torch.float32)
+    torch._dynamo.reset()
+
+
+# --- validation: clear errors before any launch --------------------------------------------------
 @pytest.fixture
 def layer():
     return make_layer(Case(N=1, C_in=5, C_out=6, H=5, W=5, rank=2, bias=True))

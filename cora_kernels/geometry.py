@@ -1,22 +1,51 @@
-"""Argument normalisation and validation shared by the launcher, the reference and the op.
+"""Convolution geometry: the facts about shapes and padding, and the validation of a layer call.
 
-No Triton here (imported by the reference and the op boundary).  Every check raises before
-any launch, with a message that names the offending argument.
+No Triton here: the reference, the op and the ``cora`` package import this module.
+
+Conventions used throughout ``cora_kernels``:
+
+* activations ``x`` are ``[N, C_in, H, W]`` (NCHW indexing; the storage may be NCHW-contiguous or
+  channels_last), in one of :data:`ACT_DTYPES`;
+* the output is ``[N, C_out, OH, OW]`` with ``OH, OW`` from :func:`conv_output_size`;
+* the GEMM view of the conv has ``M = N*OH*OW`` rows, ``C_out`` columns and a reduction of
+  ``K = KH*KW*C_in/groups`` in ``(kh, kw, c_in)`` order (see :mod:`cora_kernels.packing`);
+* the kernels and the reference only do symmetric zero padding ``(pad_h, pad_w)``.  Anything else
+  (``padding="same"`` with an even kernel, reflect / replicate / circular modes) is done on the
+  input first: :func:`explicit_padding` gives the four sides, :func:`pad_input` pads what the conv
+  cannot and returns the padding the conv should still apply.
+
+Every check in :func:`check_conv_args` raises before any launch, with a message that names the
+offending argument.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .packing import plane_bits
 
-__all__ = ["ConvArgs", "pair", "check_conv_args", "out_memory_format", "ACT_DTYPES"]
+__all__ = [
+    "ACT_DTYPES",
+    "PADDING_MODES",
+    "ConvGeometry",
+    "pair",
+    "conv_output_size",
+    "explicit_padding",
+    "pad_input",
+    "out_memory_format",
+    "check_conv_args",
+]
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The padding modes of ``nn.Conv2d``; only "zeros" can be left to the conv itself.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
 
 def pair(v, name: str) -> tuple[int, int]:
+    """``v`` as an ``(h, w)`` pair of ints: an int is used for both, a 1-sequence too."""
     if isinstance(v, int):
         return (v, v)
     v = tuple(int(e) for e in v)
@@ -27,6 +56,63 @@ def pair(v, name: str) -> tuple[int, int]:
     return v
 
 
+def conv_output_size(h, w, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """``(OH, OW)`` of a conv over an ``h x w`` input with symmetric padding (ints or pairs).
+
+    ``out = (in + 2*pad - dil*(k - 1) - 1) // stride + 1`` per dimension, as ``F.conv2d``.  ``h``
+    and ``w`` may be symbolic sizes (the op's fake implementation); the result may then be < 1,
+    which :func:`check_conv_args` rejects.
+    """
+    kh, kw = pair(kernel_size, "kernel_size")
+    sh, sw = pair(stride, "stride")
+    ph, pw = pair(padding, "padding")
+    dh, dw = pair(dilation, "dilation")
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return oh, ow
+
+
+def explicit_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` padding that reproduces a conv's ``padding`` argument.
+
+    ``padding`` is ``"valid"`` (none), ``"same"`` or an ``(h, w)`` pair (an int is used for both).
+    ``"same"`` pads ``d*(k - 1)`` in total per dimension, ``total // 2`` before and the rest after
+    (so an even kernel pads one more on the right / bottom), as ``nn.Conv2d(padding="same")``.
+    The order is width first, like ``F.pad``.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be 'valid', 'same' or an (h, w) pair, got {padding!r}")
+        kh, kw = pair(kernel_size, "kernel_size")
+        dh, dw = pair(dilation, "dilation")
+        out = []
+        for d, k in ((dw, kw), (dh, kh)):  # width first, like F.pad
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = pair(padding, "padding")
+    return (pw, pw, ph, ph)
+
+
+def pad_input(x: torch.Tensor, lrtb, padding_mode: str = "zeros") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad ``x`` ``[N, C, H, W]`` where a conv cannot; returns ``(x, (pad_h, pad_w))``.
+
+    ``lrtb`` is ``(left, right, top, bottom)`` (:func:`explicit_padding`).  Zero padding that is
+    symmetric per dimension is left to the conv: ``x`` comes back unchanged with ``(top, left)``.
+    Anything else (asymmetric "same" padding, or a mode other than ``"zeros"``) is applied here
+    with ``F.pad`` and the conv gets ``(0, 0)``.
+    """
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    left, right, top, bottom = lrtb
+    if padding_mode == "zeros" and left == right and top == bottom:
+        return x, (top, left)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return F.pad(x, tuple(lrtb), mode=mode), (0, 0)
+
+
 def out_memory_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last when x is channels_last and not also plain contiguous, else contiguous."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -35,7 +121,15 @@ def out_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 @dataclass(frozen=True)
-class ConvArgs:
+class ConvGeometry:
+    """The normalised geometry of one validated layer call (from :func:`check_conv_args`).
+
+    Input ``[N, C_in, H, W]``, weight ``[C_out, C_in/groups, KH, KW]``, output
+    ``[N, C_out, OH, OW]``; ``stride``, ``padding`` (symmetric zeros) and ``dilation`` are
+    ``(h, w)`` pairs.  ``K = KH*KW*C_in/groups`` is the GEMM reduction length, ``rank`` the
+    adapter rank (0: no adapter) and :attr:`M` ``= N*OH*OW`` the GEMM rows.
+    """
+
     N: int
     C_in: int
     H: int
@@ -59,8 +153,9 @@ class ConvArgs:
 
 def check_conv_args(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, stride, padding,
                     dilation, out_scale=None, out_shift=None, residual=None, groups=1,
-                    in_channels=None) -> ConvArgs:
-    """Validate a ``cora_conv2d`` call; returns the normalised geometry."""
+                    in_channels=None) -> ConvGeometry:
+    """Validate a ``cora_conv2d`` call (see :func:`cora_kernels.ops.cora_conv2d` for the
+    arguments); returns the normalised geometry."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor [N, C_in, H, W], got {getattr(x, 'shape', type(x))}")
     if x.dtype not in ACT_DTYPES:
@@ -80,8 +175,7 @@ def check_conv_args(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, s
         raise ValueError(f"x has {C_in} input channels, the layer expects {in_channels}")
     if C_in % groups:
         raise ValueError(f"C_in={C_in} is not divisible by groups={groups}")
-    OH = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    OW = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    OH, OW = conv_output_size(H, W, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     if OH < 1 or OW < 1:
         raise ValueError(f"output would be empty: input {H}x{W}, kernel {kh}x{kw}, padding {ph},{pw}, "
                          f"dilation {dh},{dw}")
@@ -146,4 +240,4 @@ def check_conv_args(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, s
             raise ValueError(f"residual must be [N, C_out, OH, OW] = {(N, C_out, OH, OW)}, got {tuple(residual.shape)}")
         if not residual.is_floating_point():
             raise TypeError(f"residual has unsupported dtype {residual.dtype}")
-    return ConvArgs(N, C_in, H, W, C_out, kh, kw, (sh, sw), (ph, pw), (dh, dw), OH, OW, K, rank, groups)
+    return ConvGeometry(N, C_in, H, W, C_out, kh, kw, (sh, sw), (ph, pw), (dh, dw), OH, OW, K, rank, groups)

@@ -1,0 +1,455 @@
+"""Choosing a launch configuration for the fused conv kernel, in one module.
+
+The data:
+
+* :class:`ConvConfig` -- one tile shape (``BLOCK_M x BLOCK_N x BLOCK_K``, warps, pipeline stages),
+  with a short descriptive ``name``;
+* :data:`CONV_CONFIGS` -- the candidates that the autotuner times for 16-bit activations;
+  :data:`FALLBACK_CONFIG` (large adapter ranks), :data:`FP32_CONFIGS` (fp32 activations),
+  :data:`INTERPRETER_CONFIG` (``TRITON_INTERPRET=1``, never tuned) and :data:`REDUCE_CONFIG` (the
+  split-K reduction, memory-bound, not tuned); :func:`config_named` looks any of them up by name.
+
+The decisions:
+
+* :func:`prune_configs` -- drops configs that cannot pay off for a shape (tiles much larger than
+  the problem, shared memory over the device limit, accumulators that would spill);
+* :func:`untimed_config` -- a config chosen without timing (CUDA-graph capture, or
+  ``CORA_AUTOTUNE=0``, see :func:`autotune_enabled`);
+* :func:`choose_split_k` -- split factor of the K loop that fills the GPU when there are too few
+  output tiles;
+* :func:`select_config` -- the whole policy for one launch: fixed under the interpreter, otherwise
+  looked up in :data:`TUNING_CACHE` or timed once per :class:`TuneKey` and stored there.
+
+The cache maps a :class:`TuneKey` (the layer's shape class, dtype, GPU model) to a
+:class:`TuneChoice` (config, split-K).  :func:`save_tuning` / :func:`load_tuning` write and read it
+as JSON, so that choices timed once can be shipped to other machines with the same GPU.
+
+Register / shared-memory budget: every config below is compiled for sm_80 and sm_90 by
+``tests/cora_kernels/test_compile.py``, which records REG / STACK / SHARED and fails on any spill.
+Measured with triton 3.8 (fp16, bits 4, rank pad 16; sm_80 / sm_90), see the test output
+(``pytest tests/cora_kernels/test_compile.py -s``); the configs that spilled are listed below and
+left out.
+
+Imports only torch (Triton is imported when a candidate is first timed).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "ConvConfig",
+    "CONV_CONFIGS",
+    "FALLBACK_CONFIG",
+    "FP32_CONFIGS",
+    "INTERPRETER_CONFIG",
+    "REDUCE_CONFIG",
+    "config_named",
+    "prune_configs",
+    "untimed_config",
+    "choose_split_k",
+    "TuneKey",
+    "TuneChoice",
+    "TuningCache",
+    "TUNING_CACHE",
+    "TUNING_FORMAT_VERSION",
+    "save_tuning",
+    "load_tuning",
+    "autotune_enabled",
+    "device_name",
+    "select_config",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """One launch configuration: tile sizes (constexprs of the kernel), warps and pipeline stages."""
+
+    name: str
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 8
+
+    def as_meta(self) -> dict:
+        return {"BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N, "BLOCK_K": self.BLOCK_K, "GROUP_M": self.GROUP_M}
+
+    def __str__(self) -> str:
+        return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K}_w{self.num_warps}_s{self.num_stages}"
+
+
+# BLOCK_K is a multiple of 32 everywhere so that the aligned unpack path (bits 3 needs 32 codes per
+# word of the 1-bit plane) is available whenever C_in % 32 == 0.
+CONV_CONFIGS: tuple[ConvConfig, ...] = (
+    ConvConfig("large_m_large_n", 128, 128, 64, 8, 3),  # large M, large C_out (batch >= 64)
+    ConvConfig("large_m_64n", 128, 64, 64, 8, 3),       # C_out = 64 layers, large M
+    ConvConfig("mid_m_large_n", 64, 128, 64, 8, 3),
+    ConvConfig("mid_m_64n", 64, 64, 64, 4, 4),
+    ConvConfig("small_m", 32, 64, 128, 4, 4),            # batch 1 / small M (with split-K), weight-bound
+                                                         # late layers, r_pad 16
+    ConvConfig("small_m_wide_rank", 32, 64, 64, 4, 4),   # the same for r_pad >= 32 (32x64x128 spills
+                                                         # there: 16-24 B)
+    ConvConfig("tiny_cin", 64, 32, 32, 4, 4),            # tiny C_in (the 7x7 stem, C_in = 3)
+)
+# Pruned because they spill (triton 3.8, all epilogue options on, rank pad 16; STACK bytes):
+#   128x256x64 w8 s3 (sm_80 16-32, sm_90 736-808), 256x128x64 w8 s3 (sm_80 48-128, sm_90 96-112),
+#   128x256x64 w4 (256 fp32 accumulators per thread), 128x64x64 w4 s2-s4 (sm_80 16-88),
+#   64x128x64 w4 s3-s4 (sm_80 8, bits 3).
+
+# Large adapter ranks (r_pad >= 128): small tiles keep the [BLOCK_M, r_pad] accumulator in registers.
+FALLBACK_CONFIG = ConvConfig("fallback", 32, 64, 32, 4, 2)
+
+# fp32 activations: 3xTF32 dots (tensor cores, ~fp32 accuracy) and the gather unpack path; the
+# 16-bit tiles spill there (ieee FMA dots at 128x128x64 w8: 10.7 KB of stack on sm_80; 3xTF32 with
+# the aligned unpack: 80-1192 B), so fp32 has its own tiles.
+FP32_CONFIGS: tuple[ConvConfig, ...] = (
+    FALLBACK_CONFIG,
+    ConvConfig("fp32_mid", 64, 64, 32, 4, 2),
+    ConvConfig("fp32_large", 128, 64, 32, 8, 3),
+)
+
+INTERPRETER_CONFIG = ConvConfig("interpreter", 32, 32, 32, 4, 1)
+REDUCE_CONFIG = ConvConfig("splitk_reduce", 64, 64, 32, 4, 1)  # BLOCK_K unused by the reduction
+
+
+def _all_configs() -> dict[str, ConvConfig]:
+    out: dict[str, ConvConfig] = {}
+    for cfg in (*CONV_CONFIGS, FALLBACK_CONFIG, *FP32_CONFIGS, INTERPRETER_CONFIG, REDUCE_CONFIG):
+        if out.setdefault(cfg.name, cfg) != cfg:
+            raise AssertionError(f"two different configs are named {cfg.name!r}")
+    return out
+
+
+_BY_NAME = _all_configs()
+
+
+def config_named(name: str) -> ConvConfig:
+    """The config called ``name`` (any of the configs above); KeyError listing the names otherwise."""
+    try:
+        return _BY_NAME[name]
+    except (KeyError, TypeError):
+        raise KeyError(f"no launch config named {name!r}; known: {sorted(_BY_NAME)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# decisions without timing
+# ----------------------------------------------------------------------------------------------
+
+# Rough per-device shared memory limits (bytes per block, opt-in maximum).
+_SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _smem_bytes(cfg: ConvConfig, elem: int, r_pad: int) -> int:
+    """Upper bound on the pipelined tiles (x tile, weight tile after unpacking, A tile)."""
+    per_stage = (cfg.BLOCK_M * cfg.BLOCK_K + cfg.BLOCK_K * cfg.BLOCK_N + cfg.BLOCK_K * r_pad) * elem
+    return per_stage * max(1, cfg.num_stages - 1)
+
+
+def prune_configs(configs, *, M: int, C_in: int, C_out: int, r_pad: int, elem_bytes: int = 2,
+                  capability_major: int = 8, aligned: bool = True) -> list[ConvConfig]:
+    """Configs worth timing for this shape (never empty).
+
+    ``aligned=False`` (C_in not a multiple of the codes per word: the gather unpack path, which
+    stages 32 bits per code) drops BLOCK_K > 64: 32x64x128 spills there (sm_80, bf16, r 32).
+    """
+    if elem_bytes == 4:
+        return list(FP32_CONFIGS)
+    out = []
+    limit = _SMEM_LIMIT.get(capability_major, _SMEM_LIMIT[8])
+    for cfg in configs:
+        if cfg.BLOCK_M > max(32, 2 * _next_pow2(M)):
+            continue
+        if cfg.BLOCK_N > max(32, 2 * _next_pow2(C_out)):
+            continue
+        if cfg.BLOCK_K > max(32, _next_pow2(C_in)):
+            continue
+        if (not aligned or r_pad > 16) and cfg.BLOCK_K > 64:
+            continue
+        # fp32 accumulators per thread: main tile plus the low-rank tile
+        regs = (cfg.BLOCK_M * cfg.BLOCK_N + cfg.BLOCK_M * r_pad) / (32 * cfg.num_warps)
+        if regs > 160:
+            continue
+        if _smem_bytes(cfg, elem_bytes, r_pad) > limit:
+            continue
+        out.append(cfg)
+    if not out:
+        out = [untimed_config(M=M, C_in=C_in, C_out=C_out, r_pad=r_pad)]
+    return out
+
+
+def untimed_config(*, M: int, C_in: int, C_out: int, r_pad: int = 0, elem_bytes: int = 2) -> ConvConfig:
+    """A reasonable config without timing (CUDA-graph capture, or tuning disabled)."""
+    if r_pad >= 128 or elem_bytes == 4:
+        return FALLBACK_CONFIG
+    if C_in < 32:
+        return config_named("tiny_cin")
+    if M <= 1024:
+        return config_named("small_m" if r_pad <= 16 else "small_m_wide_rank")
+    if C_out <= 64:
+        return config_named("large_m_64n")
+    return config_named("large_m_large_n")
+
+
+def choose_split_k(*, M: int, C_out: int, steps: int, cfg: ConvConfig, n_sm: int) -> int:
+    """Split the K loop when the output tiles alone cannot fill ``n_sm`` multiprocessors.
+
+    The low-rank branch is linear, so each split applies B to its own partial ``t``; the splits
+    are summed (and the non-linear epilogue applied) by the reduction kernel.
+    """
+    tiles = -(-M // cfg.BLOCK_M) * -(-C_out // cfg.BLOCK_N)
+    if tiles >= n_sm // 2 or steps < 8:
+        return 1
+    split = min(-(-n_sm // tiles), steps // 4, 16)
+    return max(1, split)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache of timed choices
+# ----------------------------------------------------------------------------------------------
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU model (``torch.cuda.get_device_name``, cached per device index) for a CUDA device,
+    ``str(device)`` otherwise.  Tuned choices are keyed by it, not by the device index."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    """What a tuned choice depends on: the layer's shape class, its variant, dtype and the GPU.
+
+    ``bits`` is 16 for the dense-weight control variant; ``r_pad`` the padded adapter rank
+    (0: none); ``dtype`` the activation dtype's name (``"float16"``); ``m_bucket`` the GEMM rows
+    ``N*OH*OW`` rounded up to a power of two; ``device`` the GPU model (:func:`device_name`);
+    ``aligned`` whether C_in is a multiple of the codes per int32 word (the aligned unpack path
+    can apply).
+    """
+
+    C_in: int
+    C_out: int
+    KH: int
+    KW: int
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int]
+    bits: int
+    r_pad: int
+    dtype: str
+    m_bucket: int
+    has_residual: bool
+    device: str
+    aligned: bool
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d) -> "TuneKey":
+        """Inverse of :meth:`to_json`; ValueError naming the field on anything malformed."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a key must be a JSON object, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        extra = [n for n in d if n not in names]
+        if missing or extra:
+            raise ValueError(f"key fields: missing {missing}, unknown {extra}")
+        vals = {}
+        for f in fields(cls):
+            v = d[f.name]
+            if f.name in ("stride", "dilation", "padding"):
+                ok = isinstance(v, list) and len(v) == 2 and all(_is_int(e) for e in v)
+                v = tuple(v) if ok else v
+            elif f.name in ("dtype", "device"):
+                ok = isinstance(v, str)
+            elif f.name in ("has_residual", "aligned"):
+                ok = isinstance(v, bool)
+            else:
+                ok = _is_int(v)
+            if not ok:
+                raise ValueError(f"key field {f.name!r} has a bad value {v!r}")
+            vals[f.name] = v
+        return cls(**vals)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class TuneChoice:
+    """The launch choice for one :class:`TuneKey`: a config and the split-K factor."""
+
+    config: ConvConfig
+    split_k: int
+
+
+TUNING_FORMAT_VERSION = 1
+_FORMAT = "cora-kernels-tuning"
+
+
+class TuningCache:
+    """``TuneKey -> TuneChoice`` for this process; JSON files carry it between machines.
+
+    File format: ``{"format": "cora-kernels-tuning", "version": 1, "entries": [{"key": {...},
+    "config": "<config name>", "split_k": n}, ...]}``.
+    """
+
+    def __init__(self):
+        self._choices: dict[TuneKey, TuneChoice] = {}
+
+    def get(self, key: TuneKey) -> TuneChoice | None:
+        return self._choices.get(key)
+
+    def put(self, key: TuneKey, choice: TuneChoice) -> None:
+        self._choices[key] = choice
+
+    def clear(self) -> None:
+        self._choices.clear()
+
+    def __len__(self) -> int:
+        return len(self._choices)
+
+    def __contains__(self, key) -> bool:
+        return key in self._choices
+
+    def items(self):
+        return list(self._choices.items())
+
+    def save(self, path) -> None:
+        """Write every choice to ``path`` as JSON (overwrites the file)."""
+        entries = [{"key": k.to_json(), "config": c.config.name, "split_k": c.split_k}
+                   for k, c in self._choices.items()]
+        doc = {"format": _FORMAT, "version": TUNING_FORMAT_VERSION, "entries": entries}
+        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+    def load(self, path) -> int:
+        """Merge the choices of a file written by :meth:`save` (they win over the ones held);
+        returns how many were read.  A malformed file raises ValueError naming the problem and
+        leaves the cache unchanged."""
+        try:
+            doc = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a cora_kernels tuning file (no \"format\": {_FORMAT!r})")
+        if doc.get("version") != TUNING_FORMAT_VERSION:
+            raise ValueError(f"{path}: tuning format version {doc.get('version')!r}, this code reads "
+                             f"version {TUNING_FORMAT_VERSION}")
+        entries = doc.get("entries")
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: \"entries\" must be a list")
+        read = {}
+        for i, e in enumerate(entries):
+            where = f"{path}: entry {i}"
+            if not isinstance(e, dict) or set(e) != {"key", "config", "split_k"}:
+                raise ValueError(f"{where}: expected an object with \"key\", \"config\" and \"split_k\"")
+            try:
+                key = TuneKey.from_json(e["key"])
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            if e["config"] not in _BY_NAME:
+                raise ValueError(f"{where}: unknown config name {e['config']!r}; known: {sorted(_BY_NAME)}")
+            if not _is_int(e["split_k"]) or e["split_k"] < 1:
+                raise ValueError(f"{where}: split_k must be a positive int, got {e['split_k']!r}")
+            read[key] = TuneChoice(_BY_NAME[e["config"]], e["split_k"])
+        self._choices.update(read)
+        return len(read)
+
+
+TUNING_CACHE = TuningCache()
+
+
+def save_tuning(path) -> None:
+    """Save the tuned launch choices of this process (:data:`TUNING_CACHE`) to a JSON file."""
+    TUNING_CACHE.save(path)
+
+
+def load_tuning(path) -> int:
+    """Merge tuned launch choices from a JSON file written by :func:`save_tuning`; returns the
+    number of entries read.  They are used for the GPU model they were timed on."""
+    return TUNING_CACHE.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the policy
+# ----------------------------------------------------------------------------------------------
+
+def autotune_enabled() -> bool:
+    """False when ``CORA_AUTOTUNE=0`` (read at call time): launches then use :func:`untimed_config`."""
+    return os.environ.get("CORA_AUTOTUNE", "1") != "0"
+
+
+def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
+                  time_candidate: Callable[[ConvConfig, int], object], device: torch.device) -> TuneChoice:
+    """The launch choice for one call of the fused kernel.
+
+    * under the Triton interpreter, or for a non-CUDA device: :data:`INTERPRETER_CONFIG`, no split;
+    * a choice cached for ``key`` (timed earlier, or loaded with :func:`load_tuning`);
+    * during CUDA-graph capture or with autotuning disabled: :func:`untimed_config` and
+      :func:`choose_split_k` (not cached);
+    * otherwise each pruned candidate (with split 1 and its :func:`choose_split_k` factor) is run
+      through ``time_candidate(cfg, split)`` under ``triton.testing.do_bench``; candidates that fail
+      (e.g. out of resources) are skipped; the fastest is cached under ``key``.
+
+    ``geometry`` is the call's :class:`~cora_kernels.geometry.ConvGeometry`.
+    """
+    from .conv_fused import is_interpreting  # the one reader of TRITON_INTERPRET
+
+    g = geometry
+    if is_interpreting() or device.type != "cuda":
+        return TuneChoice(INTERPRETER_CONFIG, 1)
+    cached = TUNING_CACHE.get(key)
+    if cached is not None:
+        return cached
+    major, _ = torch.cuda.get_device_capability(device)
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def split_for(cfg):
+        steps = g.KH * g.KW * -(-g.C_in // cfg.BLOCK_K)
+        return choose_split_k(M=g.M, C_out=g.C_out, steps=steps, cfg=cfg, n_sm=n_sm)
+
+    if torch.cuda.is_current_stream_capturing() or not autotune_enabled():
+        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes)
+        return TuneChoice(cfg, split_for(cfg))
+
+    import triton.testing
+
+    cands = prune_configs(CONV_CONFIGS, M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad,
+                          elem_bytes=elem_bytes, capability_major=major, aligned=key.aligned)
+    best, best_t = None, float("inf")
+    for cfg in cands:
+        for split in sorted({1, split_for(cfg)}):
+            try:
+                ms = triton.testing.do_bench(lambda: time_candidate(cfg, split), warmup=3, rep=15)
+            except Exception:  # e.g. out of resources on this device: skip the candidate
+                continue
+            if ms < best_t:
+                best, best_t = TuneChoice(cfg, split), ms
+    if best is None:
+        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes)
+        best = TuneChoice(cfg, 1)
+    TUNING_CACHE.put(key, best)
+    return best
