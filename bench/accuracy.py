@@ -26,28 +26,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import git_commit  # noqa: E402
 from cora import CoRaConfig  # noqa: E402
-from cora.pipeline import quantize_and_evaluate  # noqa: E402
+from cora.experiments.pipeline import quantize_and_evaluate  # noqa: E402
 
 ROWS = {
-    # name: (description, config factory)
-    "rtn": ("RTN (per-channel min-max, nearest)", lambda b, a: CoRaConfig(bits=b, method="rtn", rounding="nearest", range_method="minmax", **a)),
-    "rtn_paper": ("RTN (paper quantizer: per-tensor, mean±5std)", lambda b, a: CoRaConfig.paper(b, method="rtn", **a)),
-    "base": ("our base alone (MSE ranges + GPTQ, no adapters)", lambda b, a: CoRaConfig(bits=b, method="rtn", **a)),
-    "paper": ("CoRa, paper settings (per-tensor k=5, weight SVD, CE + penalty, searched ranks)", lambda b, a: CoRaConfig.paper(b, **a)),
+    # name: (description, config factory(bits, common keyword arguments))
+    "rtn": ("RTN (per-channel min-max, nearest)",
+            lambda b, a: CoRaConfig(bits=b, method="none", rounding="nearest", range_method="minmax", **a)),
+    "rtn_paper": ("RTN (paper quantizer: per-tensor, mean±5std)", lambda b, a: CoRaConfig.paper(b, method="none", **a)),
+    "base": ("our base alone (MSE ranges + GPTQ, no adapters)", lambda b, a: CoRaConfig(bits=b, method="none", **a)),
+    "paper": ("CoRa, paper settings (per-tensor k=5, weight SVD, CE + penalty, searched ranks)",
+              lambda b, a: CoRaConfig.paper(b, **a)),
     "search_weight_svd": ("our base + ranks searched by KL, paper's weight-space SVD adapters, no tuning",
-                          lambda b, a: CoRaConfig(bits=b, method="cora", loss="kl", factorization="weight", tune_iterations=0, **a)),
-    "search": ("our base + ranks searched by KL (no labels), no tuning", lambda b, a: CoRaConfig(bits=b, method="cora", loss="kl", tune_iterations=0, **a)),
+                          lambda b, a: CoRaConfig(bits=b, method="search", loss="kl", factorization="weight",
+                                                  tune_iterations=0, **a)),
+    "search": ("our base + ranks searched by KL (no labels), no tuning",
+               lambda b, a: CoRaConfig(bits=b, method="search", loss="kl", tune_iterations=0, **a)),
     "uniform": ("our base + uniform ranks, no tuning (the defaults without labels)",
-                lambda b, a: CoRaConfig(bits=b, method="heuristic", tune_iterations=0, **a)),
+                lambda b, a: CoRaConfig(bits=b, method="uniform", tune_iterations=0, **a)),
     "tuned_kl": ("our base + uniform ranks + adapters tuned by KL to the float logits (no labels)",
-                 lambda b, a: CoRaConfig(bits=b, method="heuristic", tune_loss="kl", **a)),
+                 lambda b, a: CoRaConfig(bits=b, method="uniform", tune_loss="kl", **a)),
     "tuned_ce_uniform": ("our base + uniform ranks + adapters tuned by CE on the calibration labels",
-                         lambda b, a: CoRaConfig(bits=b, method="heuristic", tune_loss="ce", **a)),
-    "ours": ("our defaults with labels: our base + ranks searched by CE + adapters tuned by CE", lambda b, a: CoRaConfig(bits=b, **a)),
+                         lambda b, a: CoRaConfig(bits=b, method="uniform", tune_loss="ce", **a)),
+    "ours": ("our defaults with labels: our base + ranks searched by CE + adapters tuned by CE",
+             lambda b, a: CoRaConfig(bits=b, **a)),
     # The defaults on a W8 base (almost no quantization loss to reclaim): what the labelled search and
     # tuning add by fitting the calibration images' domain. Runs once per model, whatever --bits says.
-    "control_w8": ("control: the defaults on a W8 base (domain fit, not quantization recovery)", lambda b, a: CoRaConfig(bits=8, **a)),
-    "control_w8_uniform": ("control: W8 base + uniform ranks + CE tuning", lambda b, a: CoRaConfig(bits=8, method="heuristic", tune_loss="ce", **a)),
+    "control_w8": ("control: the defaults on a W8 base (domain fit, not quantization recovery)",
+                   lambda b, a: CoRaConfig(bits=8, **a)),
+    "control_w8_uniform": ("control: W8 base + uniform ranks + CE tuning",
+                           lambda b, a: CoRaConfig(bits=8, method="uniform", tune_loss="ce", **a)),
 }
 
 
@@ -76,7 +83,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["model", "bits", "row", "description", "split", "acc", "float_acc", "adapter_fraction", "equiv_bits", "iterations",
-              "calib_images", "search_seconds", "tune_loss", "tune_iterations", "tune_seconds", "quantize_seconds", "budget", "seed",
+              "calib_images", "search_seconds", "tune_loss", "tune_iterations", "tune_seconds", "quantize_seconds", "budget",
+              "seed",
               "ranks", "machine", "threads", "torch", "commit"]
     with out.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -90,11 +98,14 @@ def main(argv=None) -> int:
                     desc, make = ROWS[row]
                     cfg = make(bits, common)
                     t = time.perf_counter()
-                    _, res = quantize_and_evaluate(model, cfg, shared=args.shared, eval_split=args.eval_split, with_float=float_acc is None, with_rtn=False)
+                    _, res = quantize_and_evaluate(model, cfg, shared=args.shared, eval_split=args.eval_split,
+                                                   with_float=float_acc is None, with_rtn=False)
                     float_acc = res.get("float_acc", float_acc)
-                    rec = dict(model=model, bits=cfg.bits, row=row, description=desc, split=args.eval_split, acc=round(res["acc"], 2),
+                    rec = dict(model=model, bits=cfg.bits, row=row, description=desc, split=args.eval_split,
+                               acc=round(res["acc"], 2),
                                float_acc=round(float_acc, 2), adapter_fraction=round(res["adapter_fraction"], 4),
-                               equiv_bits=round(res["equiv_bits"], 3), iterations=res["iterations"], calib_images=res["calib_images"],
+                               equiv_bits=round(res["equiv_bits"], 3), iterations=res["iterations"],
+                               calib_images=res["calib_images"],
                                search_seconds=round(res["search_seconds"], 1), tune_loss=res["tune_loss"] or "",
                                tune_iterations=res["tune_iterations"], tune_seconds=round(res["tune_seconds"], 1),
                                quantize_seconds=round(res["quantize_seconds"], 1),
@@ -103,14 +114,18 @@ def main(argv=None) -> int:
                     fh.flush()
                     out_rows.append(rec)
                     print(f"{model} W{cfg.bits} {row:16s} acc {rec['acc']:6.2f}  frac {rec['adapter_fraction']:.4f}  "
-                          f"bits {rec['equiv_bits']:.3f}  search {rec['search_seconds']:5.1f}s  all {rec['quantize_seconds']:5.1f}s "
+                          f"bits {rec['equiv_bits']:.3f}  search {rec['search_seconds']:5.1f}s  "
+                          f"all {rec['quantize_seconds']:5.1f}s "
                           f"[{time.perf_counter() - t:.0f}s]", flush=True)
     print(f"\nwrote {out}\n")
-    print("| model | bits | row | top-1 % | adapter fraction | equiv. bits | search it. | tuning it. | images | search s | tuning s | quantize s |")
+    print("| model | bits | row | top-1 % | adapter fraction | equiv. bits | search it. | tuning it. | images | search s "
+          "| tuning s | quantize s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in out_rows:
-        print(f"| {r['model']} (float {r['float_acc']}) | W{r['bits']} | {r['description']} | {r['acc']:.2f} | {r['adapter_fraction']:.4f} | "
-              f"{r['equiv_bits']:.3f} | {r['iterations']} | {r['tune_iterations']} | {r['calib_images']} | {r['search_seconds']} | "
+        print(f"| {r['model']} (float {r['float_acc']}) | W{r['bits']} | {r['description']} | {r['acc']:.2f} | "
+              f"{r['adapter_fraction']:.4f} | "
+              f"{r['equiv_bits']:.3f} | {r['iterations']} | {r['tune_iterations']} | {r['calib_images']} | "
+              f"{r['search_seconds']} | "
               f"{r['tune_seconds']} | {r['quantize_seconds']} |")
     return 0
 

@@ -6,7 +6,7 @@
 Models have random weights (speed does not depend on them).  Providers, in one process on one GPU,
 fp16 activations in channels_last, each captured in a CUDA graph after a warm-up outside capture:
   cudnn   the float model in fp16, ``cudnn.benchmark = True``
-  cora_wB ``cora.convert`` (B bits, 5% adapter budget, heuristic ranks, round to nearest, min-max
+  cora_wB ``cora.convert`` (B bits, 5% adapter budget, uniform ranks, round to nearest, min-max
           ranges, weight-space SVD; random calibration images) then ``cora.deploy`` (BatchNorm folded,
           ReLU and residual adds fused: one launch per conv), warmed up with ``cora.deploy.warmup``
 Reports per (model, batch, provider): graph-replay latency median and p20/p80
@@ -35,6 +35,7 @@ from _harness import gpu_run_header, write_csv  # noqa: E402
 
 import cora  # noqa: E402
 from cora.deploy import deploy, warmup, weight_bytes  # noqa: E402
+from cora_kernels.testing import rel_err  # noqa: E402
 
 IMAGE = (3, 224, 224)
 DEVICE = "cuda"  # the timed path always runs on CUDA (a module constant only so its bookkeeping can be dry-run)
@@ -57,15 +58,10 @@ def float_model(name: str) -> torch.nn.Module:
 
 
 def convert_model(model: torch.nn.Module, bits: int, calib: torch.Tensor) -> torch.nn.Module:
-    cfg = cora.CoRaConfig(bits=bits, method="heuristic", budget=0.05, rounding="nearest", range_method="minmax",
+    cfg = cora.CoRaConfig(bits=bits, method="uniform", budget=0.05, rounding="nearest", range_method="minmax",
                           factorization="weight", sequential=False, refine=False, progress=False,
                           calib_images=calib.shape[0], tune_iterations=0)  # random weights: nothing to tune for
     return cora.convert(model, calib, cfg).eval()
-
-
-def rel_err(y: torch.Tensor, y_ref: torch.Tensor) -> float:
-    y, y_ref = y.double(), y_ref.double()
-    return ((y - y_ref).norm() / y_ref.norm()).item()
 
 
 def fmt_bytes(n: int) -> str:
@@ -88,7 +84,7 @@ def cpu_report(args) -> int:
         t0 = time.perf_counter()
         fm = float_model(name)
         fp16 = weight_bytes(copy.deepcopy(fm).half())
-        calib = torch.randn(8, 3, 64, 64)  # the heuristic/weight-SVD conversion only needs shapes from it
+        calib = torch.randn(8, 3, 64, 64)  # the uniform-rank, weight-SVD conversion only needs shapes from it
         print(f"{name}: weight bytes (measured from the stored tensors)")
         print(bytes_line("fp16 model", fp16))
         row = {"model": name, "fp16": fp16["total"]}

@@ -70,8 +70,8 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from cora.data import cifar10_calibration, cifar10_test, evaluate, make_loader  # noqa: E402
-from cora.models import build_model  # noqa: E402
+from cora.experiments.data import cifar10_calibration, cifar10_test, evaluate, make_loader  # noqa: E402
+from cora.experiments.models import build_model  # noqa: E402
 
 __all__ = ["METHODS", "quantize_with", "main"]
 
@@ -232,7 +232,7 @@ def _learned_round(model: nn.Module, loader, iters: int, mode: str, lr: float = 
     from brevitas_examples.imagenet_classification.ptq.learned_round_utils import (
         CacheVision, vision_block_forward, vision_forward)
 
-    from cora.models import CifarBasicBlock
+    from cora.experiments.models import CifarBasicBlock
 
     _register_block_round_loss()
     # Everything stays on the CPU: skip the accelerate device-map dispatch the trainer does

@@ -1,18 +1,27 @@
-"""Calibration data handling and per-layer input statistics (second moments of im2col inputs)."""
+"""Calibration data: the images, their labels, the float model's logits, and the losses defined on them.
+
+:class:`CalibrationSet` gathers whatever the caller passed (a DataLoader, an iterable of batches,
+tensors) into one float32 image tensor and optional int64 labels. :class:`Objective` is the task
+loss the rank search and the adapter tuning both minimise: cross-entropy to the labels, or KL to the
+float model's logits. Whether labels are *required* is decided once, by
+:meth:`cora.CoRaConfig.resolved`; an :class:`Objective` only checks that what it needs is there.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["materialize", "layer_input_rows", "collect_hessians", "model_logits", "execution_order", "paired_moments",
-           "reestimate_batchnorm"]
+from .config import LOSSES
+
+__all__ = ["CalibrationSet", "Objective", "materialize", "model_logits"]
 
 
 def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gather up to ``limit`` calibration samples into tensors ``(x [N, ...], y [N] or None)``.
+    """Gather up to ``limit`` calibration samples into tensors ``(x [N, ...] float32, y [N] int64 or None)``.
 
     ``calib`` may be a DataLoader/iterable of ``(x, y)`` pairs or of bare ``x`` batches, a
     ``(x, y)`` tuple of tensors, or one tensor ``x``. Labels are kept only if every batch has them.
@@ -27,7 +36,9 @@ def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         iterator = iter(batches)
     except TypeError:
-        raise TypeError(f"calibration data must be a DataLoader, an iterable of batches or tensors, got {type(calib).__name__}") from None
+        raise TypeError(
+            f"calibration data must be a DataLoader, an iterable of batches or tensors, got {type(calib).__name__}"
+        ) from None
     for batch in iterator:
         if isinstance(batch, (tuple, list)):
             if not batch:
@@ -60,98 +71,36 @@ def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x, y
 
 
-def layer_input_rows(module: nn.Module, x: torch.Tensor, max_rows: int | None = None, generator=None) -> torch.Tensor:
-    """The rows the layer multiplies by its weight: im2col ``[rows, C_in·kh·kw]`` (PyTorch K order).
+@dataclass
+class CalibrationSet:
+    """The calibration images ``[N, ...]`` float32 and labels ``[N]`` int64 (or None), on one device."""
 
-    With ``max_rows``, a random subset of at most that many output positions is taken *before* the
-    patches are copied out (a strided view of the padded input is indexed), which is much cheaper than
-    a full ``F.unfold`` on a CPU.
-    """
-    if isinstance(module, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-        if max_rows is not None and rows.shape[0] > max_rows:
-            rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].to(rows.device)]
-        return rows
-    if module.padding_mode != "zeros":
-        lrtb = list(module._reversed_padding_repeated_twice)
-    elif isinstance(module.padding, str):
-        lrtb = _same_pad(module)
-    else:
-        ph, pw = module.padding
-        lrtb = [pw, pw, ph, ph]
-    x = F.pad(x, lrtb, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    # [N, C, OH, OW, span_h, span_w] view, then keep every d-th element of the span (dilation)
-    view = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
-    n, c, oh, ow = view.shape[:4]
-    view = view.permute(0, 2, 3, 1, 4, 5)  # [N, OH, OW, C, kh, kw]
-    total = n * oh * ow
-    if max_rows is not None and total > max_rows:
-        pick = torch.randperm(total, generator=generator)[:max_rows].to(x.device)
-        i_n, rest = pick // (oh * ow), pick % (oh * ow)
-        return view[i_n, rest // ow, rest % ow].reshape(-1, c * kh * kw)
-    return view.reshape(total, c * kh * kw)
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
 
+    @classmethod
+    def gather(cls, calib, limit: int, device: torch.device | str = "cpu") -> "CalibrationSet":
+        """The first ``limit`` samples of ``calib`` (see :func:`materialize`), moved to ``device``."""
+        x, y = materialize(calib, limit)
+        return cls(x.to(device), y.to(device) if y is not None else None)
 
-def _same_pad(conv: nn.Conv2d) -> list[int]:
-    if conv.padding == "valid":
-        return [0, 0, 0, 0]
-    out = []
-    for d, k in zip(conv.dilation[::-1], conv.kernel_size[::-1]):
-        total = d * (k - 1)
-        out += [total // 2, total - total // 2]
-    return out
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
 
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
 
-@torch.no_grad()
-def collect_hessians(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    inputs: torch.Tensor,
-    batch_size: int = 100,
-    max_rows: int = 65536,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """``H = E[x xᵀ]`` (float64 ``[K, K]``) of each named layer's im2col inputs over ``inputs``.
-
-    An early conv sees ~1000 im2col rows per image, far more than a ``[K, K]`` estimate needs, so at
-    most ``max_rows`` rows per layer (a seeded random subset, spread evenly over the batches) enter
-    the sum; that keeps the pass to seconds on a CPU. Layers with ``groups > 1`` are skipped (their K
-    differs per group). The model runs in eval mode.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def hook(name):
-        def fn(mod, args):
-            # float32 products per batch (fast), summed across batches in float64 (accurate)
-            rows = layer_input_rows(mod, args[0].detach().float(), per_batch, gen)
-            sums[name] = sums.get(name, 0) + (rows.T @ rows).double()
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-
-        return fn
-
-    for name, mod in modules.items():
-        if getattr(mod, "groups", 1) == 1:
-            hooks.append(mod.register_forward_pre_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, inputs.shape[0], batch_size):
-            model(inputs[start : start + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return {n: (sums[n] / counts[n]) for n in sums}
+    def statistics_subset(self, n: int, seed: int) -> torch.Tensor:
+        """A seeded random subset of at most ``n`` images for layer statistics (never the first ``n``,
+        which may be sorted by class)."""
+        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.images[pick.to(self.images.device)]
 
 
 @torch.no_grad()
 def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """The model's outputs on ``inputs`` in eval mode (float32)."""
+    """The model's outputs on ``inputs`` in eval mode (float32 ``[N, classes]``); the mode is restored."""
     was_training = model.training
     model.eval()
     try:
@@ -160,130 +109,30 @@ def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 250) 
         model.train(was_training)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted layer's input is captured."""
+class Objective:
+    """The task loss on a batch of calibration images: ``objective(outputs, idx)`` -> scalar tensor.
 
-
-def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The input of ``layer`` when ``model`` runs on ``x`` (None if the layer is never called)."""
-    box = []
-
-    def hook(mod, args):
-        box.append(args[0].detach())
-        raise _Stop
-
-    h = layer.register_forward_pre_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return box[0] if box else None
-
-
-@torch.no_grad()
-def execution_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
-    """``names`` sorted by when each layer first runs in a forward pass on ``sample`` (eval mode)."""
-    first: dict[str, int] = {}
-    hooks = []
-    def hook(n):
-        def fn(mod, args):
-            first.setdefault(n, len(first))  # returns None: the input is left alone
-
-        return fn
-
-    for n in names:
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
-    was_training = model.training
-    model.eval()
-    try:
-        model(sample)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return sorted(names, key=lambda n: first.get(n, len(names) + names.index(n)))
-
-
-@torch.no_grad()
-def paired_moments(
-    float_model: nn.Module,
-    quant_model: nn.Module,
-    name: str,
-    inputs: torch.Tensor,
-    batch_size: int = 100,
-    max_rows: int = 65536,
-    seed: int = 0,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Second moments of one layer's im2col inputs in the float and the (partly) quantized model.
-
-    Returns float64 ``(H_qq = E[x_q x_qᵀ], H_fq = E[x_f x_qᵀ])``, both ``[K, K]``, where ``x_f`` and
-    ``x_q`` are the layer's input rows at the same positions of the same images in ``float_model``
-    and ``quant_model``. Forward passes stop at the layer. Both models run in eval mode. Returns
-    ``(None, None)`` for a layer the forward pass never reaches.
+    ``kind="ce"``: cross-entropy of ``outputs`` (logits ``[B, classes]``) to ``labels[idx]``
+    (int64 ``[N]``); ``kind="kl"``: ``KL(softmax(teacher_logits[idx]) || softmax(outputs))``, batch mean,
+    with ``teacher_logits`` the float model's eval-mode logits ``[N, classes]``. ``idx`` indexes the
+    calibration images the batch was drawn from. Outputs are taken in float32.
     """
-    f_layer, q_layer = float_model.get_submodule(name), quant_model.get_submodule(name)
-    gen = torch.Generator().manual_seed(seed)
-    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
-    hqq = hfq = None
-    n = 0
-    modes = float_model.training, quant_model.training
-    float_model.eval()
-    quant_model.eval()
-    try:
-        for start in range(0, inputs.shape[0], batch_size):
-            xb = inputs[start : start + batch_size]
-            xf = _capture_input(float_model, f_layer, xb)
-            xq = _capture_input(quant_model, q_layer, xb)
-            if xf is None or xq is None:
-                return None, None
-            xf, xq = xf.float(), xq.float()
-            state = gen.get_state()
-            rf = layer_input_rows(f_layer, xf, per_batch, gen)
-            gen.set_state(state)  # the same positions in both
-            rq = layer_input_rows(q_layer, xq, per_batch, gen)
-            hqq = (rq.T @ rq).double() + (0 if hqq is None else hqq)
-            hfq = (rf.T @ rq).double() + (0 if hfq is None else hfq)
-            n += rq.shape[0]
-    finally:
-        float_model.train(modes[0])
-        quant_model.train(modes[1])
-    return hqq / n, hfq / n
 
+    def __init__(self, kind: str, *, labels: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> None:
+        if kind not in LOSSES:
+            raise ValueError(f"loss {kind!r}; choose one of {LOSSES}")
+        if kind == "ce" and labels is None:
+            raise ValueError("the cross-entropy loss needs labelled calibration data; pass (images, labels) or use 'kl'")
+        if kind == "kl" and teacher_logits is None:
+            raise ValueError("the KL loss needs the float model's logits on the calibration images")
+        self.kind, self.labels, self.teacher_logits = kind, labels, teacher_logits
 
-@torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64, seed: int = 0) -> int:
-    """Replace every BatchNorm's running statistics by those of ``model`` on ``inputs``; returns how many.
+    def __call__(self, outputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = outputs.float()
+        if self.kind == "ce":
+            return F.cross_entropy(out, self.labels[idx])
+        teacher = self.teacher_logits[idx].float()
+        return F.kl_div(F.log_softmax(out, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
 
-    ``inputs``: ``[N, C, H, W]`` on the model's device. Statistics are the cumulative average over
-    batches of ``batch_size`` (``momentum=None``), computed with every earlier layer as it is (the
-    quantized layers included). Affine parameters are not touched; momentum and training mode are
-    restored. The images are shuffled first (seeded): averaged per-batch variances miss the spread
-    *between* batches, so batches must be alike (calibration sets are often sorted by class). With
-    ``N`` not a multiple of ``batch_size`` the last, smaller batch is dropped (unless it is the only
-    one) so that no batch's statistics weigh more than the others'.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    if inputs.shape[0] < 2:
-        raise ValueError("BatchNorm re-estimation needs at least 2 calibration images")
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    try:
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average
-        model.train()
-        n = inputs.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(inputs.device)
-        full = max(1, n // batch_size) * batch_size if n >= batch_size else n
-        for i in range(0, full, batch_size):
-            model(inputs[order[i : i + batch_size]])
-    finally:
-        for m, mom in zip(norms, momenta):
-            m.momentum = mom
-        model.train(was_training)
-    return len(norms)
-
+    def __repr__(self) -> str:
+        return f"Objective({self.kind!r})"

@@ -4,7 +4,7 @@ A checkpoint holds every tensor of the converted model's ``state_dict`` (packed 
 points, adapters, BatchNorm statistics, the float layers), and string metadata:
 
 * ``cora_format`` / ``cora_format_version``: what the file is and which layout it uses;
-* ``architecture``: JSON ``{"name": ..., "kwargs": {...}}`` from which :func:`cora.models.build_model`
+* ``architecture``: JSON ``{"name": ..., "kwargs": {...}}`` from which :func:`cora.experiments.models.build_model`
   rebuilds the float skeleton (CIFAR ResNets, torchvision models), or ``null`` when the caller must
   pass the model;
 * ``layers``: JSON, for each quantized layer, its type and constructor arguments (bits, rank, ...);
@@ -43,7 +43,8 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-dim tensors (num_batches_tracked) cannot be viewed as bytes
+        # reshape: 0-dim tensors (num_batches_tracked) cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -64,7 +65,9 @@ def _layer_spec(mod: nn.Module) -> dict:
             rank=mod.rank,
             adapter_dtype=str(mod.adapter_a.dtype).replace("torch.", ""),
         )
-    return dict(type="QuantLinear", in_features=mod.in_features, out_features=mod.out_features, bias=mod.bias is not None, bits=mod.bits)
+    return dict(
+        type="QuantLinear", in_features=mod.in_features, out_features=mod.out_features, bias=mod.bias is not None, bits=mod.bits
+    )
 
 
 def _build_layer(spec: dict) -> nn.Module:
@@ -80,7 +83,7 @@ def _build_layer(spec: dict) -> nn.Module:
 def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None = None) -> Path:
     """Write ``model`` (converted by :func:`cora.convert`) to ``path`` as safetensors + metadata.
 
-    ``architecture``: ``{"name": "cifar_resnet20"}`` (or any :func:`cora.models.build_model` name, with
+    ``architecture``: ``{"name": "cifar_resnet20"}`` (or any :func:`cora.experiments.models.build_model` name, with
     optional ``"kwargs"``) so that :func:`load` can rebuild the model alone; defaults to
     ``model.cora_architecture`` if set.
     """
@@ -131,7 +134,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
             f"{path}: checkpoint format version {meta.get('cora_format_version')} is not supported "
             f"(this cora reads version {CHECKPOINT_FORMAT_VERSION})"
         )
-    if meta.get("pack_format_version") != str(PACK_FORMAT_VERSION) or meta.get("module_format_version") != str(MODULE_FORMAT_VERSION):
+    versions = (meta.get("pack_format_version"), meta.get("module_format_version"))
+    if versions != (str(PACK_FORMAT_VERSION), str(MODULE_FORMAT_VERSION)):
         raise CheckpointError(f"{path}: packed-weight format {meta.get('pack_format_version')} is not supported")
     out = dict(meta)
     try:
@@ -163,7 +167,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, map_locatio
         arch = meta["architecture"]
         if not isinstance(arch, dict) or "name" not in arch:
             raise CheckpointError(f"{path} records no architecture; pass the float model: cora.load(path, model)")
-        from .models import build_model
+        from .experiments.models import build_model
 
         model = build_model(arch["name"], weights=False, **arch.get("kwargs", {}))
     for name, spec in meta["layers"].items():

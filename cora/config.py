@@ -1,164 +1,323 @@
-"""The one validated configuration object for :func:`cora.convert`."""
+"""The one validated configuration object for :func:`cora.convert`, in sections that follow the pipeline.
+
+``CoRaConfig`` holds what the whole conversion needs (bit width, method, budget, calibration size,
+seed, which layers) and one frozen section per phase:
+
+* :class:`QuantizerConfig` -- the base quantization (granularity, ranges, rounding, statistics);
+* :class:`AdapterConfig` -- how residual adapters are factorized, refined and stored;
+* :class:`SearchConfig` -- the Butterworth rank search (``method="search"``);
+* :class:`TuneConfig` -- the end-to-end adapter tuning after the ranks are fixed.
+
+Flat keywords stay a convenience: ``CoRaConfig(bits=3, iterations=100, tune_iterations=0)`` sets
+``search.iterations`` and ``tune.iterations`` (:data:`FLAT_FIELDS` lists every alias), and the
+same aliases read (``config.iterations``) and :meth:`CoRaConfig.replace`. :meth:`CoRaConfig.to_dict`
+gives a nested, versioned dict (what checkpoints record) and :meth:`CoRaConfig.from_dict` rebuilds
+the config from it, or from the flat dicts of version 1.
+
+Method names: ``search`` (ranks from the differentiable search), ``uniform`` (the same fraction of
+the full rank at every layer), ``none`` (no adapters; the base quantizer alone), ``auto``. The
+earlier names ``cora``, ``heuristic`` and ``rtn`` still work and warn.
+
+Why the defaults are what they are (each was chosen on the calibration images held back from the
+search, never on the test set) is recorded in ``bench/README.md``.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["CoRaConfig", "SUPPORTED_BITS", "METHODS", "LOSSES"]
+from cora_kernels.packing import SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-METHODS = ("auto", "cora", "heuristic", "rtn")
-LOSSES = ("kl", "ce")  # what the search and the tuning run; the config also takes "auto"
+__all__ = [
+    "CoRaConfig",
+    "QuantizerConfig",
+    "AdapterConfig",
+    "SearchConfig",
+    "TuneConfig",
+    "LayerDefaults",
+    "LAYER_DEFAULTS",
+    "CONFIG_VERSION",
+    "SUPPORTED_BITS",
+    "METHODS",
+    "DEPRECATED_METHODS",
+    "LOSSES",
+    "FLAT_FIELDS",
+    "GRANULARITIES",
+    "RANGES",
+    "ROUNDINGS",
+    "FACTORIZATIONS",
+]
+
+CONFIG_VERSION = 2  # 1: the flat dict of cora 0.1.0 (still read by from_dict)
+METHODS = ("auto", "search", "uniform", "none")
+DEPRECATED_METHODS = {"cora": "search", "heuristic": "uniform", "rtn": "none"}
+LOSSES = ("kl", "ce")  # what the search and the tuning run; both sections also take "auto"
 GRANULARITIES = ("channel", "tensor")
 RANGES = ("mse", "minmax", "std")
 ROUNDINGS = ("gptq", "nearest")
 FACTORIZATIONS = ("activation", "weight")
 BUDGET_MODES = ("project", "penalty")
+OPTIMIZERS = ("adam", "sgd")
 BN_MODES = ("train", "eval")
+ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _bad(msg: str) -> None:
+    raise ValueError(f"invalid CoRaConfig: {msg}")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        _bad(f"{name}={value!r}; choose one of {allowed}")
+
+
+def _int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        _bad(f"{name}={value!r} must be an integer >= {low}")
+
+
+def _positive(name: str, value, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        _bad(f"{name}={value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+
+
+def _bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        _bad(f"{name}={value!r} must be True or False")
 
 
 @dataclass(frozen=True)
-class CoRaConfig:
-    """Everything a conversion needs; validated on construction.
+class QuantizerConfig:
+    """The base quantization of every chosen layer.
 
-    Defaults are "ours" (design.md §1.1): per-output-channel scales, an MSE range search, GPTQ-style
-    error-compensating rounding on the quantized model's inputs, activation-aware adapters re-fitted
-    to the float outputs. The "auto" choices depend on whether the calibration data has labels (see
-    :meth:`resolved`): with labels, ranks from the Butterworth search by cross-entropy (budget held
-    by projection), then all adapters tuned jointly for 250 steps by cross-entropy; without labels,
-    uniform ranks sized to the budget and no tuning. Use
-    :meth:`paper` for the published recipe (per-tensor, mean ± 5·std, round to nearest, weight-space
-    SVD, CE + exp penalty); the final rank allocation holds the budget in both.
+    ``granularity``: one scale per output ``channel`` or per ``tensor``. ``range_method``: ``mse`` (a
+    coarse-to-fine search over both ends of the range), ``minmax`` or ``std`` (``mean ± std_k·std``,
+    the paper's). ``rounding``: ``gptq`` (error-compensating, from the layer's input statistics;
+    ``gptq_damp`` is its dampening as a fraction of the mean diagonal, ``gptq_act_order`` its column
+    order) or ``nearest``. ``sequential``: statistics from the inputs the already-quantized model
+    produces, layer by layer. ``stats_images``: a seeded subset of the calibration images for the
+    layer input statistics (GPTQ, activation-aware adapters).
     """
 
-    bits: int = 4
-    # cora: ranks from the differentiable Butterworth search; heuristic: the same fraction of the full
-    # rank at every layer; rtn: no adapters; auto: cora with labelled calibration data, else
-    # heuristic. Held-out check (README): without tuning uniform ranks beat the searched ones on this
-    # base (ResNet-20 85.18 / 85.85 vs 84.44 / 85.50 at W3 / W4); with the labelled tuning the
-    # searched ranks win (ResNet-20 and -32, see `loss`).
-    method: str = "auto"
-    budget: float = 0.05  # adapter parameters / all conv weight parameters
     granularity: str = "channel"
     range_method: str = "mse"
-    std_k: float = 5.0  # for range_method="std": [mean - k*std, mean + k*std], clipped to [min, max]
+    std_k: float = 5.0
     rounding: str = "gptq"
-    gptq_damp: float = 0.01  # GPTQ dampening, fraction of the mean diagonal of H
+    gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    sequential: bool = True
+    stats_images: int = 512
+
+    def __post_init__(self) -> None:
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("range_method", self.range_method, RANGES)
+        _choice("rounding", self.rounding, ROUNDINGS)
+        _positive("std_k", self.std_k)
+        _positive("gptq_damp", self.gptq_damp, allow_zero=True)
+        _bool("gptq_act_order", self.gptq_act_order)
+        _bool("sequential", self.sequential)
+        _int("stats_images", self.stats_images, 1)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The residual adapters: ``factorization`` ``activation`` (best rank-r for the layer's output on
+    the calibration inputs) or ``weight`` (the paper's SVD of ``W - Q(W)``); ``refine`` re-fits each
+    adapter, once the ranks are fixed, to map the inputs it really sees to the float outputs (needs
+    ``activation``); ``dtype`` is how A and B are stored (and counted)."""
+
     factorization: str = "activation"
-    sequential: bool = True  # base rounding from the inputs of the already-quantized model (layer by layer)
-    refine: bool = True  # after the search, re-fit each adapter to map the final quantized inputs to float outputs
-    # Search loss. kl: to the float model's logits (no labels); ce: cross-entropy with labels; auto: ce
-    # with labels, else kl.
+    refine: bool = True
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _choice("factorization", self.factorization, FACTORIZATIONS)
+        _bool("refine", self.refine)
+        _choice("adapter_dtype", self.dtype, ADAPTER_DTYPES)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The differentiable rank search: one Butterworth cutoff per adapted conv.
+
+    ``loss``: ``ce`` (cross-entropy with labels), ``kl`` (to the float model's logits, no labels) or
+    ``auto`` (ce with labels, else kl). ``budget_mode``: ``project`` (the cutoffs are projected onto the
+    budget after every step) or ``penalty`` (the paper's ``gamma·exp(relu(Bud - Bud*))``).
+    ``optimizer``: ``adam`` (gradients clipped to ``±grad_clip``) or ``sgd`` (normalised momentum
+    steps). ``rho_init`` None starts at the uniform allocation that fills the budget. ``bn_mode``: the
+    BatchNorm mode during the search (the returned model always keeps the float statistics).
+    """
+
     loss: str = "auto"
-    budget_mode: str = "project"  # project: cutoffs projected onto the budget each step; penalty: paper
-    optimizer: str = "adam"  # adam (paper: per-cutoff steps, gradients clipped) or sgd (normalised, keeps gradient ratios)
+    budget_mode: str = "project"
+    optimizer: str = "adam"
     iterations: int = 250
     batch_size: int = 32
     lr: float = 0.01
-    order: int = 4  # Butterworth order n
-    gamma: float = 1.0  # weight of the paper's exp budget penalty
+    order: int = 4
+    gamma: float = 1.0
     grad_clip: float = 0.2
-    rho_init: float | None = 0.9  # None: start at the uniform allocation that fills the budget
-    search_bn: str = "train"  # BatchNorm mode during the search (the model returned keeps float BN stats)
-    # After the ranks are fixed: train all adapters jointly, end to end, on the calibration images
-    # (only A and B move; codes, scales, biases and BatchNorm statistics stay). 0 turns it off.
-    tune_iterations: int = 250
-    # auto: cross-entropy with the labels when the calibration data has them, else no tuning; kl: to
-    # the float logits (no labels); ce: labels required. Held-out check, ResNet-20, top-1 on the 3,400
-    # held-back calibration images, W3 / W4: no tuning 85.18 / 85.85; KL 85.47 / 85.47 (no reliable
-    # gain, so auto does not run it); CE 88.53 / 89.44. The same CE tuning on a W8 base gives 89.50
-    # (float 85.85): most of the CE gain is the adapters fitting the calibration images' domain
-    # (here JPEG copies), not reclaimed quantization error; see the README.
-    tune_loss: str = "auto"
-    # Held-out, R20 CE: 3e-4 -> 88.18 / 89.12 (bench/results/holdout_tuning.log).
-    tune_lr: float = 1e-3
-    tune_batch_size: int = 64
-    # Re-estimate every BatchNorm's running statistics on the calibration images with the quantized
-    # layers in place (before the tuning). Off by default: the float model's statistics are kept.
-    # Held-out check, ResNet-20: it costs about 3 points here (uniform, no tuning: 82.68 / 82.56 vs
-    # 85.18 / 85.85 at W3 / W4; labelled defaults: 87.62 / 87.76 vs 89.35 / 89.68; the float model drops from
-    # 85.85 to 82.56), so it stays an option for models whose statistics are known to be stale.
-    bn_reestimate: bool = False
-    calib_images: int = 1600
-    # Images (a seeded subset of the calibration set) for the layer input statistics (GPTQ, adapters).
-    # Held-out check, ResNet-20, defaults otherwise: 512 -> 85.18 (W3) / 85.85 (W4) top-1 on the 3,400
-    # held-back calibration images; all 1,600 -> 84.50 / 85.88, at twice the time.
-    stats_images: int = 512
-    seed: int = 0
-    skip: tuple[str, ...] = ()  # module names (or fnmatch patterns) left in float
-    layer_bits: tuple[tuple[str, int], ...] = ()  # per-layer bit overrides: (name or pattern, bits)
-    quantize_linear: bool = True
-    adapter_dtype: str = "float16"  # storage (and counted bits) of the adapter factors
-    progress: bool = True
-    extras: dict = field(default_factory=dict, compare=False, hash=False)
+    rho_init: float | None = 0.9
+    bn_mode: str = "train"
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(f"invalid CoRaConfig: {msg}")
+        _choice("loss", self.loss, ("auto",) + LOSSES)
+        _choice("budget_mode", self.budget_mode, BUDGET_MODES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("search_bn", self.bn_mode, BN_MODES)
+        _int("iterations", self.iterations, 1)
+        _int("batch_size", self.batch_size, 1)
+        _int("order", self.order, 1)
+        _positive("lr", self.lr)
+        _positive("gamma", self.gamma, allow_zero=True)
+        _positive("grad_clip", self.grad_clip)
+        if self.rho_init is not None:
+            _positive("rho_init", self.rho_init)
+            if self.rho_init > 1.0:
+                _bad(f"rho_init={self.rho_init!r} must be in (0, 1]")
 
-        if self.bits not in SUPPORTED_BITS:
-            bad(f"bits={self.bits!r} not supported; choose one of {SUPPORTED_BITS}")
-        for name, value, allowed in (
-            ("method", self.method, METHODS),
-            ("loss", self.loss, ("auto",) + LOSSES),
-            ("granularity", self.granularity, GRANULARITIES),
-            ("range_method", self.range_method, RANGES),
-            ("rounding", self.rounding, ROUNDINGS),
-            ("factorization", self.factorization, FACTORIZATIONS),
-            ("budget_mode", self.budget_mode, BUDGET_MODES),
-            ("search_bn", self.search_bn, BN_MODES),
-            ("tune_loss", self.tune_loss, ("auto",) + LOSSES),
-            ("optimizer", self.optimizer, ("adam", "sgd")),
-            ("adapter_dtype", self.adapter_dtype, ("float16", "bfloat16", "float32")),
-        ):
-            if value not in allowed:
-                bad(f"{name}={value!r}; choose one of {allowed}")
-        for name in ("bits", "iterations", "batch_size", "calib_images", "stats_images", "order", "budget", "tune_iterations", "tune_batch_size"):
-            if isinstance(getattr(self, name), bool):
-                bad(f"{name}={getattr(self, name)!r} must be a number, not a bool")
-        if not (isinstance(self.budget, (int, float)) and 0.0 < self.budget <= 1.0):
-            bad(f"budget={self.budget!r} must be in (0, 1]")
-        if not (isinstance(self.iterations, int) and self.iterations >= 1):
-            bad(f"iterations={self.iterations!r} must be an integer >= 1")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            bad(f"batch_size={self.batch_size!r} must be an integer >= 1")
-        if not (isinstance(self.calib_images, int) and self.calib_images >= 1):
-            bad(f"calib_images={self.calib_images!r} must be an integer >= 1")
-        if not (isinstance(self.stats_images, int) and self.stats_images >= 1):
-            bad(f"stats_images={self.stats_images!r} must be an integer >= 1")
-        if not isinstance(self.bn_reestimate, bool):
-            bad(f"bn_reestimate={self.bn_reestimate!r} must be True or False")
-        if not (isinstance(self.tune_iterations, int) and self.tune_iterations >= 0):
-            bad(f"tune_iterations={self.tune_iterations!r} must be an integer >= 0 (0: no adapter tuning)")
-        if not (isinstance(self.tune_batch_size, int) and self.tune_batch_size >= 1):
-            bad(f"tune_batch_size={self.tune_batch_size!r} must be an integer >= 1")
-        if not self.tune_lr > 0:
-            bad(f"tune_lr={self.tune_lr!r} must be > 0")
-        if not self.std_k > 0:
-            bad(f"std_k={self.std_k!r} must be > 0")
-        if not self.lr > 0:
-            bad(f"lr={self.lr!r} must be > 0")
-        if not (isinstance(self.order, int) and self.order >= 1):
-            bad(f"order={self.order!r} must be an integer >= 1")
-        if self.rho_init is not None and not 0.0 < self.rho_init <= 1.0:
-            bad(f"rho_init={self.rho_init!r} must be in (0, 1]")
-        if self.grad_clip <= 0:
-            bad(f"grad_clip={self.grad_clip!r} must be > 0")
-        if self.gptq_damp < 0:
-            bad(f"gptq_damp={self.gptq_damp!r} must be >= 0")
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """End-to-end tuning of all adapters (only A and B move) after the ranks are fixed.
+
+    ``iterations`` 0 turns it off. ``loss``: ``ce`` (labels required), ``kl`` (to the float logits) or
+    ``auto`` (ce with labels; without labels no tuning). Adam with a cosine decay from ``lr``, batches
+    of ``batch_size`` calibration images.
+    """
+
+    iterations: int = 250
+    loss: str = "auto"
+    lr: float = 1e-3
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _int("tune_iterations", self.iterations, 0)
+        _choice("tune_loss", self.loss, ("auto",) + LOSSES)
+        _positive("tune_lr", self.lr)
+        _int("tune_batch_size", self.batch_size, 1)
+
+
+_SECTIONS = {"quantizer": QuantizerConfig, "adapter": AdapterConfig, "search": SearchConfig, "tune": TuneConfig}
+
+# Flat keyword -> (section, field). The flat names are those of cora 0.1.0's flat config.
+FLAT_FIELDS: dict[str, tuple[str, str]] = {
+    **{f.name: ("quantizer", f.name) for f in dataclasses.fields(QuantizerConfig)},
+    "factorization": ("adapter", "factorization"),
+    "refine": ("adapter", "refine"),
+    "adapter_dtype": ("adapter", "dtype"),
+    **{f.name: ("search", f.name) for f in dataclasses.fields(SearchConfig) if f.name != "bn_mode"},
+    "search_bn": ("search", "bn_mode"),
+    "tune_iterations": ("tune", "iterations"),
+    "tune_loss": ("tune", "loss"),
+    "tune_lr": ("tune", "lr"),
+    "tune_batch_size": ("tune", "batch_size"),
+}
+
+
+def _canonical_method(method, *, warn: bool = True):
+    if isinstance(method, str) and method in DEPRECATED_METHODS:
+        new = DEPRECATED_METHODS[method]
+        if warn:
+            warnings.warn(f"method={method!r} is deprecated; it is now called {new!r}", DeprecationWarning, stacklevel=4)
+        return new
+    return method
+
+
+@dataclass(frozen=True, init=False)
+class CoRaConfig:
+    """Everything a conversion needs; validated on construction.
+
+    Top level: ``bits`` (every quantized layer unless ``layer_bits`` says otherwise), ``method``
+    (``auto``: ``search`` with labelled calibration data, ``uniform`` without; see :meth:`resolved`),
+    ``budget`` (adapter parameters as a fraction of all conv weight parameters; held exactly),
+    ``calib_images``, ``seed``, ``skip`` (names or fnmatch patterns left in float), ``layer_bits``
+    (``(pattern, bits)`` overrides), ``quantize_linear``, ``bn_reestimate`` (re-estimate BatchNorm
+    statistics on the calibration images after building; off: the float statistics are kept),
+    ``progress``. Then the four sections. Use :meth:`paper` for the published recipe.
+    """
+
+    bits: int = 4
+    method: str = "auto"
+    budget: float = 0.05
+    calib_images: int = 1600
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+    layer_bits: tuple[tuple[str, int], ...] = ()
+    quantize_linear: bool = True
+    bn_reestimate: bool = False
+    progress: bool = True
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    version: int = CONFIG_VERSION
+
+    def __init__(self, **kwargs) -> None:
+        sections = {name: kwargs.pop(name, None) for name in _SECTIONS}
+        flat: dict[str, dict] = {name: {} for name in _SECTIONS}
+        for key in [k for k in kwargs if k in FLAT_FIELDS]:
+            section, name = FLAT_FIELDS[key]
+            flat[section][name] = kwargs.pop(key)
+        top = {f.name for f in dataclasses.fields(self) if f.name not in _SECTIONS}
+        unknown = sorted(set(kwargs) - top)
+        if unknown:
+            raise TypeError(f"CoRaConfig got unknown field(s) {unknown}")
+        for f in dataclasses.fields(self):
+            if f.name in _SECTIONS:
+                cls, given = _SECTIONS[f.name], sections[f.name]
+                if given is None:
+                    given = cls()
+                elif isinstance(given, dict):
+                    given = cls(**given)
+                elif not isinstance(given, cls):
+                    _bad(f"{f.name} must be a {cls.__name__} or a dict, got {type(given).__name__}")
+                value = dataclasses.replace(given, **flat[f.name]) if flat[f.name] else given
+            elif f.name in kwargs:
+                value = kwargs[f.name]
+            else:
+                value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        object.__setattr__(self, "method", _canonical_method(self.method))
+        if self.version != CONFIG_VERSION:
+            _bad(f"version={self.version!r}; this cora writes version {CONFIG_VERSION} (use from_dict for older dicts)")
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            _bad(f"bits={self.bits!r} not supported; choose one of {SUPPORTED_BITS}")
+        _choice("method", self.method, METHODS)
+        if isinstance(self.budget, bool) or not (isinstance(self.budget, numbers.Real) and 0.0 < self.budget <= 1.0):
+            _bad(f"budget={self.budget!r} must be in (0, 1]")
+        _int("calib_images", self.calib_images, 1)
+        for name in ("quantize_linear", "bn_reestimate", "progress"):
+            _bool(name, getattr(self, name))
         object.__setattr__(self, "skip", tuple(self.skip))
         object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in self.layer_bits))
         for pattern, b in self.layer_bits:
             if b not in SUPPORTED_BITS:
-                bad(f"layer_bits for {pattern!r}: {b} not supported; choose one of {SUPPORTED_BITS}")
+                _bad(f"layer_bits for {pattern!r}: {b} not supported; choose one of {SUPPORTED_BITS}")
 
+    def __getattr__(self, name: str):
+        # flat aliases (``config.iterations`` -> ``config.search.iterations``); only called for names
+        # that are not real attributes
+        if name in FLAT_FIELDS:
+            section, field_name = FLAT_FIELDS[name]
+            return getattr(object.__getattribute__(self, section), field_name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # ------------------------------------------------------------------ derived configs
     @classmethod
     def paper(cls, bits: int = 4, **overrides) -> "CoRaConfig":
-        """The published recipe (per-tensor, mean ± 5·std, nearest rounding, weight SVD, CE + penalty)."""
+        """The published recipe: per-tensor mean ± 5·std ranges, round to nearest, weight-space SVD,
+        searched ranks by CE with the exp budget penalty, no refinement and no tuning."""
         base = dict(
             bits=bits,
-            method="cora",  # and no adapter tuning (tune_iterations=0 below)
+            method="search",
             granularity="tensor",
             range_method="std",
             std_k=5.0,
@@ -176,29 +335,84 @@ class CoRaConfig:
         return cls(**base)
 
     def resolved(self, has_labels: bool) -> "CoRaConfig":
-        """This config with every "auto" choice made, for calibration data with or without labels.
+        """This config with every "auto" choice made; the one place labels are checked against the losses.
 
-        With labels: ``method`` cora, ``loss`` ce, ``tune_loss`` ce. Without: heuristic, kl, and no
-        tuning (``tune_iterations=0``; KL tuning showed no reliable gain on the held-out images).
+        With labels: ``method`` search, ``search.loss`` ce, ``tune.loss`` ce. Without: uniform, kl,
+        and no tuning (``tune.iterations=0``). Raises ``ValueError`` when an explicit cross-entropy
+        loss would run without labels.
         """
+        adapters = self.method != "none"
+        if not has_labels:
+            if self.method == "search" and self.search.loss == "ce":
+                raise ValueError("loss='ce' needs labelled calibration data; pass (images, labels) or use loss='kl' (or 'auto')")
+            if adapters and self.tune.iterations and self.tune.loss == "ce":
+                raise ValueError(
+                    "tune_loss='ce' needs labelled calibration data; pass (images, labels) or use tune_loss='kl' (or 'auto')"
+                )
         changes: dict = {}
         if self.method == "auto":
-            changes["method"] = "cora" if has_labels else "heuristic"
-        if self.loss == "auto":
+            changes["method"] = "search" if has_labels else "uniform"
+        if self.search.loss == "auto":
             changes["loss"] = "ce" if has_labels else "kl"
-        if self.tune_loss == "auto":
+        if self.tune.loss == "auto":
             changes["tune_loss"] = "ce" if has_labels else "kl"
             if not has_labels:
                 changes["tune_iterations"] = 0
         return self.replace(**changes) if changes else self
 
     def replace(self, **changes) -> "CoRaConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (top-level, section or flat alias names), validated again."""
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        current.update(changes)
+        return type(self)(**current)
 
+    # ------------------------------------------------------------------ dicts
     def to_dict(self) -> dict:
+        """A nested, JSON-ready dict with ``version``; :meth:`from_dict` inverts it."""
         d = dataclasses.asdict(self)
-        d.pop("extras", None)
         d["skip"] = list(self.skip)
         d["layer_bits"] = [list(x) for x in self.layer_bits]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CoRaConfig":
+        """Rebuild a config from :meth:`to_dict` (a checkpoint's ``config``), or from a version-1 flat dict.
+
+        Version-1 method names (``cora``, ``heuristic``, ``rtn``) are mapped without a warning: they
+        are what older checkpoints and result files recorded.
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"CoRaConfig.from_dict expects a dict, got {type(d).__name__}")
+        d = dict(d)
+        version = d.pop("version", 1)
+        if version == 1:
+            d.pop("extras", None)
+        elif version != CONFIG_VERSION:
+            raise ValueError(f"config version {version!r} is not supported (this cora reads 1 and {CONFIG_VERSION})")
+        d["method"] = _canonical_method(d.get("method", "auto"), warn=False)
+        d["layer_bits"] = tuple(tuple(x) for x in d.get("layer_bits", ()))
+        d["skip"] = tuple(d.get("skip", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LayerDefaults:
+    """Defaults of the data-free, one-layer constructors ``CoRaConv2d.from_conv`` / ``QuantLinear.from_linear``.
+
+    They differ from the config's on purpose: a single layer built without calibration data has no
+    input statistics, so the activation-aware factorization and GPTQ (which need them) are not
+    available; the adapter factorizes the weight-space residual (the paper's SVD) and the codes are
+    round-to-nearest on the real (min-max) range, the plain drop-in a user expects. Granularity,
+    ``std_k`` and the adapter storage are the config's.
+    """
+
+    per_channel: bool = QuantizerConfig.granularity == "channel"
+    range_method: str = "minmax"
+    std_k: float = QuantizerConfig.std_k
+    factorization: str = "weight"
+    adapter_dtype: str = AdapterConfig.dtype
+    conv_bits: int = CoRaConfig.bits
+    linear_bits: int = 8  # a Linear built alone keeps 8 bits: it carries the logits
+
+
+LAYER_DEFAULTS = LayerDefaults()

@@ -1,4 +1,21 @@
-"""``convert``: the one public verb that turns a float model into a CoRa model."""
+"""``convert``: the one public verb that turns a float model into a CoRa model, as five phases.
+
+::
+
+    float model + calibration images
+      1. quantize_base   every chosen layer, in execution order: ranges, then GPTQ (or nearest) rounding
+                         on the inputs of the partly quantized model; the residual W - Q(W) of each
+                         adapted conv is factorized (residual.py)
+      2. choose_ranks    uniform ranks, or the Butterworth search (search.py), under the budget (budget.py)
+      3. build_layers    CoRaConv2d / QuantLinear in place of every chosen layer; with ``refine``, each
+                         adapter re-fitted on the inputs it really sees
+      4. tune_layers     all adapters trained jointly, end to end (tune.py), when the config asks for it
+      5. make_report     ranks, adapter fraction, equivalent bits, timings -> ``model.cora_report``
+
+The model copies involved are named by role: ``float_model`` (the caller's, only read),
+``output`` (what is returned), ``partly_quantized`` (phase 1: a float copy whose layers turn
+quantized one by one), ``search_copy`` (phase 2) and ``float_reference`` (phase 3).
+"""
 from __future__ import annotations
 
 import copy
@@ -10,15 +27,31 @@ import torch
 import torch.nn as nn
 
 from ._modules_util import set_submodule
-from .calibration import collect_hessians, execution_order, materialize, model_logits, paired_moments, reestimate_batchnorm
+from .budget import AdaptedLayer, adapter_fraction, conv_weight_count, uniform_ranks
+from .calibration import CalibrationSet, Objective, model_logits
 from .config import CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
+from .progress import progress_bar
 from .quantizer import compute_qparams, dequantize, gptq_quantize, quantize
 from .residual import adapter_from_factors, factorize_residual, regression_residual
-from .search import AdaptedLayer, Progress, adapter_fraction, heuristic_ranks, search_ranks
+from .search import search_ranks
+from .statistics import collect_hessians, execution_order, paired_moments, reestimate_batchnorm
 from .tune import tune_adapters
 
-__all__ = ["convert", "ConversionReport", "quantizable_layers"]
+__all__ = [
+    "convert",
+    "ConversionReport",
+    "QuantizedWeight",
+    "BaseQuantization",
+    "RankChoice",
+    "TuneOutcome",
+    "quantizable_layers",
+    "quantize_base",
+    "choose_ranks",
+    "build_layers",
+    "tune_layers",
+    "make_report",
+]
 
 
 @dataclass
@@ -48,6 +81,72 @@ class ConversionReport:
         return asdict(self)
 
 
+@dataclass
+class QuantizedWeight:
+    """One layer's base quantization: ``W_q = scale * (codes - zero)``.
+
+    ``codes`` uint8 in the PyTorch weight layout (``[C_out, C_in/groups, kh, kw]`` or ``[C_out, C_in]``);
+    ``scale`` and ``zero`` float32 ``[C_out]``.
+    """
+
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def dequantized(self) -> torch.Tensor:
+        """``W_q`` float32, the weight's shape."""
+        return dequantize(self.codes, self.scale, self.zero)
+
+
+@dataclass
+class BaseQuantization:
+    """Phase 1's result: every chosen layer's quantized weight (execution order), the convs that get an
+    adapter with their factorized residuals, and the images the layer statistics came from."""
+
+    weights: dict[str, QuantizedWeight]
+    adapted: list[AdaptedLayer]
+    statistics_images: torch.Tensor  # [n, C, H, W], a seeded subset of the calibration images
+
+
+@dataclass
+class RankChoice:
+    """Phase 2's result: one rank per adapted conv, and what the search did (zeros when it did not run)."""
+
+    ranks: dict[str, int]
+    iterations: int = 0
+    seconds: float = 0.0
+    continuous_budget: float | None = None
+    trace: list = field(default_factory=list)
+
+
+@dataclass
+class TuneOutcome:
+    """Phase 4's result: the loss the tuning ran with (None: it did not run), its steps and seconds."""
+
+    loss: str | None = None
+    iterations: int = 0
+    seconds: float = 0.0
+
+
+class _FloatLogits:
+    """The float model's logits on the calibration images, computed once, on first use (KL losses)."""
+
+    def __init__(self, float_model: nn.Module, data: CalibrationSet) -> None:
+        self.float_model, self.data, self._logits = float_model, data, None
+
+    def get(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = model_logits(self.float_model, self.data.images)
+        return self._logits
+
+    def objective(self, kind: str) -> Objective:
+        if kind == "ce":
+            return Objective("ce", labels=self.data.labels)
+        return Objective("kl", teacher_logits=self.get())
+
+
+# ---------------------------------------------------------------------------------------- layers
 def _matches(name: str, patterns) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -71,7 +170,8 @@ def quantizable_layers(model: nn.Module, config: CoRaConfig) -> tuple[dict[str, 
                 raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
             chosen[name] = mod
     if not chosen:
-        raise ValueError("the model has no Conv2d or Linear layer to quantize" + (f" (skipped: {sorted(skipped)})" if skipped else ""))
+        why = f" (skipped: {sorted(skipped)})" if skipped else ""
+        raise ValueError("the model has no Conv2d or Linear layer to quantize" + why)
     return chosen, skipped
 
 
@@ -82,182 +182,211 @@ def _layer_bits(name: str, config: CoRaConfig) -> int:
     return config.bits
 
 
+# ---------------------------------------------------------------------------------------- phases
+def quantize_base(
+    float_model: nn.Module, output: nn.Module, layers: dict[str, nn.Module], data: CalibrationSet,
+    config: CoRaConfig, skipped: dict[str, str],
+) -> BaseQuantization:
+    """Phase 1: ranges and rounding of every chosen layer, in execution order, and the residual factors.
+
+    ``layers``: name -> float layer of ``float_model``. With sequential GPTQ each layer's statistics
+    come from the inputs the partly quantized model produces (every earlier layer already rounded).
+    Grouped convs are quantized without an adapter (recorded in ``skipped``).
+    """
+    q, adapters = config.quantizer, config.method != "none"
+    needs_statistics = q.rounding == "gptq" or (config.adapter.factorization == "activation" and adapters)
+    order = execution_order(output, list(layers), data.images[:1])
+    stats_images = data.statistics_subset(q.stats_images, config.seed)
+    layers = {n: layers[n] for n in order}
+    sequential = q.sequential and needs_statistics
+    if sequential or not needs_statistics:
+        hessians = {}
+    else:
+        hessians = collect_hessians(output, {n: output.get_submodule(n) for n in layers}, stats_images)
+    partly_quantized = copy.deepcopy(float_model) if sequential else None
+    device = data.images.device
+    weights: dict[str, QuantizedWeight] = {}
+    adapted: list[AdaptedLayer] = []
+    with progress_bar(len(layers), "quantize", config.progress) as bar:
+        for name, mod in layers.items():
+            bits = _layer_bits(name, config)
+            w = mod.weight.detach().float().cpu()
+            scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=q.range_method, std_k=q.std_k)
+            if sequential and getattr(mod, "groups", 1) == 1:
+                h = paired_moments(float_model, partly_quantized, name, stats_images, seed=config.seed)[0]
+            else:
+                h = hessians.get(name)
+            h = h.cpu() if h is not None else None  # None: the layer never runs on these images
+            if q.rounding == "gptq" and h is not None:
+                codes = gptq_quantize(
+                    w.reshape(w.shape[0], -1), h, scale, zero, bits, damp=q.gptq_damp, act_order=q.gptq_act_order
+                ).reshape(w.shape)
+            else:
+                codes = quantize(w, scale, zero, bits)
+            weights[name] = QuantizedWeight(bits, codes, scale, zero)
+            qw = weights[name].dequantized()
+            if partly_quantized is not None:
+                with torch.no_grad():
+                    partly_quantized.get_submodule(name).weight.copy_(qw.to(device))
+            if isinstance(mod, nn.Conv2d) and adapters:
+                if mod.groups != 1:
+                    skipped[name] = "grouped/depthwise conv: quantized without adapter"
+                else:
+                    # without input statistics (a layer the calibration data never reaches): weight-space SVD
+                    method = config.adapter.factorization if h is not None else "weight"
+                    adapted.append(AdaptedLayer(name, qw, factorize_residual(w - qw, method=method, hessian=h)))
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+    return BaseQuantization(weights, adapted, stats_images)
+
+
+def choose_ranks(
+    float_model: nn.Module, base: BaseQuantization, data: CalibrationSet, config: CoRaConfig, float_logits: _FloatLogits,
+    conv_params: int,
+) -> RankChoice:
+    """Phase 2: the adapter rank of every adapted conv, under ``config.budget`` (a resolved config).
+
+    ``conv_params``: the float model's conv weight count, which the budget is a fraction of.
+    """
+    adapted = base.adapted
+    if config.method == "uniform" and adapted:
+        return RankChoice(uniform_ranks(adapted, config.budget, conv_params))
+    if config.method != "search" or not adapted:
+        return RankChoice({l.name: 0 for l in adapted})
+    objective = float_logits.objective(config.search.loss)
+    search_copy = copy.deepcopy(float_model)
+    with torch.no_grad():
+        adapted_names = {l.name for l in adapted}
+        for name, qw in base.weights.items():
+            if name not in adapted_names:  # fixed quantized layers during the search
+                search_copy.get_submodule(name).weight.copy_(qw.dequantized().to(data.images.device))
+    rep = search_ranks(
+        search_copy, adapted, data.images, objective, budget=config.budget, conv_params=conv_params,
+        settings=config.search, seed=config.seed, progress=config.progress,
+    )
+    return RankChoice(rep.ranks, rep.iterations, rep.seconds, rep.continuous_budget, rep.trace)
+
+
+def build_layers(
+    float_model: nn.Module, output: nn.Module, layers: dict[str, nn.Module], base: BaseQuantization,
+    ranks: RankChoice, data: CalibrationSet, config: CoRaConfig,
+) -> tuple[int, int]:
+    """Phase 3: replace every chosen layer of ``output`` by its ``CoRaConv2d`` / ``QuantLinear``, in order.
+
+    With ``adapter.refine`` (and the activation-aware factorization), each adapter is re-fitted on the
+    inputs it will really see (every earlier layer final) to reproduce the float outputs. With
+    ``bn_reestimate`` the BatchNorm statistics are then re-estimated on the calibration images.
+    Returns ``(bits stored, weights)`` over the chosen layers, for the equivalent bits.
+    """
+    factors = {l.name: l.factors for l in base.adapted}
+    refine = config.adapter.refine and config.adapter.factorization == "activation"
+    float_reference = copy.deepcopy(float_model) if refine and any(ranks.ranks.values()) else None
+    total_bits = total_weights = 0
+    with progress_bar(len(base.weights), "build", config.progress and float_reference is not None) as bar:
+        for name, qw in base.weights.items():
+            mod = layers[name]
+            if isinstance(mod, nn.Conv2d):
+                r = ranks.ranks.get(name, 0)
+                adapter = None
+                h_qq = h_fq = None
+                if r and float_reference is not None:
+                    h_qq, h_fq = paired_moments(float_reference, output, name, base.statistics_images, seed=config.seed)
+                if h_qq is not None:
+                    w = mod.weight.detach().float().cpu()
+                    target = regression_residual(w, qw.dequantized(), h_qq.cpu(), h_fq.cpu())
+                    adapter = adapter_from_factors(factorize_residual(target, method="activation", hessian=h_qq.cpu()), r)
+                elif r:
+                    adapter = adapter_from_factors(factors[name], r)
+                new = CoRaConv2d.from_conv(
+                    mod, qw.bits, codes=qw.codes, scale=qw.scale, zero=qw.zero, adapter=adapter,
+                    adapter_dtype=config.adapter.dtype,
+                )
+            else:
+                new = QuantLinear.from_linear(mod, qw.bits, codes=qw.codes, scale=qw.scale, zero=qw.zero)
+            new.train(mod.training)
+            total_bits += new.storage_bits()
+            total_weights += mod.weight.numel()
+            set_submodule(output, name, new)
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+    del float_reference
+    if config.bn_reestimate:  # asked for: BatchNorm statistics of the quantized model on the calibration images
+        reestimate_batchnorm(output, data.images, batch_size=config.tune.batch_size, seed=config.seed)
+    return total_bits, total_weights
+
+
+def tune_layers(
+    output: nn.Module, ranks: RankChoice, data: CalibrationSet, config: CoRaConfig, float_logits: _FloatLogits
+) -> TuneOutcome:
+    """Phase 4: joint, end-to-end tuning of the adapters of ``output`` (a resolved config decides if it runs)."""
+    t = config.tune
+    if config.method == "none" or not t.iterations or not any(ranks.ranks.values()):
+        return TuneOutcome()
+    rep = tune_adapters(
+        output, data.images, float_logits.objective(t.loss), iterations=t.iterations, lr=t.lr,
+        batch_size=t.batch_size, seed=config.seed, progress=config.progress,
+    )
+    return TuneOutcome(t.loss, rep.iterations, rep.seconds)
+
+
+def make_report(
+    config: CoRaConfig, skipped: dict[str, str], base: BaseQuantization,
+    ranks: RankChoice, storage: tuple[int, int], tuning: TuneOutcome, conv_params: int, calib_images: int, seconds: float,
+) -> ConversionReport:
+    """Phase 5: the :class:`ConversionReport` (the resolved config, so "auto" choices are on record)."""
+    total_bits, total_weights = storage
+    return ConversionReport(
+        method=config.method,
+        bits=config.bits,
+        budget=config.budget,
+        ranks=dict(ranks.ranks),
+        adapter_fraction=adapter_fraction(ranks.ranks, base.adapted, conv_params) if base.adapted else 0.0,
+        equiv_bits=total_bits / total_weights,
+        iterations=ranks.iterations,
+        calib_images=calib_images,
+        search_seconds=ranks.seconds,
+        total_seconds=seconds,
+        quantized=list(base.weights),
+        skipped=skipped,
+        config=config.to_dict(),
+        continuous_budget=ranks.continuous_budget,
+        trace=ranks.trace,
+        tune_loss=tuning.loss,
+        tune_iterations=tuning.iterations,
+        tune_seconds=tuning.seconds,
+    )
+
+
+# ---------------------------------------------------------------------------------------- the verb
 def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplace: bool = False) -> nn.Module:
-    """Quantize ``model``'s convs to ``CoRaConv2d`` (with searched adapters) and linears to ``QuantLinear``.
+    """Quantize ``model``'s convs to ``CoRaConv2d`` (with adapters) and linears to ``QuantLinear``.
 
     ``calib``: calibration data, a DataLoader of ``(images, labels)``, of bare image batches, or
     tensors; the first ``config.calib_images`` samples are used. Labels change what the "auto" config
     choices do (:meth:`CoRaConfig.resolved`) and are required for an explicit ``loss``/``tune_loss="ce"``.
     Runs on the device the model is on. Returns the converted model (a copy unless ``inplace=True``;
-    BatchNorm statistics are kept unless ``config.bn_reestimate``) with the :class:`ConversionReport` as ``model.cora_report``.
+    BatchNorm statistics are kept unless ``config.bn_reestimate``) with the :class:`ConversionReport`
+    as ``model.cora_report``.
     """
     config = config or CoRaConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     t0 = time.perf_counter()
-    layers, skipped = quantizable_layers(model, config)
-    device = next(model.parameters()).device
-    x, y = materialize(calib, config.calib_images)
-    x = x.to(device)
-    y = y.to(device) if y is not None else None
-    if config.method == "cora" and config.loss == "ce" and y is None:
-        raise ValueError("loss='ce' needs labelled calibration data; pass (images, labels) or use loss='kl' (or 'auto')")
-    if config.method != "rtn" and config.tune_iterations and config.tune_loss == "ce" and y is None:
-        raise ValueError("tune_loss='ce' needs labelled calibration data; pass (images, labels) or use tune_loss='kl' (or 'auto')")
-    config = config.resolved(has_labels=y is not None)  # the report records the choices made
-    work = model if inplace else copy.deepcopy(model)
-    was_training = model.training
-    conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
-    needs_h = config.rounding == "gptq" or (config.factorization == "activation" and config.method != "rtn")
-    order = execution_order(work, list(layers), x[:1])
-    # Layer statistics need far fewer images than the search: a seeded random subset (never the
-    # first images, which may be sorted by class).
-    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(config.seed))[: config.stats_images]
-    xs = x[pick.to(x.device)]
-    layers = {n: layers[n] for n in order}
-    sequential = config.sequential and needs_h
-    hessians = {} if sequential or not needs_h else collect_hessians(work, {n: work.get_submodule(n) for n in layers}, xs)
-    seq_model = copy.deepcopy(model) if sequential else None  # float model whose layers turn quantized in order
-    per_channel = config.granularity == "channel"
+    float_model = model
+    layers, skipped = quantizable_layers(float_model, config)
+    data = CalibrationSet.gather(calib, config.calib_images, next(float_model.parameters()).device)
+    config = config.resolved(has_labels=data.has_labels)
+    output = float_model if inplace else copy.deepcopy(float_model)
+    was_training = float_model.training
+    conv_params = conv_weight_count(float_model)  # before anything is replaced (inplace=True)
+    float_logits = _FloatLogits(float_model, data)
 
-    # 1) base quantization of every chosen layer, in execution order
-    quant: dict[str, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    adapted: list[AdaptedLayer] = []
-    bar = Progress(len(layers), "quantize", config.progress)
-    for i, (name, mod) in enumerate(layers.items(), 1):
-        bits = _layer_bits(name, config)
-        w = mod.weight.detach().float().cpu()
-        scale, zero = compute_qparams(w, bits, per_channel=per_channel, method=config.range_method, std_k=config.std_k)
-        if sequential and getattr(mod, "groups", 1) == 1:
-            h = paired_moments(model, seq_model, name, xs, seed=config.seed)[0]
-            h = h.cpu() if h is not None else None  # None: the layer never runs on these inputs
-        else:
-            h = hessians.get(name)
-            h = h.cpu() if h is not None else None
-        if config.rounding == "gptq" and h is not None:
-            codes = gptq_quantize(w.reshape(w.shape[0], -1), h, scale, zero, bits, damp=config.gptq_damp, act_order=config.gptq_act_order).reshape(w.shape)
-        else:
-            codes = quantize(w, scale, zero, bits)
-        quant[name] = (bits, codes, scale, zero)
-        qw = dequantize(codes, scale, zero)
-        if seq_model is not None:
-            with torch.no_grad():
-                seq_model.get_submodule(name).weight.copy_(qw.to(device))
-        if isinstance(mod, nn.Conv2d) and config.method != "rtn":
-            if mod.groups != 1:
-                skipped[name] = "grouped/depthwise conv: quantized without adapter"
-            else:
-                # without input statistics (a layer the calibration data never reaches) fall back to
-                # the weight-space SVD
-                method = config.factorization if h is not None else "weight"
-                factors = factorize_residual(w - qw, method=method, hessian=h)
-                adapted.append(AdaptedLayer(name, qw, factors))
-        bar.update(i, name)
-    del seq_model
-
-    # 2) ranks
-    teacher = None  # the float model's logits on the calibration images, when a KL loss needs them
-    ranks = {l.name: 0 for l in adapted}
-    iterations, search_seconds, cont, trace = 0, 0.0, None, []
-    if config.method == "heuristic" and adapted:
-        ranks = heuristic_ranks(adapted, config.budget, conv_params)
-    elif config.method == "cora" and adapted:
-        teacher = model_logits(model, x) if config.loss == "kl" else None
-        search_model = copy.deepcopy(model)
-        with torch.no_grad():
-            adapted_names = {l.name for l in adapted}
-            for name, (bits, codes, scale, zero) in quant.items():
-                if name not in adapted_names:  # fixed quantized layers during the search
-                    search_model.get_submodule(name).weight.copy_(dequantize(codes, scale, zero).to(device))
-        rep = search_ranks(
-            search_model,
-            adapted,
-            x,
-            budget=config.budget,
-            conv_params=conv_params,
-            iterations=config.iterations,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            order=config.order,
-            gamma=config.gamma,
-            grad_clip=config.grad_clip,
-            rho_init=config.rho_init,
-            loss=config.loss,
-            labels=y,
-            teacher_logits=teacher,
-            budget_mode=config.budget_mode,
-            optimizer=config.optimizer,
-            bn_mode=config.search_bn,
-            seed=config.seed,
-            progress=config.progress,
-        )
-        del search_model
-        ranks, iterations, search_seconds, cont, trace = rep.ranks, rep.iterations, rep.seconds, rep.continuous_budget, rep.trace
-
-    # 3) build the quantized modules, in execution order; with `refine`, each adapter is re-fitted on
-    #    the inputs it will really see (every earlier layer final) to reproduce the float outputs
-    factors = {l.name: l.factors for l in adapted}
-    refine = config.refine and config.factorization == "activation"
-    reference = copy.deepcopy(model) if refine and any(ranks.values()) else None
-    total_bits = total_weights = 0
-    bar = Progress(len(layers), "build", config.progress and reference is not None)
-    for i, (name, mod) in enumerate(layers.items(), 1):
-        bits, codes, scale, zero = quant[name]
-        if isinstance(mod, nn.Conv2d):
-            r = ranks.get(name, 0)
-            adapter = None
-            h_qq = h_fq = None
-            if r and reference is not None:
-                h_qq, h_fq = paired_moments(reference, work, name, xs, seed=config.seed)
-            if h_qq is not None:
-                w = mod.weight.detach().float().cpu()
-                target = regression_residual(w, dequantize(codes, scale, zero), h_qq.cpu(), h_fq.cpu())
-                adapter = adapter_from_factors(factorize_residual(target, method="activation", hessian=h_qq.cpu()), r)
-            elif r:
-                adapter = adapter_from_factors(factors[name], r)
-            new = CoRaConv2d.from_conv(mod, bits, codes=codes, scale=scale, zero=zero, adapter=adapter, adapter_dtype=config.adapter_dtype)
-        else:
-            new = QuantLinear.from_linear(mod, bits, codes=codes, scale=scale, zero=zero)
-        new.train(mod.training)
-        total_bits += new.storage_bits()
-        total_weights += mod.weight.numel()
-        set_submodule(work, name, new)
-        bar.update(i, name)
-    del reference
-    if config.bn_reestimate:  # asked for: BatchNorm statistics of the quantized model on the calibration images
-        reestimate_batchnorm(work, x, batch_size=config.tune_batch_size, seed=config.seed)
-
-    # 4) joint, end-to-end tuning of the adapters (ranks, codes and everything else fixed)
-    tune_loss, tune_iters, tune_seconds = None, 0, 0.0
-    if config.method != "rtn" and config.tune_iterations and any(ranks.values()):
-        tune_loss = config.tune_loss
-        if tune_loss == "kl" and teacher is None:  # the search's float logits serve here too
-            teacher = model_logits(model, x)
-        rep = tune_adapters(
-            work, x, loss=tune_loss, labels=y, teacher_logits=teacher, iterations=config.tune_iterations,
-            lr=config.tune_lr, batch_size=config.tune_batch_size, seed=config.seed,
-            progress=Progress(config.tune_iterations, "tune", config.progress),
-        )
-        tune_iters, tune_seconds = rep.iterations, rep.seconds
-    work.train(was_training)
-    work.cora_report = ConversionReport(
-        method=config.method,
-        bits=config.bits,
-        budget=config.budget,
-        ranks=dict(ranks),
-        adapter_fraction=adapter_fraction(ranks, adapted, conv_params) if adapted else 0.0,
-        equiv_bits=total_bits / total_weights,
-        iterations=iterations,
-        calib_images=int(x.shape[0]),
-        search_seconds=search_seconds,
-        total_seconds=time.perf_counter() - t0,
-        quantized=list(layers),
-        skipped=skipped,
-        config=config.to_dict(),
-        continuous_budget=cont,
-        trace=trace,
-        tune_loss=tune_loss,
-        tune_iterations=tune_iters,
-        tune_seconds=tune_seconds,
+    base = quantize_base(float_model, output, layers, data, config, skipped)
+    ranks = choose_ranks(float_model, base, data, config, float_logits, conv_params)
+    storage = build_layers(float_model, output, layers, base, ranks, data, config)
+    tuning = tune_layers(output, ranks, data, config, float_logits)
+    output.train(was_training)
+    output.cora_report = make_report(
+        config, skipped, base, ranks, storage, tuning, conv_params, len(data), time.perf_counter() - t0
     )
-    return work
+    return output

@@ -3,7 +3,7 @@
 After :func:`cora.convert` a ResNet block still runs conv -> BN -> ReLU -> conv -> BN -> add -> ReLU
 as separate steps.  :func:`deploy` rewrites the model so that every ``CoRaConv2d`` directly followed
 by a ``BatchNorm2d`` becomes one :class:`DeployedConv`, a single ``cora::conv2d`` call whose epilogue
-applies the BatchNorm, the residual add and the ReLU (design.md §3.2, §3.4):
+applies the BatchNorm, the residual add and the ReLU:
 
 * ``CifarBasicBlock`` and torchvision ``BasicBlock`` -> :class:`DeployedBasicBlock`
   (two launches, plus the shortcut: a folded 1x1 conv+BN ``downsample`` or the parameter-free
@@ -44,6 +44,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from cora_kernels.ops import Backend
+
 from .modules import CoRaConv2d, QuantLinear
 
 __all__ = ["deploy", "warmup", "weight_bytes", "DeployedConv", "DeployedBasicBlock", "DeployedBottleneck"]
@@ -73,16 +75,19 @@ class DeployedConv(nn.Module):
     and bias are used as stored; ``bn`` (optional, eval statistics) is folded into fp32
     ``out_scale``/``out_shift`` ``[C_out]``; ``relu`` is applied last.  Input ``[N, C_in, H, W]``
     (float32/float16/bfloat16, NCHW or channels_last); ``residual`` ``[N, C_out, OH, OW]`` or None.
-    Non-zero padding modes and asymmetric ``'same'`` padding are applied to the input first,
-    exactly as :meth:`CoRaConv2d._padded_input` does.  Inference only (no autograd).
+    Non-zero padding modes and asymmetric ``'same'`` padding are applied to the input first, as
+    :meth:`CoRaConv2d.op_forward` (which builds the op's arguments) does.  ``backend``: as for
+    :class:`CoRaConv2d` (None: the conv's, then ``CORA_BACKEND``).  Inference only (no autograd).
     """
 
-    def __init__(self, conv: CoRaConv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False) -> None:
+    def __init__(self, conv: CoRaConv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False,
+                 backend: Backend | str | None = None) -> None:
         super().__init__()
         if not isinstance(conv, CoRaConv2d):
             raise TypeError(f"DeployedConv wraps a CoRaConv2d, got {type(conv).__name__}")
         self.conv = conv
         self.relu = bool(relu)
+        self.backend = None if backend is None else Backend(backend)
         # The op takes the zero point as a floating tensor; uint8 values are exact in float16.
         self.register_buffer("zero_f", conv.zero.detach().to(torch.float16))
         if bn is not None:
@@ -99,18 +104,9 @@ class DeployedConv(nn.Module):
         return self.out_scale is not None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        from cora_kernels import cora_conv2d
-
-        c = self.conv
-        x, pad = c._padded_input(x)
-        rank = c.adapter_a.shape[0]
-        a = c.adapter_a if rank else None
-        b = c.adapter_b if rank else None
-        return cora_conv2d(
-            x, c.packed_planes(), c.scale, self.zero_f, a, b, c.bias,
-            bits=c.bits, kernel_size=c.kernel_size, stride=c.stride, padding=pad, dilation=c.dilation,
-            out_scale=self.out_scale, out_shift=self.out_shift, residual=residual, relu=self.relu,
-            groups=c.groups, in_channels=c.in_channels,
+        return self.conv.op_forward(
+            x, zero=self.zero_f, out_scale=self.out_scale, out_shift=self.out_shift, residual=residual,
+            relu=self.relu, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -164,7 +160,7 @@ def _deployed_downsample(ds) -> nn.Module | None:
 
 def _deploy_block(block: nn.Module, stats: dict) -> nn.Module | None:
     """The deployed form of a known residual block, or None when it does not fit the pattern."""
-    from .models.cifar_resnet import CifarBasicBlock
+    from .experiments.cifar_resnet import CifarBasicBlock
 
     basic, bottleneck, _ = _torchvision_blocks()
     if isinstance(block, CifarBasicBlock) or isinstance(block, basic):
@@ -189,7 +185,7 @@ def _deploy_block(block: nn.Module, stats: dict) -> nn.Module | None:
 
 def _deploy_stem(model: nn.Module, stats: dict) -> None:
     """``conv1``/``bn1`` (+ReLU) at the top of CifarResNet and torchvision ResNet."""
-    from .models.cifar_resnet import CifarResNet
+    from .experiments.cifar_resnet import CifarResNet
 
     _, _, resnet = _torchvision_blocks()
     if not isinstance(model, (CifarResNet, *resnet)):
@@ -242,14 +238,16 @@ def _rewrite(module: nn.Module, stats: dict) -> None:
         _deploy_sequential(module, stats)
 
 
-def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def deploy(model: nn.Module, *, inplace: bool = False, backend: Backend | str | None = None) -> nn.Module:
     """The inference form of a converted model: BatchNorm folded, ReLU and residual adds fused.
 
     ``model``: a model returned by :func:`cora.convert` or :func:`cora.load` (it must contain at
     least one ``CoRaConv2d``).  Returns a new model (``inplace=False``, the input is left unchanged)
     or the same one rewritten (``inplace=True``), in eval mode, with ``cora_deploy`` set to
-    ``{"blocks": fused residual blocks, "folded_bn": BatchNorms folded}``.  See the module
-    docstring for the patterns recognised and the (exact, fp32 epilogue) BatchNorm folding.
+    ``{"blocks": fused residual blocks, "folded_bn": BatchNorms folded}``.  ``backend`` (see
+    :class:`cora_kernels.Backend`), when given, is set on every deployed and quantized conv; None
+    keeps theirs (by default ``CORA_BACKEND`` decides, at call time).  See the module docstring for
+    the patterns recognised and the (exact, fp32 epilogue) BatchNorm folding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy expects an nn.Module, got {type(model).__name__}")
@@ -263,6 +261,10 @@ def deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     with torch.no_grad():
         _deploy_stem(work, stats)
         _rewrite(work, stats)
+    if backend is not None:
+        for m in work.modules():
+            if isinstance(m, (DeployedConv, CoRaConv2d)):
+                m.backend = Backend(backend)
     work.eval()
     work.cora_deploy = stats
     return work

@@ -14,15 +14,16 @@ Stored state (all buffers, so ``state_dict()`` round-trips exactly):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from cora_kernels.geometry import PADDING_MODES, explicit_padding, pad_input
+from cora_kernels.ops import Backend, resolve_backend
 from cora_kernels.packing import PACK_FORMAT_VERSION, from_gemm_layout, pack_codes, plane_bits, to_gemm_layout, unpack_codes
 
+from .config import LAYER_DEFAULTS
 from .quantizer import compute_qparams, dequantize, quantize
 from .residual import adapter_from_factors, factorize_residual, full_rank
 
@@ -41,7 +42,6 @@ class _PackedWeightMixin:
     """Shared storage of packed codes, scale and zero point (see the module docstring)."""
 
     bits: int
-    out_features_: int
     k_gemm: int
     weight_shape: tuple[int, ...]
 
@@ -130,6 +130,12 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
 
     Build with :meth:`from_conv`. :meth:`effective_weight` returns ``Q(W) + B·A`` for checks and
     :meth:`reference_forward` is the plain-PyTorch path (differentiable w.r.t. the input).
+
+    ``backend`` (``"auto"``, ``"triton"``, ``"reference"`` or a :class:`cora_kernels.Backend`; None:
+    ``CORA_BACKEND``, read at call time) picks the forward: the fused op (:meth:`op_forward`) when
+    :func:`cora_kernels.resolve_backend` says Triton (on CUDA, for ``auto``), else
+    :meth:`reference_forward`. Anything that needs gradients takes the reference path. The backend
+    is a runtime choice, not saved with the layer.
     """
 
     def __init__(
@@ -144,14 +150,15 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
-        bits: int = 4,
+        bits: int = LAYER_DEFAULTS.conv_bits,
         rank: int = 0,
-        adapter_dtype: str | torch.dtype = "float16",
+        adapter_dtype: str | torch.dtype = LAYER_DEFAULTS.adapter_dtype,
+        backend: Backend | str | None = None,
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must be divisible by groups {groups}")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        if padding_mode not in PADDING_MODES:
             raise ValueError(f"unsupported padding_mode {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -165,7 +172,7 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         self.bits = int(bits)
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.k_gemm = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
-        self._pad_lrtb = self._explicit_padding()
+        self._pad_lrtb = explicit_padding(self.padding, self.kernel_size, self.dilation)
         max_rank = full_rank(self.weight_shape)
         if not 0 <= rank <= max_rank:
             raise ValueError(f"rank {rank} outside [0, {max_rank}] for weight shape {self.weight_shape}")
@@ -176,25 +183,26 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         self.register_buffer("adapter_a", torch.zeros(rank, self.k_gemm, dtype=dt))
         self.register_buffer("adapter_b", torch.zeros(out_channels, rank, dtype=dt))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self.backend = None if backend is None else Backend(backend)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_conv(
         cls,
         conv: nn.Conv2d,
-        bits: int = 4,
+        bits: int = LAYER_DEFAULTS.conv_bits,
         rank: int = 0,
         *,
-        per_channel: bool = True,
-        range_method: str = "minmax",
-        std_k: float = 5.0,
+        per_channel: bool = LAYER_DEFAULTS.per_channel,
+        range_method: str = LAYER_DEFAULTS.range_method,
+        std_k: float = LAYER_DEFAULTS.std_k,
         codes: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
         zero: torch.Tensor | None = None,
-        factorization: str = "weight",
+        factorization: str = LAYER_DEFAULTS.factorization,
         hessian: torch.Tensor | None = None,
         adapter: tuple[torch.Tensor, torch.Tensor] | None = None,
-        adapter_dtype: str | torch.dtype = "float16",
+        adapter_dtype: str | torch.dtype = LAYER_DEFAULTS.adapter_dtype,
     ) -> "CoRaConv2d":
         """Quantize ``conv`` and attach a rank-``rank`` residual adapter.
 
@@ -202,7 +210,9 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         ``codes`` (integer ``[C_out, C_in/groups, kh, kw]``), ``scale`` and ``zero`` (``[C_out]``) to
         use another rounding (e.g. GPTQ). The adapter factorizes the residual ``W - Q(W)``
         (``factorization`` ``"weight"`` or ``"activation"`` with ``hessian`` ``[K, K]``, K in PyTorch
-        order), or is given directly as ``adapter=(A [r, C_in, kh, kw], B [C_out, r])``.
+        order), or is given directly as ``adapter=(A [r, C_in, kh, kw], B [C_out, r])``. The defaults
+        are those of a layer built without calibration data (:class:`cora.config.LayerDefaults` says
+        why they differ from :class:`cora.CoRaConfig`'s).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects nn.Conv2d, got {type(conv).__name__}")
@@ -275,26 +285,9 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         return self._storage_bits(self.adapter_params, torch.finfo(self.adapter_a.dtype).bits)
 
     # ------------------------------------------------------------------ forward
-    def _explicit_padding(self) -> tuple[int, int, int, int]:
-        """(left, right, top, bottom) zero/mode padding that reproduces ``self.padding``."""
-        if self.padding == "valid":
-            return (0, 0, 0, 0)
-        if self.padding == "same":
-            out = []
-            for d, k in zip(self.dilation[::-1], self.kernel_size[::-1]):  # width first, like F.pad
-                total = d * (k - 1)
-                out += [total // 2, total - total // 2]
-            return tuple(out)
-        ph, pw = self.padding
-        return (pw, pw, ph, ph)
-
     def _padded_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pad ``x`` where the conv cannot (non-zero modes, asymmetric 'same'); returns the conv padding."""
-        left, right, top, bottom = self._pad_lrtb
-        if self.padding_mode == "zeros" and left == right and top == bottom:
-            return x, (top, left)
-        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        return F.pad(x, self._pad_lrtb, mode=mode), (0, 0)
+        return pad_input(x, self._pad_lrtb, self.padding_mode)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain-PyTorch forward (dequantize, conv, two adapter convs, bias); autograd-friendly."""
@@ -309,26 +302,36 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
             y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
         return y
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference forward through the ``cora::conv2d`` op (the fused Triton kernel on CUDA; no autograd)."""
+    def op_forward(
+        self,
+        x: torch.Tensor,
+        *,
+        zero: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
+        out_shift: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        relu: bool = False,
+        backend: Backend | str | None = None,
+    ) -> torch.Tensor:
+        """This layer through the ``cora::conv2d`` op, with an optional fused epilogue (no autograd).
+
+        The one builder of the op's arguments (the deployed conv calls it too): packed planes, fp16
+        ``scale``, ``zero`` as float16 (pass a cached copy, or None to convert ``self.zero``; uint8
+        values are exact in float16), adapters, bias and geometry; non-zero padding modes are applied
+        to ``x`` first. ``out_scale``/``out_shift`` ``[C_out]`` (folded BatchNorm), ``residual``
+        ``[N, C_out, OH, OW]`` and ``relu`` are applied after the bias, in that order. ``backend``:
+        None uses this layer's (and then ``CORA_BACKEND``).
+        """
         from cora_kernels import cora_conv2d
 
         x, pad = self._padded_input(x)
-        a = self.adapter_a if self.rank else None
-        b = self.adapter_b if self.rank else None
+        a, b = (self.adapter_a, self.adapter_b) if self.rank else (None, None)
         return cora_conv2d(
-            x, self.packed_planes(), self.scale.float(), self.zero.float(), a, b, self.bias,
-            bits=self.bits, kernel_size=self.kernel_size, stride=self.stride, padding=pad,
-            dilation=self.dilation, groups=self.groups, in_channels=self.in_channels,
+            x, self.packed_planes(), self.scale, self.zero.to(torch.float16) if zero is None else zero, a, b, self.bias,
+            bits=self.bits, kernel_size=self.kernel_size, stride=self.stride, padding=pad, dilation=self.dilation,
+            out_scale=out_scale, out_shift=out_shift, residual=residual, relu=relu, groups=self.groups,
+            in_channels=self.in_channels, backend=self.backend if backend is None else backend,
         )
-
-    def _use_fused(self, x: torch.Tensor) -> bool:
-        # The op has no autograd: anything that needs gradients takes the reference path. On the CPU the
-        # reference path is also the default (the op would only call the same reference), unless
-        # CORA_BACKEND asks for the op explicitly (e.g. the Triton interpreter in tests).
-        if torch.is_grad_enabled() and (x.requires_grad or self.adapter_a.requires_grad):
-            return False
-        return x.is_cuda or bool(os.environ.get("CORA_BACKEND"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("CoRaConv2d", x, self.in_channels, self.scale)
@@ -337,7 +340,11 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        y = self.fused_forward(x) if self._use_fused(x) else self.reference_forward(x)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.adapter_a.requires_grad)
+        if resolve_backend(self.backend, x, groups=self.groups, needs_grad=needs_grad) is Backend.TRITON:
+            y = self.op_forward(x, backend=Backend.TRITON)
+        else:
+            y = self.reference_forward(x)
         return y.squeeze(0) if unbatched else y
 
     # ------------------------------------------------------------------ state
@@ -369,7 +376,7 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
 class QuantLinear(_PackedWeightMixin, nn.Module):
     """A b-bit weight-only ``nn.Linear`` (no adapter); input ``[..., in_features]``, output in the input dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = LAYER_DEFAULTS.linear_bits) -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, int(bits)
         self.weight_shape = (out_features, in_features)
@@ -381,11 +388,11 @@ class QuantLinear(_PackedWeightMixin, nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        bits: int = 8,
+        bits: int = LAYER_DEFAULTS.linear_bits,
         *,
-        per_channel: bool = True,
-        range_method: str = "minmax",
-        std_k: float = 5.0,
+        per_channel: bool = LAYER_DEFAULTS.per_channel,
+        range_method: str = LAYER_DEFAULTS.range_method,
+        std_k: float = LAYER_DEFAULTS.std_k,
         codes: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
         zero: torch.Tensor | None = None,

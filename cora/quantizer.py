@@ -1,6 +1,6 @@
 """Uniform affine b-bit weight quantization (fake-quant reference) and GPTQ-style rounding.
 
-Convention (design.md §1.1): ``scale = (hi - lo) / (2**b - 1)``, ``zero = round(-lo / scale)``,
+Convention: ``scale = (hi - lo) / (2**b - 1)``, ``zero = round(-lo / scale)``,
 ``q = clamp(round(W / scale) + zero, 0, 2**b - 1)``, ``Q(W) = scale * (q - zero)``.
 
 Shapes: a weight ``W`` is ``[C_out, ...]`` (conv ``[C_out, C_in, kh, kw]`` or linear ``[C_out, C_in]``).
@@ -12,6 +12,8 @@ The range always contains 0 so that ``zero`` is representable in b bits.
 from __future__ import annotations
 
 import torch
+
+from cora_kernels.packing import SUPPORTED_BITS
 
 __all__ = [
     "qmax",
@@ -68,8 +70,8 @@ def compute_qparams(
     range, the paper's setting) or ``"mse"`` (a grid search over both ends of the range, i.e. over
     scale and zero point jointly, minimising the squared weight error per row).
     """
-    if bits < 1 or bits > 8:
-        raise ValueError(f"bits={bits} outside 1..8")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} not supported; choose one of {SUPPORTED_BITS}")
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf; cannot quantize")
     w = w.detach().to(torch.float32)
@@ -217,5 +219,3 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
                 return U
         extra = base * 1e-2 if extra == 0 else extra * 10
     raise RuntimeError("GPTQ: the calibration second-moment matrix is not positive definite")
-
-

@@ -13,7 +13,7 @@ Two factorizations:
   space (Eckart–Young).
 * ``"activation"``: with ``H = E[x xᵀ] = L Lᵀ`` the second moment of the layer's im2col inputs, the SVD
   of ``D L = U S Vᵀ`` mapped back with ``Vt = Vᵀ L⁻¹``; the top-r part minimises ``E‖(D - BA) x‖²``,
-  i.e. the error of the layer's *output* on the calibration inputs (design.md §1.2).
+  i.e. the error of the layer's *output* on the calibration inputs.
 """
 from __future__ import annotations
 

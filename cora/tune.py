@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._modules_util import set_submodule
-from .config import LOSSES
+from .calibration import Objective
 from .modules import CoRaConv2d
+from .progress import progress_bar
 
 __all__ = ["tune_adapters", "TuneReport"]
 
@@ -70,31 +71,26 @@ class _TrainableAdapterConv(nn.Module):
 def tune_adapters(
     model: nn.Module,
     images: torch.Tensor,
+    objective: Objective,
     *,
-    loss: str = "kl",
-    labels: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
     iterations: int = 250,
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
-    progress=None,
+    progress: bool = False,
 ) -> TuneReport:
     """Train the adapters of every ``CoRaConv2d`` (rank > 0) in ``model``, in place.
 
-    ``images``: float ``[N, C, H, W]`` calibration inputs on the model's device. ``loss="ce"`` needs
-    ``labels`` (int64 ``[N]``); ``loss="kl"`` needs ``teacher_logits`` (float ``[N, classes]``, the
-    float model's eval-mode outputs on ``images``). Adam with a cosine learning-rate decay over
-    ``iterations`` steps of ``batch_size`` images drawn with ``seed`` (a private generator: the global
-    RNG is not touched). ``progress``: a ``Progress``-like object with ``update(step, text)``, or None.
-    Nothing but the adapters changes; the model's training mode and ``requires_grad`` flags are restored.
+    ``images``: float ``[N, C, H, W]`` calibration inputs on the model's device; ``objective``: the
+    task loss on them (:class:`cora.calibration.Objective`: cross-entropy to their labels, or KL to
+    the float model's logits). Adam with a cosine learning-rate decay over ``iterations`` steps of
+    ``batch_size`` images drawn with ``seed`` (a private generator: the global RNG is not touched).
+    ``progress``: show a progress bar. Nothing but the adapters changes; the model's training mode
+    and ``requires_grad`` flags are restored.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"tune loss {loss!r}; choose one of {LOSSES}")
-    if loss == "ce" and labels is None:
-        raise ValueError("adapter tuning with loss='ce' needs labelled calibration data; pass (images, labels) or use loss='kl'")
-    if loss == "kl" and teacher_logits is None:
-        raise ValueError("adapter tuning with loss='kl' needs the float model's logits")
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be a cora.calibration.Objective, got {type(objective).__name__}")
+    loss = objective.kind
     n = images.shape[0]
     if n == 0:
         raise ValueError("adapter tuning needs at least one calibration image")
@@ -107,6 +103,7 @@ def tune_adapters(
     frozen = {p: p.requires_grad for p in model.parameters()}
     wrappers: dict[str, _TrainableAdapterConv] = {}
     done = False
+    bar = progress_bar(iterations, "tune", progress)
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -122,11 +119,7 @@ def tune_adapters(
         losses = []
         for it in range(1, iterations + 1):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(images.device)
-            out = model(images[idx]).float()
-            if loss == "ce":
-                value = F.cross_entropy(out, labels[idx])
-            else:
-                value = F.kl_div(F.log_softmax(out, -1), F.log_softmax(teacher_logits[idx].float(), -1), log_target=True, reduction="batchmean")
+            value = objective(model(images[idx]), idx)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -134,10 +127,11 @@ def tune_adapters(
             losses.append(float(value.detach()))
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"adapter tuning diverged at iteration {it} (loss {losses[-1]}); lower tune_lr")
-            if progress is not None:
-                progress.update(it, f"{loss} {sum(losses[-tenth:]) / len(losses[-tenth:]):.4f}")
+            bar.set_postfix_str(f"{loss} {sum(losses[-tenth:]) / len(losses[-tenth:]):.4f}", refresh=False)
+            bar.update(1)
         done = True
     finally:
+        bar.close()
         # on failure the layers go back untouched, never half-trained
         for name, w in wrappers.items():
             set_submodule(model, name, w.write_back() if done else w.layer)

@@ -27,9 +27,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import cora  # noqa: E402
-from cora.data import cifar10_calibration, cifar10_test  # noqa: E402
+from cora.experiments.data import cifar10_calibration, cifar10_test  # noqa: E402
 from cora.deploy import deploy, warmup, weight_bytes  # noqa: E402
-from cora.models import cifar_resnet, load_cifar_resnet  # noqa: E402
+from cora.experiments.models import cifar_resnet, load_cifar_resnet  # noqa: E402
 
 
 def mib(n: int) -> str:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     else:
         float_model = load_cifar_resnet(args.depth, shared=args.shared)
         calib, _ = cifar10_calibration(250, shared=args.shared).tensors()
-        cfg = cora.CoRaConfig(bits=args.bits, method="heuristic", budget=0.05, rounding="nearest",
+        cfg = cora.CoRaConfig(bits=args.bits, method="uniform", budget=0.05, rounding="nearest",
                               range_method="minmax", factorization="weight", sequential=False, refine=False,
                               progress=False, calib_images=250, tune_iterations=0)  # the fast path, for a demo
         converted = cora.convert(float_model, calib, cfg)

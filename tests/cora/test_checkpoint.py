@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from cora import CoRaConfig, CoRaConv2d, convert
 from cora.checkpoint import CheckpointError, load, read_metadata, save
-from cora.models import build_model, cifar_resnet
+from cora.experiments.models import build_model, cifar_resnet
 
 torch.set_num_threads(1)
 
@@ -21,7 +21,8 @@ def qmodel():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 3, 32, 32, generator=g)
     # nearest rounding + weight SVD: the fastest conversion that still gives adapters
-    q = convert(m, x, CoRaConfig(method="heuristic", rounding="nearest", factorization="weight", calib_images=32, tune_iterations=3, tune_loss="kl", progress=False))
+    q = convert(m, x, CoRaConfig(method="uniform", rounding="nearest", factorization="weight", calib_images=32,
+                                 tune_iterations=3, tune_loss="kl", progress=False))
     q.cora_architecture = {"name": "cifar_resnet8"}
     return q
 
@@ -35,6 +36,22 @@ def saved(qmodel, tmp_path_factory):
 
 def _x():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def test_recorded_config_rebuilds_and_reruns(qmodel, saved):
+    """The config a checkpoint records (resolved, versioned) rebuilds with CoRaConfig.from_dict and
+    converts to the same model again."""
+    meta = read_metadata(saved)
+    config = CoRaConfig.from_dict(meta["config"])
+    assert config.to_dict() == meta["config"] == load(saved).cora_report.config
+    assert config.method == "uniform" and config.tune.loss == "kl"
+    torch.manual_seed(0)
+    m = cifar_resnet(8).eval()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    again = convert(m, x, config)
+    for k, v in qmodel.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(again.state_dict()[k], v), k
 
 
 def test_build_model_supports_name():
@@ -91,7 +108,7 @@ def test_metadata_contents(saved, qmodel):
     assert isinstance(meta["layers"], dict) and "conv1" in meta["layers"]
     assert meta["layers"]["conv1"]["type"] == "CoRaConv2d"
     assert meta["report"]["ranks"] == qmodel.cora_report.ranks
-    assert meta["config"]["method"] == "heuristic"
+    assert meta["config"]["method"] == "uniform"
 
 
 def test_truncated_file_raises(saved, tmp_path):
@@ -189,12 +206,12 @@ def test_save_unconverted_model_raises(tmp_path):
 
 def test_cifar_resnet20_pretrained_round_trip(tmp_path):
     """A checkpoint of the pretrained model with BN num_batches_tracked (0-dim tensors) saves and loads."""
-    from cora.models import load_cifar_resnet
+    from cora.experiments.models import load_cifar_resnet
 
     m = load_cifar_resnet(20)
     assert any(v.dim() == 0 for v in m.state_dict().values())
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    q = convert(m, x, CoRaConfig(method="rtn", rounding="nearest", range_method="minmax", calib_images=16, progress=False))
+    q = convert(m, x, CoRaConfig(method="none", rounding="nearest", range_method="minmax", calib_images=16, progress=False))
     q.cora_architecture = {"name": "cifar_resnet20"}
     path = save(q, tmp_path / "r20.safetensors")
     back = load(path)
@@ -207,7 +224,7 @@ def test_mobilenet_round_trip_grouped_and_linear_bits(tmp_path):
     torch.manual_seed(0)
     m = build_model("mobilenet_v2")
     x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
-    cfg = CoRaConfig(bits=3, method="heuristic", range_method="minmax", rounding="nearest", factorization="weight",
+    cfg = CoRaConfig(bits=3, method="uniform", range_method="minmax", rounding="nearest", factorization="weight",
                      calib_images=4, tune_iterations=0, progress=False, layer_bits=(("classifier.*", 8),))
     q = convert(m, x, cfg)
     q.cora_architecture = {"name": "mobilenet_v2"}

@@ -1,4 +1,4 @@
-"""The command line (cora/__main__.py): clear one-line errors, and one bounded end-to-end run."""
+"""The command line (cora/cli.py): clear one-line errors, and one bounded end-to-end run."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cora.__main__ import main
+from cora.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BAD_ARGS = {
     "bits5": ["quantize", "cifar_resnet20", "--bits", "5"],
@@ -105,17 +105,18 @@ def _run(args, timeout=600):
 @pytest.mark.parametrize("rtn", [False, True], ids=["no_rtn", "rtn"])
 def test_end_to_end_quantize_then_eval(tmp_path, rtn):
     ckpt = tmp_path / "ckpt.safetensors"
-    args = ["quantize", "cifar_resnet20", "--bits", "4", "--calib", "160", "--iters", "5", "--tune-iters", "5", "--json", "--quiet",
+    args = ["quantize", "cifar_resnet20", "--bits", "4", "--calib", "160", "--iters", "5", "--tune-iters", "5", "--json",
+            "--quiet",
             "--eval-split", "holdout", "--out", str(ckpt)]
     if not rtn:
-        args += ["--no-rtn", "--method", "heuristic"]  # uniform ranks; the other run takes the default (auto)
+        args += ["--no-rtn", "--method", "uniform"]  # uniform ranks; the other run takes the default (auto)
     res = _run(args)
     for k in KEYS:
         assert k in res, k
     assert ("rtn_acc" in res) == rtn
     assert res["adapter_fraction"] <= 0.05
     # the CIFAR calibration set has labels: auto = ranks searched by CE, adapters tuned by CE
-    assert res["method"] == ("cora" if rtn else "heuristic") and res["loss"] == "ce"
+    assert res["method"] == ("search" if rtn else "uniform") and res["loss"] == "ce"
     assert res["iterations"] == (5 if rtn else 0) and res["calib_images"] == 160
     assert res["tune_iterations"] == 5 and res["tune_loss"] == "ce"
     assert 0 <= res["acc"] <= 100 and 0 <= res["float_acc"] <= 100
@@ -126,3 +127,15 @@ def test_end_to_end_quantize_then_eval(tmp_path, rtn):
     back = _run(["eval", "--checkpoint", str(ckpt), "--eval-split", "holdout", "--json"])
     assert back["acc"] == res["acc"]
     assert back["eval_images"] == res["eval_images"]
+
+
+@pytest.mark.parametrize("old,new", [("cora", "search"), ("heuristic", "uniform"), ("rtn", "none")])
+def test_old_method_names_still_work_with_a_warning(old, new, capsys):
+    from cora.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "cifar_resnet20", "--method", old])
+    assert args.method == new
+    err = capsys.readouterr().err
+    assert "deprecated" in err and f"--method {new}" in err
+    assert build_parser().parse_args(["quantize", "cifar_resnet20", "--method", new]).method == new
+    assert capsys.readouterr().err == ""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-
 import os
 
 import pytest
@@ -11,8 +10,8 @@ import torch.nn as nn
 
 import cora
 from cora.deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv, deploy, warmup, weight_bytes
-from cora.models import cifar_resnet
-from cora.models.cifar_resnet import CifarBasicBlock
+from cora.experiments.cifar_resnet import CifarBasicBlock
+from cora.experiments.models import cifar_resnet
 from tests.helpers import randomise_bn
 from tests.tolerances import assert_close_rel
 
@@ -24,7 +23,7 @@ def resnet8():
     torch.manual_seed(0)
     model = randomise_bn(cifar_resnet(8), seed=1)
     calib = torch.randn(8, 3, 32, 32)
-    cfg = cora.CoRaConfig(bits=4, method="heuristic", budget=0.2, rounding="nearest", range_method="minmax",
+    cfg = cora.CoRaConfig(bits=4, method="uniform", budget=0.2, rounding="nearest", range_method="minmax",
                           factorization="weight", sequential=False, refine=False, progress=False,
                           calib_images=8, stats_images=8, tune_iterations=0)
     conv = cora.convert(model, calib, cfg).eval()
@@ -136,7 +135,7 @@ def test_sequential_conv_bn_relu_and_padding_modes(monkeypatch):
     seq = _swap_convs(randomise_bn(seq, 10), bits=4, rank=2, seed=11)
     dep = deploy(seq)
     assert [type(m).__name__ for m in dep] == ["DeployedConv", "Identity", "Identity", "DeployedConv", "Identity",
-                                              "DeployedConv", "Identity", "CoRaConv2d"]
+                                               "DeployedConv", "Identity", "CoRaConv2d"]
     assert (dep[0].relu, dep[0].has_bn, dep[3].relu, dep[3].has_bn, dep[5].relu, dep[5].has_bn) == (
         True, True, True, False, False, True)
     x = torch.randn(2, 3, 7, 8)
@@ -267,3 +266,25 @@ def test_deployed_forward_from_several_threads(resnet8):
             got = list(pool.map(run, xs))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_deploy_backend_is_set_on_every_conv_and_wins_over_the_environment(resnet8, monkeypatch):
+    """deploy(backend=...) goes to every deployed and quantized conv; the op then runs that backend."""
+    import cora_kernels.conv_fused as kernel_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton launcher must not run")
+
+    dep = deploy(resnet8, backend="reference")
+    convs = [m for m in dep.modules() if isinstance(m, (DeployedConv, cora.CoRaConv2d))]
+    assert convs and all(m.backend is cora.Backend.REFERENCE for m in convs)
+    assert all(m.backend is None for m in resnet8.modules() if isinstance(m, cora.CoRaConv2d))  # a copy was changed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = resnet8(x)
+    monkeypatch.setenv("CORA_BACKEND", "triton")
+    monkeypatch.setattr(kernel_mod, "cora_conv2d_triton", refuse)
+    with torch.no_grad():
+        assert_close_rel(dep(x), want, torch.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        deploy(resnet8, backend="gpu")

@@ -268,7 +268,8 @@ def test_given_codes_scale_zero_are_used():
     # the adapter factorizes the residual of THOSE codes
     f = factorize_residual(w - dequantize(codes, s, z))
     A, B = adapter_from_factors(f, 2)
-    assert torch.allclose(m.effective_weight(), dequantize(codes, s, z) + (B.half().float() @ A.half().float().reshape(2, -1)).reshape(w.shape), atol=1e-6)
+    low_rank = (B.half().float() @ A.half().float().reshape(2, -1)).reshape(w.shape)
+    assert torch.allclose(m.effective_weight(), dequantize(codes, s, z) + low_rank, atol=1e-6)
     with pytest.raises(ValueError):
         CoRaConv2d.from_conv(conv, 3, 0, codes=codes)  # codes without scale/zero
     with pytest.raises(ValueError, match="shape"):

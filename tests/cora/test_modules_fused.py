@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cora
 from cora import CoRaConv2d
 from tests.tolerances import assert_close_rel
 
@@ -52,12 +53,38 @@ def test_triton_backend_matches_effective_weight(case, dtype, monkeypatch):
     assert_close_rel(y.cpu(), _expected(m.cpu(), x.cpu()), dtype)
 
 
-def test_reference_backend_through_the_op_matches(monkeypatch):
+def test_reference_backend_matches(monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "reference")
     m = _layer(CASES[0][0], 4, 3, seed=11)
     x = torch.randn(3, 5, 7, 7)
     with torch.no_grad():
         assert_close_rel(m(x), _expected(m, x), torch.float32)
+        # the op's own reference implementation, through the one argument builder
+        assert_close_rel(m.op_forward(x, backend="reference"), _expected(m, x), torch.float32)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("this path must not run")
+
+
+def test_layer_backend_overrides_the_environment(monkeypatch):
+    """One decision (cora_kernels.resolve_backend): the layer's backend first, then CORA_BACKEND."""
+    m = _layer(CASES[0][0], 4, 3, seed=13).to(DEVICE)
+    x = torch.randn(2, 5, 6, 6).to(DEVICE)
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    m.backend = cora.Backend.TRITON
+    monkeypatch.setattr(CoRaConv2d, "reference_forward", _refuse)
+    with torch.no_grad():
+        assert_close_rel(m(x).cpu(), _expected(m.cpu(), x.cpu()), torch.float32)
+    monkeypatch.undo()
+    monkeypatch.setenv("CORA_BACKEND", "triton")
+    m = m.to(DEVICE)
+    m.backend = "reference"
+    monkeypatch.setattr(CoRaConv2d, "op_forward", _refuse)
+    with torch.no_grad():
+        m(x)
+    with pytest.raises(ValueError, match="reference"):
+        CoRaConv2d(3, 4, 3, backend="cuda-please")
 
 
 def test_autograd_uses_reference_path(monkeypatch):

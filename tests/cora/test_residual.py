@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cora.calibration import layer_input_rows
 from cora.quantizer import compute_qparams, fake_quantize
 from cora.residual import ResidualFactors, adapter_from_factors, factorize_residual, full_rank
+from cora.statistics import layer_input_rows
 from tests.tolerances import rel_err
 
 torch.set_num_threads(1)
@@ -159,42 +159,3 @@ def test_matrix_with_weights_is_differentiable():
     assert t.grad is not None and torch.isfinite(t.grad).all()
     # d/dt_i <D_t, D> = S_i * (u_i^T D v_i) = S_i^2 >= 0
     assert torch.allclose(t.grad, f.S**2, rtol=1e-3, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------- the H behind "activation"
-ROW_CONVS = [
-    dict(kernel_size=3, stride=1, padding=1),
-    dict(kernel_size=(3, 5), stride=2, padding=(1, 2)),
-    dict(kernel_size=3, stride=1, padding=2, dilation=2),
-    dict(kernel_size=(2, 4), padding="same"),
-    dict(kernel_size=3, padding="valid"),
-    dict(kernel_size=3, padding=1, padding_mode="reflect"),
-    dict(kernel_size=3, stride=2, padding=1, padding_mode="circular"),
-    dict(kernel_size=1, stride=2),
-]
-
-
-@pytest.mark.parametrize("opts", ROW_CONVS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
-def test_layer_input_rows_are_the_im2col_of_the_conv(opts):
-    """rows @ W_flat^T reproduces the conv output, so H = rows^T rows / n is the right second moment."""
-    from cora.calibration import collect_hessians
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 5, bias=False, **opts)
-    x = torch.randn(2, 3, 9, 10)
-    rows = layer_input_rows(conv, x)
-    with torch.no_grad():
-        y = conv(x)
-    assert rows.shape == (y.shape[0] * y.shape[2] * y.shape[3], conv.weight[0].numel())
-    y_rows = (rows @ conv.weight.detach().reshape(5, -1).T).reshape(y.shape[0], y.shape[2], y.shape[3], 5).permute(0, 3, 1, 2)
-    assert rel_err(y_rows, y) <= 1e-5
-    # a random subset is a subset of those rows
-    sub = layer_input_rows(conv, x, max_rows=7, generator=torch.Generator().manual_seed(1))
-    assert sub.shape == (min(7, rows.shape[0]), rows.shape[1])
-    for r in sub:
-        assert (rows - r).abs().sum(1).min() == 0
-    # collect_hessians with no subsampling is exactly E[x x^T] over all rows
-    model = torch.nn.Sequential(conv)
-    h = collect_hessians(model, {"0": conv}, x, batch_size=1, max_rows=10**9)["0"]
-    ref = rows.double().T @ rows.double() / rows.shape[0]
-    assert rel_err(h, ref) <= 1e-6

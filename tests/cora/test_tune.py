@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cora import CoRaConfig, CoRaConv2d, convert
-from cora.calibration import model_logits
-from cora.models import cifar_resnet
+from cora.calibration import Objective, model_logits
+from cora.experiments.models import cifar_resnet
 from cora.tune import tune_adapters
 from tests.helpers import randomise_bn
 
@@ -32,7 +32,7 @@ def data():
 def _cfg(**kw):
     # W3 with a large budget: a big residual, so there is something for the tuning to win
     base = dict(bits=3, budget=0.3, calib_images=N, stats_images=N, progress=False, rounding="nearest", range_method="minmax",
-                method="heuristic", iterations=5)
+                method="uniform", iterations=5)
     base.update(kw)
     return CoRaConfig(**base)
 
@@ -81,20 +81,23 @@ def test_ce_tuning_fits_labels(model, data, untuned):
 def test_auto_choices_follow_the_labels(model, data):
     x, y = data
     cfg = _cfg(tune_iterations=2, method="auto")
-    assert cfg.method == cfg.loss == cfg.tune_loss == "auto"
+    assert cfg.method == cfg.search.loss == cfg.tune.loss == "auto"
     rep = convert(model, (x, y), cfg).cora_report  # labels: ranks searched by CE, adapters tuned by CE
-    assert (rep.method, rep.config["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations) == ("cora", "ce", "ce", 5, 2)
+    got = (rep.method, rep.config["search"]["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations)
+    assert got == ("search", "ce", "ce", 5, 2)
     rep = convert(model, x, cfg).cora_report  # no labels: uniform ranks, no tuning (KL showed no reliable gain)
-    assert (rep.method, rep.config["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations) == ("heuristic", "kl", None, 0, 0)
-    assert rep.config["method"] == "heuristic" and rep.config["tune_iterations"] == 0
+    got = (rep.method, rep.config["search"]["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations)
+    assert got == ("uniform", "kl", None, 0, 0)
+    assert rep.config["method"] == "uniform" and rep.config["tune"]["iterations"] == 0
     # explicit choices are kept whatever the data
-    assert CoRaConfig(method="cora", loss="kl", tune_loss="kl").resolved(True) == CoRaConfig(method="cora", loss="kl", tune_loss="kl")
+    explicit = CoRaConfig(method="search", loss="kl", tune_loss="kl")
+    assert explicit.resolved(True) == explicit
 
 
-def test_off_for_rtn_paper_and_zero(model, data):
+def test_off_without_adapters_paper_and_zero(model, data):
     x, y = data
-    assert convert(model, (x, y), _cfg(method="rtn")).cora_report.tune_loss is None
-    assert CoRaConfig.paper(4).tune_iterations == 0
+    assert convert(model, (x, y), _cfg(method="none")).cora_report.tune_loss is None
+    assert CoRaConfig.paper(4).tune.iterations == 0
     rep = convert(model, (x, y), _cfg(tune_iterations=0)).cora_report
     assert rep.tune_loss is None and rep.tune_iterations == 0
 
@@ -115,7 +118,7 @@ def test_model_state_restored(model, data, untuned):
     q = copy.deepcopy(untuned).train()
     flags = {n: p.requires_grad for n, p in q.named_parameters()}
     bn = {k: v.clone() for k, v in q.state_dict().items() if "running" in k or "num_batches" in k}
-    tune_adapters(q, x, loss="kl", teacher_logits=model_logits(model, x), iterations=3)
+    tune_adapters(q, x, Objective("kl", teacher_logits=model_logits(model, x)), iterations=3)
     assert q.training
     assert {n: p.requires_grad for n, p in q.named_parameters()} == flags
     for k, v in bn.items():
@@ -131,7 +134,7 @@ def test_divergence_leaves_adapters_untouched(model, data, untuned):
     teacher = model_logits(model, x)
     teacher[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="diverged"):
-        tune_adapters(q, x, loss="kl", teacher_logits=teacher, iterations=3, batch_size=N)
+        tune_adapters(q, x, Objective("kl", teacher_logits=teacher), iterations=3, batch_size=N)
     for k, v in untuned.state_dict().items():
         assert _same(q.state_dict()[k], v), k
     assert all(type(m) is not nn.Module and not hasattr(m, "write_back") for m in q.modules())
@@ -139,17 +142,14 @@ def test_divergence_leaves_adapters_untouched(model, data, untuned):
 
 def test_bad_input_raises(untuned, data):
     x, _ = data
-    with pytest.raises(ValueError, match="label"):
-        tune_adapters(untuned, x, loss="ce")
-    with pytest.raises(ValueError, match="logits"):
-        tune_adapters(untuned, x, loss="kl")
-    with pytest.raises(ValueError, match="choose one of"):
-        tune_adapters(untuned, x, loss="mse")
+    with pytest.raises(TypeError, match="Objective"):
+        tune_adapters(untuned, x, "kl")
     with pytest.raises(ValueError, match="label"):
         convert(cifar_resnet(8).eval(), x, _cfg(tune_iterations=2, tune_loss="ce"))
 
 
-@pytest.mark.parametrize("field,value", [("tune_iterations", -1), ("tune_lr", 0.0), ("tune_batch_size", 0), ("tune_loss", "mse"), ("tune_iterations", True)])
+@pytest.mark.parametrize("field,value", [("tune_iterations", -1), ("tune_lr", 0.0), ("tune_batch_size", 0), ("tune_loss", "mse"),
+                                         ("tune_iterations", True)])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match="invalid CoRaConfig"):
         CoRaConfig(**{field: value})

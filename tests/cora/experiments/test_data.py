@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cora import paths
-from cora.data import (
+from cora.experiments import paths
+from cora.experiments.data import (
     NpzImageDataset,
     calibration_indices,
     cifar10_calibration,
@@ -153,7 +153,7 @@ def test_shared_paths_used():
 
 @pytest.mark.slow
 def test_resnet20_float_accuracy():
-    from cora.models import build_model
+    from cora.experiments.models import build_model
 
     acc = evaluate(build_model("cifar_resnet20"), cifar10_test())
     assert acc == pytest.approx(81.03, abs=0.1)

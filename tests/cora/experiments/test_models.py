@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cora import paths
-from cora.models import (
+from cora.experiments import paths
+from cora.experiments.models import (
     CifarBasicBlock,
     OptionAShortcut,
     build_model,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cora import paths
+from cora.experiments import paths
 
 
 def test_default_resolution_finds_shared_data():

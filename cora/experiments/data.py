@@ -1,7 +1,7 @@
 """Data loading: the shared CIFAR-10 arrays, ImageNet-style image folders, and top-1 evaluation.
 
 Images on disk are uint8 RGB, HWC. Everything handed to a model is float32 NCHW, scaled to
-[0, 1] and normalised with a per-channel mean/std (see :func:`cora.models.model_input_spec`).
+[0, 1] and normalised with a per-channel mean/std (see :func:`cora.experiments.models.model_input_spec`).
 
 Calibration split (``cifar10_calib.npz``: 5,000 images, 500 per class, stored sorted by
 class): ``split="search"`` takes, for each class in order, the first ``n/10`` images of that
@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from cora import paths
-from cora.models import IMAGENET_MEAN, IMAGENET_STD  # one definition of the input normalisation
+from cora.experiments import paths
+from cora.experiments.models import IMAGENET_MEAN, IMAGENET_STD  # one definition of the input normalisation
 
 __all__ = [
     "IMAGENET_MEAN",

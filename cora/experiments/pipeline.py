@@ -6,10 +6,10 @@ import time
 import torch
 import torch.nn as nn
 
-from .config import CoRaConfig
-from .convert import convert
+from ..config import CoRaConfig
+from ..convert import convert
 
-__all__ = ["load_float_model", "calibration_data", "evaluation_data", "rtn_config", "quantize_and_evaluate"]
+__all__ = ["load_float_model", "calibration_data", "evaluation_data", "baseline_config", "quantize_and_evaluate"]
 
 
 def load_float_model(name: str, weights=None, shared=None) -> nn.Module:
@@ -56,11 +56,11 @@ def evaluation_data(name: str, shared=None, data_dir=None, split: str = "test"):
     return image_folder(data_dir, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
 
 
-def rtn_config(config: CoRaConfig) -> CoRaConfig:
-    """The plain baseline next to a config: round to nearest, min-max ranges, same granularity, no adapters."""
-    if config.range_method == "std":  # the paper's quantizer keeps its own ranges
-        return config.replace(method="rtn", rounding="nearest")
-    return config.replace(method="rtn", rounding="nearest", range_method="minmax")
+def baseline_config(config: CoRaConfig) -> CoRaConfig:
+    """The plain RTN baseline next to a config: round to nearest, min-max ranges, same granularity, no adapters."""
+    if config.quantizer.range_method == "std":  # the paper's quantizer keeps its own ranges
+        return config.replace(method="none", rounding="nearest")
+    return config.replace(method="none", rounding="nearest", range_method="minmax")
 
 
 def quantize_and_evaluate(
@@ -90,7 +90,7 @@ def quantize_and_evaluate(
         out["float_acc"] = evaluate(model, evalset)
     if with_rtn:
         t = time.perf_counter()
-        rtn = convert(model, calib, rtn_config(config).replace(progress=False))
+        rtn = convert(model, calib, baseline_config(config).replace(progress=False))
         out["rtn_seconds"] = time.perf_counter() - t
         out["rtn_acc"] = evaluate(rtn, evalset)
         out["rtn_equiv_bits"] = rtn.cora_report.equiv_bits
@@ -103,7 +103,7 @@ def quantize_and_evaluate(
     out["acc"] = evaluate(qmodel, evalset)
     out.update(
         method=rep.method,  # "auto" resolved
-        loss=rep.config["loss"],
+        loss=rep.config["search"]["loss"],
         adapter_fraction=rep.adapter_fraction,
         equiv_bits=rep.equiv_bits,
         iterations=rep.iterations,

@@ -1,24 +1,18 @@
 """CIFAR ResNets of depth 6n+2 (He et al. 2016, §4.2) with "option A" shortcuts.
 
 The module tree matches the published "Proper ResNet Implementation for CIFAR10/CIFAR100 in
-PyTorch" checkpoints (``shared/models/resnet{20,32}-*.th``) key for key once their
-``module.`` prefix is stripped: ``conv1``, ``bn1``, ``layer1``..``layer3`` (each an
+PyTorch" checkpoints (``models/resnet{20,32}-*.th`` in the shared folder) key for key once
+their ``module.`` prefix is stripped: ``conv1``, ``bn1``, ``layer1``..``layer3`` (each an
 ``nn.Sequential`` of :class:`CifarBasicBlock`) and ``linear``.
 
 Layout: inputs are float32 NCHW ``[N, 3, 32, 32]``, normalised with the ImageNet mean/std on
-[0, 1] RGB (see :func:`cora.models.model_input_spec`); outputs are logits ``[N, num_classes]``.
+[0, 1] RGB (see :func:`cora.experiments.models.model_input_spec`); outputs are logits ``[N, num_classes]``.
 """
 from __future__ import annotations
-
-import os
-import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from cora import paths
 
 __all__ = [
     "OptionAShortcut",
@@ -26,7 +20,6 @@ __all__ = [
     "CifarResNet",
     "blocks_per_stage",
     "cifar_resnet",
-    "load_cifar_resnet",
 ]
 
 STAGE_WIDTHS = (16, 32, 64)
@@ -128,79 +121,3 @@ def blocks_per_stage(depth: int) -> int:
 def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
     """A freshly (Kaiming-)initialised CIFAR ResNet of the given depth."""
     return CifarResNet(blocks_per_stage(depth), num_classes)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load ``path`` as a checkpoint: a dict with ``state_dict`` (or a bare state dict), with
-    any DataParallel ``module.`` prefix stripped."""
-    try:
-        obj = torch.load(path, map_location="cpu")
-    except Exception as e:  # pickle errors, zip errors, weights_only refusals, ...
-        raise ValueError(f"{path} is not a readable torch checkpoint: {type(e).__name__}: {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise ValueError(
-            f"{path} is not a checkpoint: expected a state dict (str -> Tensor) or a dict with "
-            f"'state_dict', got {type(obj).__name__}"
-        )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _checkpoint_blocks(state: dict[str, torch.Tensor]) -> int | None:
-    idx = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
-    return max(idx) + 1 if idx else None
-
-
-def _fmt_keys(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def load_cifar_resnet(
-    depth: int,
-    weights: str | os.PathLike | None = None,
-    shared: str | os.PathLike | None = None,
-) -> CifarResNet:
-    """A CIFAR ResNet with pretrained weights, in eval mode.
-
-    ``weights`` is a checkpoint path; by default ``models/resnet{depth}-*.th`` is looked up
-    in the shared folder (``shared``, ``CORA_SHARED`` or ``../shared``, see
-    :mod:`cora.paths`). The load is strict. Raises ``FileNotFoundError`` (naming every place
-    looked at), or ``ValueError`` for a file that is not a checkpoint or does not fit the depth.
-    """
-    model = cifar_resnet(depth)
-    if weights is None:
-        path = paths.find_glob(f"models/resnet{depth}-*.th", shared)
-    else:
-        path = paths.find_file(weights, shared)
-    state = _read_state_dict(path)
-    expected = model.state_dict()
-    # The checkpoints predate BatchNorm's num_batches_tracked counter; it only matters for
-    # momentum=None training, so a zero fills it.
-    for k in expected:
-        if k.endswith("num_batches_tracked") and k not in state and k.replace(
-            "num_batches_tracked", "running_mean"
-        ) in state:
-            state[k] = torch.zeros((), dtype=torch.long)
-    # num_batches_tracked is optional (see above), so it is never reported as missing.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        got = _checkpoint_blocks(state)
-        head = f"{path} does not fit cifar_resnet{depth}"
-        if got is not None and got != model.n:
-            head += f": checkpoint has {got} blocks per stage (depth {6 * got + 2}), cifar_resnet{depth} expects {model.n}"
-        parts = [head]
-        if missing:
-            parts.append(f"missing keys: {_fmt_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
-        raise ValueError("; ".join(parts))
-    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path} does not fit cifar_resnet{depth}: shape mismatch for {_fmt_keys(bad)}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()

@@ -3,7 +3,8 @@ torchvision's classification models (random weights or a local state-dict file; 
 ever downloaded).
 
 ``build_model("cifar_resnet20")`` gives the pretrained ResNet-20 in eval mode;
-``model_input_spec(name)`` gives the input normalisation and size the model expects.
+``model_input_spec(name)`` gives the input normalisation and size the model expects;
+:func:`read_state_dict` is the one reader of ``.th`` / ``.pt`` state-dict files.
 """
 from __future__ import annotations
 
@@ -14,14 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cora import paths
-from cora.models.cifar_resnet import (
+from cora.experiments import paths
+from cora.experiments.cifar_resnet import (
     CifarBasicBlock,
     CifarResNet,
     OptionAShortcut,
     blocks_per_stage,
     cifar_resnet,
-    load_cifar_resnet,
 )
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "load_cifar_resnet",
     "build_model",
     "model_input_spec",
+    "read_state_dict",
     "torchvision_model_names",
 ]
 
@@ -100,22 +101,10 @@ def build_model(
     model = tvm.get_model(name, weights=None)
     if weights not in (None, False, True):
         path = paths.find_file(weights, shared)
-        model.load_state_dict(_read_plain_state_dict(path), strict=True)
+        model.load_state_dict(read_state_dict(path), strict=True)
     elif pretrained_torchvision or weights is True:
         model.load_state_dict(_cached_torchvision_state(name), strict=True)
     return model.eval()
-
-
-def _read_plain_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {type(e).__name__}: {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a state dict (got {type(obj).__name__})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _cached_torchvision_state(name: str) -> dict[str, torch.Tensor]:
@@ -129,7 +118,7 @@ def _cached_torchvision_state(name: str) -> dict[str, torch.Tensor]:
             f"pretrained weights for {name} are not in the local cache ({cached}); cora never "
             f"downloads: fetch {w.url} yourself and pass weights=<file>"
         )
-    return _read_plain_state_dict(cached)
+    return read_state_dict(cached)
 
 
 def model_input_spec(name: str) -> dict:
@@ -156,3 +145,79 @@ def model_input_spec(name: str) -> dict:
         pass
     return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "image_size": size, "resize_size": resize,
             "num_classes": 1000, "layout": layout}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load ``path`` as a checkpoint: a dict with ``state_dict`` (or a bare state dict), with
+    any DataParallel ``module.`` prefix stripped."""
+    try:
+        obj = torch.load(path, map_location="cpu")
+    except Exception as e:  # pickle errors, zip errors, weights_only refusals, ...
+        raise ValueError(f"{path} is not a readable torch checkpoint: {type(e).__name__}: {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(
+            f"{path} is not a checkpoint: expected a state dict (str -> Tensor) or a dict with "
+            f"'state_dict', got {type(obj).__name__}"
+        )
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _checkpoint_blocks(state: dict[str, torch.Tensor]) -> int | None:
+    idx = {int(m.group(1)) for k in state if (m := re.match(r"layer1\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else None
+
+
+def _fmt_keys(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_cifar_resnet(
+    depth: int,
+    weights: str | os.PathLike | None = None,
+    shared: str | os.PathLike | None = None,
+) -> CifarResNet:
+    """A CIFAR ResNet with pretrained weights, in eval mode.
+
+    ``weights`` is a checkpoint path; by default ``models/resnet{depth}-*.th`` is looked up
+    in the shared folder (``shared``, ``CORA_SHARED`` or ``../shared``, see
+    :mod:`cora.experiments.paths`). The load is strict. Raises ``FileNotFoundError`` (naming every place
+    looked at), or ``ValueError`` for a file that is not a checkpoint or does not fit the depth.
+    """
+    model = cifar_resnet(depth)
+    if weights is None:
+        path = paths.find_glob(f"models/resnet{depth}-*.th", shared)
+    else:
+        path = paths.find_file(weights, shared)
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    # The checkpoints predate BatchNorm's num_batches_tracked counter; it only matters for
+    # momentum=None training, so a zero fills it.
+    for k in expected:
+        if k.endswith("num_batches_tracked") and k not in state and k.replace(
+            "num_batches_tracked", "running_mean"
+        ) in state:
+            state[k] = torch.zeros((), dtype=torch.long)
+    # num_batches_tracked is optional (see above), so it is never reported as missing.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        got = _checkpoint_blocks(state)
+        head = f"{path} does not fit cifar_resnet{depth}"
+        if got is not None and got != model.n:
+            head += f": checkpoint has {got} blocks per stage (depth {6 * got + 2}), cifar_resnet{depth} expects {model.n}"
+        parts = [head]
+        if missing:
+            parts.append(f"missing keys: {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+        raise ValueError("; ".join(parts))
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path} does not fit cifar_resnet{depth}: shape mismatch for {_fmt_keys(bad)}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -18,7 +18,7 @@ __all__ = ["ENV_VAR", "candidate_roots", "resolve_shared", "find_file", "find_gl
 
 ENV_VAR = "CORA_SHARED"
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, parent of the cora package folder
 
 
 def candidate_roots(root: str | os.PathLike | None = None) -> list[Path]:

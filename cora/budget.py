@@ -1,0 +1,127 @@
+"""The adapter budget: what a rank costs, and integer ranks that never exceed the budget.
+
+A conv with weight ``[C_out, C_in, kh, kw]`` and an adapter of rank ``r`` stores ``r·(C_in·kh·kw +
+C_out)`` adapter parameters; its full rank is ``R = min(C_out, C_in·kh·kw)``. The budget is a
+fraction of ``P_conv``, all conv weight parameters of the model: ``Σ_l r_l·cost_l <= budget·P_conv``.
+In the continuous form used by the search, a cutoff ``rho_l in [1/R_l, 1]`` costs
+``w_l·rho_l`` with ``w_l = R_l·cost_l / P_conv`` (:func:`cutoff_weights`).
+
+:func:`allocate_ranks` turns any continuous demand into integer ranks that hold the budget
+(projection onto the budget, floor, then a largest-remainder fill); :func:`uniform_ranks` is the
+same fraction of the full rank at every layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .residual import ResidualFactors
+
+__all__ = [
+    "AdaptedLayer",
+    "conv_weight_count",
+    "cutoff_weights",
+    "project_onto_budget",
+    "allocate_ranks",
+    "uniform_ranks",
+    "adapter_fraction",
+]
+
+
+@dataclass
+class AdaptedLayer:
+    """One conv that gets an adapter: its quantized weight and the factorization of its residual."""
+
+    name: str
+    qweight: torch.Tensor  # float32 Q(W) [C_out, C_in, kh, kw]
+    factors: ResidualFactors
+
+    @property
+    def full_rank(self) -> int:
+        return self.factors.rank
+
+    @property
+    def cost_per_rank(self) -> int:
+        """Adapter parameters per unit of rank: ``C_in·kh·kw + C_out``."""
+        shape = self.factors.weight_shape
+        return math.prod(shape[1:]) + shape[0]
+
+
+def conv_weight_count(model: nn.Module) -> int:
+    """``P_conv``: the weight parameters of every ``nn.Conv2d`` of ``model`` (what the budget is a fraction of)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def cutoff_weights(layers: list[AdaptedLayer], conv_params: int) -> torch.Tensor:
+    """``w_l = R_l·cost_l / P_conv`` (float32 ``[L]``): the budget a cutoff ``rho_l = 1`` spends."""
+    return torch.tensor([l.full_rank * l.cost_per_rank / conv_params for l in layers])
+
+
+def project_onto_budget(x: torch.Tensor, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, budget: float) -> torch.Tensor:
+    """Euclidean projection of ``x`` onto ``{w·x <= budget, lo <= x <= hi}`` (``w > 0``, all ``[L]``).
+
+    The solution is ``clip(x - λ·w, lo, hi)`` with the smallest ``λ >= 0`` that meets the budget
+    (KKT conditions); ``λ`` is found by bisection. If even ``lo`` exceeds the budget, ``lo`` is returned.
+    """
+    clipped = torch.minimum(torch.maximum(x, lo), hi)
+    if float((w * clipped).sum()) <= budget:
+        return clipped
+    if float((w * lo).sum()) >= budget:
+        return lo.clone()
+    a, b = 0.0, float(((x - lo) / w).max())
+    for _ in range(100):
+        mid = 0.5 * (a + b)
+        if float((w * torch.minimum(torch.maximum(x - mid * w, lo), hi)).sum()) > budget:
+            a = mid
+        else:
+            b = mid
+    return torch.minimum(torch.maximum(x - b * w, lo), hi)
+
+
+def allocate_ranks(
+    demand: dict[str, float], layers: list[AdaptedLayer], budget: float, conv_params: int, min_rank: int = 1
+) -> dict[str, int]:
+    """Integer ranks from a continuous demand (``rho_l · R_l``) with ``Σ r_l·cost_l <= budget·P_conv``.
+
+    The demand is first projected onto the budget, floored (at least ``min_rank`` where it fits), then
+    the leftover budget is filled one rank at a time by largest remainder (demand minus rank), so the
+    result stays as close to the demand as integers allow and never exceeds the budget.
+    """
+    limit = budget * conv_params
+    cost = {l.name: l.cost_per_rank for l in layers}
+    full = {l.name: l.full_rank for l in layers}
+    names = [l.name for l in layers]
+    x = torch.tensor([float(demand[n]) for n in names], dtype=torch.float64)
+    c = torch.tensor([float(cost[n]) for n in names], dtype=torch.float64)
+    R = torch.tensor([float(full[n]) for n in names], dtype=torch.float64)
+    x = project_onto_budget(x, c, torch.zeros_like(x), R, limit)
+    ranks = {n: min(full[n], max(min_rank, int(math.floor(float(v) + 1e-9)))) for n, v in zip(names, x)}
+    want = dict(zip(names, (float(v) for v in x)))
+    used = sum(ranks[n] * cost[n] for n in names)
+    while used > limit:  # min_rank did not fit: take back from the most over-served layer
+        n = max((n for n in names if ranks[n] > 0), key=lambda n: (ranks[n] - want[n], cost[n]))
+        ranks[n] -= 1
+        used -= cost[n]
+    while True:  # fill what is left by largest remainder
+        fits = [n for n in names if ranks[n] < full[n] and used + cost[n] <= limit]
+        if not fits:
+            break
+        n = max(fits, key=lambda n: (want[n] - ranks[n], -cost[n]))
+        ranks[n] += 1
+        used += cost[n]
+    return ranks
+
+
+def uniform_ranks(layers: list[AdaptedLayer], budget: float, conv_params: int) -> dict[str, int]:
+    """The same fraction of the full rank at every layer, sized to fill the budget."""
+    total = sum(l.full_rank * l.cost_per_rank for l in layers)
+    frac = min(1.0, budget * conv_params / total) if total else 0.0
+    return allocate_ranks({l.name: frac * l.full_rank for l in layers}, layers, budget, conv_params)
+
+
+def adapter_fraction(ranks: dict[str, int], layers: list[AdaptedLayer], conv_params: int) -> float:
+    """Adapter parameters of ``ranks`` as a fraction of ``P_conv``."""
+    return sum(ranks[l.name] * l.cost_per_rank for l in layers) / conv_params

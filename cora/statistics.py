@@ -1,0 +1,220 @@
+"""Per-layer input statistics: im2col rows, their second moments, and the order layers run in.
+
+The base quantizer (GPTQ) and the activation-aware adapters need, for each layer, the second
+moment ``H = E[x xᵀ]`` ``[K, K]`` of the rows the layer multiplies by its weight (im2col patches
+``[rows, C_in·kh·kw]`` for a conv, in PyTorch's ``(C_in, kh, kw)`` order; the last dimension for a
+linear). These are collected here with forward hooks, from a seeded random subset of the output
+positions (a CPU cannot afford every patch of an early layer), summed in float64. Also here: the
+order layers first run in, and the re-estimation of BatchNorm statistics (an opt-in step).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cora_kernels.geometry import explicit_padding
+
+__all__ = ["layer_input_rows", "collect_hessians", "execution_order", "paired_moments", "reestimate_batchnorm"]
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor, max_rows: int | None = None, generator=None) -> torch.Tensor:
+    """The rows the layer multiplies by its weight: im2col ``[rows, C_in·kh·kw]`` (PyTorch K order).
+
+    With ``max_rows``, a random subset of at most that many output positions is taken *before* the
+    patches are copied out (a strided view of the padded input is indexed), which is much cheaper than
+    a full ``F.unfold`` on a CPU.
+    """
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+        if max_rows is not None and rows.shape[0] > max_rows:
+            rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].to(rows.device)]
+        return rows
+    lrtb = explicit_padding(module.padding, module.kernel_size, module.dilation)
+    x = F.pad(x, lrtb, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    # [N, C, OH, OW, span_h, span_w] view, then keep every d-th element of the span (dilation)
+    view = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    n, c, oh, ow = view.shape[:4]
+    view = view.permute(0, 2, 3, 1, 4, 5)  # [N, OH, OW, C, kh, kw]
+    total = n * oh * ow
+    if max_rows is not None and total > max_rows:
+        pick = torch.randperm(total, generator=generator)[:max_rows].to(x.device)
+        i_n, rest = pick // (oh * ow), pick % (oh * ow)
+        return view[i_n, rest // ow, rest % ow].reshape(-1, c * kh * kw)
+    return view.reshape(total, c * kh * kw)
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    inputs: torch.Tensor,
+    batch_size: int = 100,
+    max_rows: int = 65536,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``H = E[x xᵀ]`` (float64 ``[K, K]``) of each named layer's im2col inputs over ``inputs``.
+
+    An early conv sees ~1000 im2col rows per image, far more than a ``[K, K]`` estimate needs, so at
+    most ``max_rows`` rows per layer (a seeded random subset, spread evenly over the batches) enter
+    the sum; that keeps the pass to seconds on a CPU. Layers with ``groups > 1`` are skipped (their K
+    differs per group). The model runs in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(mod, args):
+            # float32 products per batch (fast), summed across batches in float64 (accurate)
+            rows = layer_input_rows(mod, args[0].detach().float(), per_batch, gen)
+            sums[name] = sums.get(name, 0) + (rows.T @ rows).double()
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        return fn
+
+    for name, mod in modules.items():
+        if getattr(mod, "groups", 1) == 1:
+            hooks.append(mod.register_forward_pre_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            model(inputs[start : start + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {n: (sums[n] / counts[n]) for n in sums}
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer's input is captured."""
+
+
+def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The input of ``layer`` when ``model`` runs on ``x`` (None if the layer is never called)."""
+    box = []
+
+    def hook(mod, args):
+        box.append(args[0].detach())
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return box[0] if box else None
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
+    """``names`` sorted by when each layer first runs in a forward pass on ``sample`` (eval mode)."""
+    first: dict[str, int] = {}
+    hooks = []
+
+    def hook(n):
+        def fn(mod, args):
+            first.setdefault(n, len(first))  # returns None: the input is left alone
+
+        return fn
+
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sorted(names, key=lambda n: first.get(n, len(names) + names.index(n)))
+
+
+@torch.no_grad()
+def paired_moments(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    name: str,
+    inputs: torch.Tensor,
+    batch_size: int = 100,
+    max_rows: int = 65536,
+    seed: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Second moments of one layer's im2col inputs in the float and the (partly) quantized model.
+
+    Returns float64 ``(H_qq = E[x_q x_qᵀ], H_fq = E[x_f x_qᵀ])``, both ``[K, K]``, where ``x_f`` and
+    ``x_q`` are the layer's input rows at the same positions of the same images in ``float_model``
+    and ``quant_model``. Forward passes stop at the layer. Both models run in eval mode. Returns
+    ``(None, None)`` for a layer the forward pass never reaches.
+    """
+    f_layer, q_layer = float_model.get_submodule(name), quant_model.get_submodule(name)
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
+    hqq = hfq = None
+    n = 0
+    modes = float_model.training, quant_model.training
+    float_model.eval()
+    quant_model.eval()
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            xb = inputs[start : start + batch_size]
+            xf = _capture_input(float_model, f_layer, xb)
+            xq = _capture_input(quant_model, q_layer, xb)
+            if xf is None or xq is None:
+                return None, None
+            xf, xq = xf.float(), xq.float()
+            state = gen.get_state()
+            rf = layer_input_rows(f_layer, xf, per_batch, gen)
+            gen.set_state(state)  # the same positions in both
+            rq = layer_input_rows(q_layer, xq, per_batch, gen)
+            hqq = (rq.T @ rq).double() + (0 if hqq is None else hqq)
+            hfq = (rf.T @ rq).double() + (0 if hfq is None else hfq)
+            n += rq.shape[0]
+    finally:
+        float_model.train(modes[0])
+        quant_model.train(modes[1])
+    return hqq / n, hfq / n
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64, seed: int = 0) -> int:
+    """Replace every BatchNorm's running statistics by those of ``model`` on ``inputs``; returns how many.
+
+    ``inputs``: ``[N, C, H, W]`` on the model's device. Statistics are the cumulative average over
+    batches of ``batch_size`` (``momentum=None``), computed with every earlier layer as it is (the
+    quantized layers included). Affine parameters are not touched; momentum and training mode are
+    restored. The images are shuffled first (seeded): averaged per-batch variances miss the spread
+    *between* batches, so batches must be alike (calibration sets are often sorted by class). With
+    ``N`` not a multiple of ``batch_size`` the last, smaller batch is dropped (unless it is the only
+    one) so that no batch's statistics weigh more than the others'.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    if inputs.shape[0] < 2:
+        raise ValueError("BatchNorm re-estimation needs at least 2 calibration images")
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average
+        model.train()
+        n = inputs.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(inputs.device)
+        full = max(1, n // batch_size) * batch_size if n >= batch_size else n
+        for i in range(0, full, batch_size):
+            model(inputs[order[i : i + batch_size]])
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return len(norms)
