@@ -35,12 +35,14 @@ from _harness import git_commit  # noqa: E402
 
 import cora  # noqa: E402
 
-try:  # the experiment harness's home after the layout change; before it, the flat modules
+# The experiment harness's home after the layout change, or before it the flat modules. Decided by what
+# this checkout's package holds: an import attempt could pick up another checkout's editable install.
+if (Path(cora.__file__).parent / "experiments").is_dir():
     from cora.experiments.data import cifar10_calibration
     from cora.experiments.models import load_cifar_resnet
-except ImportError:
-    from cora.experiments.data import cifar10_calibration
-    from cora.experiments.models import load_cifar_resnet
+else:
+    from cora.data import cifar10_calibration
+    from cora.models import load_cifar_resnet
 
 
 def tensor_digest(tensors: dict) -> str:
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
     calib = cifar10_calibration(1600, shared=args.shared)
     probe = cifar10_calibration(1600, shared=args.shared, split="holdout").images[:500]
     float_model = load_cifar_resnet(20, shared=args.shared)
-    result = {"commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": {}}
+    result = {"commit": git_commit(), "cora": str(Path(cora.__file__).parent), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "runs": {}}
     for run in args.runs:
         bits = int(run.split("_w")[1][0])
         labelled = run.endswith("_labels")

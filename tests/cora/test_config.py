@@ -196,3 +196,12 @@ def test_paper_recipe():
     assert (p.adapter.factorization, p.adapter.refine) == ("weight", False)
     assert (p.search.loss, p.search.budget_mode, p.tune.iterations) == ("ce", "penalty", 0)
     assert CoRaConfig.paper(4, iterations=10).search.iterations == 10
+
+
+def test_copy_and_pickle_round_trip():
+    import copy
+    import pickle
+
+    c = CoRaConfig(bits=3, iterations=7, tune_loss="kl", skip=("fc",))
+    assert copy.deepcopy(c) == c and pickle.loads(pickle.dumps(c)) == c
+    assert pickle.loads(pickle.dumps(c)).iterations == 7
