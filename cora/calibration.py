@@ -1,10 +1,14 @@
 """Calibration data: the images, their labels, the float model's logits, and the losses defined on them.
 
 :class:`CalibrationSet` gathers whatever the caller passed (a DataLoader, an iterable of batches,
-tensors) into one float32 image tensor and optional int64 labels. :class:`Objective` is the task
-loss the rank search and the adapter tuning both minimise: cross-entropy to the labels, or KL to the
-float model's logits. Whether labels are *required* is decided once, by
-:meth:`cora.CoRaConfig.resolved`; an :class:`Objective` only checks that what it needs is there.
+tensors) into one float32 image tensor and optional int64 labels, checking them on the way. Labels
+are integer class indices, one per image; exactly one-hot rows ``[N, classes]`` (0/1, one 1 per
+row, any dtype) are converted to indices, anything else is refused with a message. Their range is
+checked against the model's number of outputs by :meth:`CalibrationSet.check_labels`.
+:class:`Objective` is the task loss the rank search and the adapter tuning both minimise:
+cross-entropy to the labels, or KL to the float model's logits. Whether labels are *required* is
+decided once, by :meth:`cora.CoRaConfig.resolved`; an :class:`Objective` only checks that what it
+needs is there. :func:`select_output` picks the logits out of a model that returns a tuple or dict.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._modules_util import kept_modes
 from .config import LOSSES
 
-__all__ = ["CalibrationSet", "Objective", "materialize", "model_logits"]
+__all__ = ["CalibrationSet", "Objective", "materialize", "model_logits", "select_output"]
 
 
 def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -50,13 +55,17 @@ def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             x, y = batch, None
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"calibration batch holds {type(x).__name__}, expected a tensor")
-        if x.dim() < 2 or x.shape[0] == 0:
+        if x.dim() < 2:
+            raise ValueError(
+                f"calibration images must have a batch dimension ([N, C, H, W] for a conv net), got shape {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
             continue
         xs.append(x.detach())
         if y is None or not isinstance(y, torch.Tensor):
             have_labels = False
         else:
-            ys.append(y.detach().reshape(-1))
+            ys.append(_class_indices(y.detach(), x.shape[0], len(xs) - 1))
         count += x.shape[0]
         if count >= limit:
             break
@@ -65,10 +74,54 @@ def materialize(calib, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = torch.cat(xs)[:limit].float()
     if not torch.isfinite(x).all():
         raise ValueError("calibration inputs contain NaN or Inf")
-    y = torch.cat(ys)[:limit].long() if have_labels and ys else None
-    if y is not None and y.shape[0] != x.shape[0]:
-        raise ValueError(f"calibration labels ({y.shape[0]}) and inputs ({x.shape[0]}) differ in number")
+    y = torch.cat(ys)[:limit] if have_labels and ys else None
     return x, y
+
+
+def _class_indices(y: torch.Tensor, n_images: int, batch: int) -> torch.Tensor:
+    """Labels of one batch as int64 class indices ``[n_images]``; one-hot rows are converted, anything
+    else that is not one integer class index per image is refused with a message."""
+    where = f"calibration labels (batch {batch})"
+    if y.dim() == 2 and y.shape[0] == n_images and y.shape[1] > 1:
+        one_hot = bool(((y == 0) | (y == 1)).all()) and bool((y.sum(dim=1) == 1).all())
+        if not one_hot:
+            raise ValueError(f"{where}: shape {list(y.shape)} is neither class indices [N] nor one-hot rows [N, classes]")
+        return y.argmax(dim=1)
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1:
+        raise ValueError(f"{where}: expected class indices of shape [N], got shape {list(y.shape)}")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ValueError(
+            f"{where}: expected integer class indices, got {y.dtype} (cast whole-number labels with .long())"
+        )
+    if y.shape[0] != n_images:
+        raise ValueError(f"{where}: {y.shape[0]} labels for {n_images} images; give exactly one label per image")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{where}: class indices must be >= 0, found {int(y.min())}")
+    return y.long()
+
+
+def select_output(out, output=None) -> torch.Tensor:
+    """The logits in what a model returned: ``out`` itself when ``output`` is None (it must then be a
+    tensor), else ``out[output]`` (an index into a tuple or list, or a key of a dict)."""
+    if output is None:
+        if isinstance(out, torch.Tensor):
+            return out
+        kind = type(out).__name__
+        size = f" of {len(out)}" if isinstance(out, (tuple, list, dict)) else ""
+        keys = f" (keys {sorted(map(str, out))})" if isinstance(out, dict) else ""
+        raise ValueError(
+            f"the model returns a {kind}{size}{keys}, not a tensor of logits; choose the logits with "
+            f"CoRaConfig(output=...) (an index or a key)"
+        )
+    try:
+        picked = out[output]
+    except (IndexError, KeyError, TypeError):
+        raise ValueError(f"output={output!r} does not select anything in the model's {type(out).__name__}") from None
+    if not isinstance(picked, torch.Tensor):
+        raise ValueError(f"output={output!r} selects a {type(picked).__name__}, not a tensor of logits")
+    return picked
 
 
 @dataclass
@@ -91,6 +144,14 @@ class CalibrationSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def check_labels(self, num_classes: int) -> None:
+        """Raise ``ValueError`` when a label is not a class index of a model with ``num_classes`` outputs."""
+        if self.labels is not None and self.labels.numel() and int(self.labels.max()) >= num_classes:
+            raise ValueError(
+                f"calibration labels go up to {int(self.labels.max())} but the model has {num_classes} outputs "
+                f"(class indices must be in [0, {num_classes - 1}])"
+            )
+
     def statistics_subset(self, n: int, seed: int) -> torch.Tensor:
         """A seeded random subset of at most ``n`` images for layer statistics (never the first ``n``,
         which may be sorted by class)."""
@@ -99,14 +160,13 @@ class CalibrationSet:
 
 
 @torch.no_grad()
-def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """The model's outputs on ``inputs`` in eval mode (float32 ``[N, classes]``); the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat([model(inputs[i : i + batch_size]).float() for i in range(0, inputs.shape[0], batch_size)])
-    finally:
-        model.train(was_training)
+def model_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 250, output=None) -> torch.Tensor:
+    """The model's outputs on ``inputs`` in eval mode (float32 ``[N, classes]``); every module's mode is
+    restored. ``output`` picks the logits from a model that returns a tuple or dict (:func:`select_output`)."""
+    with kept_modes(model, train=False):
+        return torch.cat([
+            select_output(model(inputs[i : i + batch_size]), output).float() for i in range(0, inputs.shape[0], batch_size)
+        ])
 
 
 class Objective:
@@ -115,20 +175,23 @@ class Objective:
     ``kind="ce"``: cross-entropy of ``outputs`` (logits ``[B, classes]``) to ``labels[idx]``
     (int64 ``[N]``); ``kind="kl"``: ``KL(softmax(teacher_logits[idx]) || softmax(outputs))``, batch mean,
     with ``teacher_logits`` the float model's eval-mode logits ``[N, classes]``. ``idx`` indexes the
-    calibration images the batch was drawn from. Outputs are taken in float32.
+    calibration images the batch was drawn from. Outputs are taken in float32; ``output`` picks the
+    logits from a model that returns a tuple or dict (:func:`select_output`).
     """
 
-    def __init__(self, kind: str, *, labels: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, kind: str, *, labels: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None, output=None
+    ) -> None:
         if kind not in LOSSES:
             raise ValueError(f"loss {kind!r}; choose one of {LOSSES}")
         if kind == "ce" and labels is None:
             raise ValueError("the cross-entropy loss needs labelled calibration data; pass (images, labels) or use 'kl'")
         if kind == "kl" and teacher_logits is None:
             raise ValueError("the KL loss needs the float model's logits on the calibration images")
-        self.kind, self.labels, self.teacher_logits = kind, labels, teacher_logits
+        self.kind, self.labels, self.teacher_logits, self.output = kind, labels, teacher_logits, output
 
-    def __call__(self, outputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        out = outputs.float()
+    def __call__(self, outputs, idx: torch.Tensor) -> torch.Tensor:
+        out = select_output(outputs, self.output).float()
         if self.kind == "ce":
             return F.cross_entropy(out, self.labels[idx])
         teacher = self.teacher_logits[idx].float()

@@ -100,7 +100,10 @@ class QuantizerConfig:
     ``gptq_damp`` is its dampening as a fraction of the mean diagonal, ``gptq_act_order`` its column
     order) or ``nearest``. ``sequential``: statistics from the inputs the already-quantized model
     produces, layer by layer. ``stats_images``: a seeded subset of the calibration images for the
-    layer input statistics (GPTQ, activation-aware adapters).
+    layer input statistics (GPTQ, activation-aware adapters). ``max_stats_features``: a layer whose
+    im2col width ``K = C_in·kh·kw`` (or linear ``in_features``) is larger gets no input statistics
+    (their ``[K, K]`` float64 matrices would need ``8·K²`` bytes each, 5 GB for VGG's 25,088-wide
+    classifier): it is rounded to nearest with a weight-space adapter, and the report says so.
     """
 
     granularity: str = "channel"
@@ -111,6 +114,7 @@ class QuantizerConfig:
     gptq_act_order: bool = True
     sequential: bool = True
     stats_images: int = 512
+    max_stats_features: int = 8192  # 512 MiB per float64 [K, K] matrix at the limit
 
     def __post_init__(self) -> None:
         _choice("granularity", self.granularity, GRANULARITIES)
@@ -121,6 +125,7 @@ class QuantizerConfig:
         _bool("gptq_act_order", self.gptq_act_order)
         _bool("sequential", self.sequential)
         _int("stats_images", self.stats_images, 1)
+        _int("max_stats_features", self.max_stats_features, 1)
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,39 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _patterns(skip) -> tuple[str, ...]:
+    """``skip`` as a tuple of name patterns; one string is one pattern (not its characters)."""
+    if isinstance(skip, str):
+        skip = (skip,)
+    try:
+        skip = tuple(skip)
+    except TypeError:
+        _bad(f"skip={skip!r} must be a layer name or pattern, or a sequence of them")
+    for p in skip:
+        if not isinstance(p, str) or not p:
+            _bad(f"skip entries must be non-empty layer names or patterns, got {p!r}")
+    return skip
+
+
+def _layer_bits(layer_bits) -> tuple[tuple[str, int], ...]:
+    """``layer_bits`` as ``((pattern, bits), ...)``, from pairs or a ``{pattern: bits}`` dict, validated."""
+    if isinstance(layer_bits, dict):
+        layer_bits = tuple(layer_bits.items())
+    try:
+        pairs = [tuple(x) for x in layer_bits]
+    except TypeError:
+        _bad(f"layer_bits={layer_bits!r} must be (pattern, bits) pairs or a {{pattern: bits}} dict")
+    out = []
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
+            _bad(f"layer_bits entry {pair!r} must be a (pattern, bits) pair")
+        pattern, b = pair
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b not in SUPPORTED_BITS:
+            _bad(f"layer_bits for {pattern!r}: {b!r} not supported; choose one of {SUPPORTED_BITS}")
+        out.append((pattern, int(b)))
+    return tuple(out)
+
+
 def _canonical_method(method, *, warn: bool = True):
     if isinstance(method, str) and method in DEPRECATED_METHODS:
         new = DEPRECATED_METHODS[method]
@@ -235,10 +273,13 @@ class CoRaConfig:
     Top level: ``bits`` (every quantized layer unless ``layer_bits`` says otherwise), ``method``
     (``auto``: ``search`` with labelled calibration data, ``uniform`` without; see :meth:`resolved`),
     ``budget`` (adapter parameters as a fraction of all conv weight parameters; held exactly),
-    ``calib_images``, ``seed``, ``skip`` (names or fnmatch patterns left in float), ``layer_bits``
-    (``(pattern, bits)`` overrides), ``quantize_linear``, ``bn_reestimate`` (re-estimate BatchNorm
-    statistics on the calibration images after building; off: the float statistics are kept),
-    ``progress``. Then the four sections. Use :meth:`paper` for the published recipe.
+    ``calib_images``, ``seed``, ``skip`` (names or fnmatch patterns left in float; one string is one
+    pattern), ``layer_bits`` (``(pattern, bits)`` pairs or a ``{pattern: bits}`` dict; a pattern
+    that matches no layer is an error at conversion), ``quantize_linear``, ``bn_reestimate``
+    (re-estimate BatchNorm statistics on the calibration images after building; off: the float
+    statistics are kept), ``output`` (for a model that returns a tuple or dict: the index or key of
+    its logits; None: the model returns a tensor), ``progress``. Then the four sections. Use
+    :meth:`paper` for the published recipe.
     """
 
     bits: int = 4
@@ -250,6 +291,7 @@ class CoRaConfig:
     layer_bits: tuple[tuple[str, int], ...] = ()
     quantize_linear: bool = True
     bn_reestimate: bool = False
+    output: int | str | None = None
     progress: bool = True
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -294,13 +336,13 @@ class CoRaConfig:
         if isinstance(self.budget, bool) or not (isinstance(self.budget, numbers.Real) and 0.0 < self.budget <= 1.0):
             _bad(f"budget={self.budget!r} must be in (0, 1]")
         _int("calib_images", self.calib_images, 1)
+        _int("seed", self.seed, 0)
         for name in ("quantize_linear", "bn_reestimate", "progress"):
             _bool(name, getattr(self, name))
-        object.__setattr__(self, "skip", tuple(self.skip))
-        object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in self.layer_bits))
-        for pattern, b in self.layer_bits:
-            if b not in SUPPORTED_BITS:
-                _bad(f"layer_bits for {pattern!r}: {b} not supported; choose one of {SUPPORTED_BITS}")
+        if self.output is not None and (isinstance(self.output, bool) or not isinstance(self.output, (int, str))):
+            _bad(f"output={self.output!r} must be None, an index (int) or a key (str) of the model's outputs")
+        object.__setattr__(self, "skip", _patterns(self.skip))
+        object.__setattr__(self, "layer_bits", _layer_bits(self.layer_bits))
 
     def __getattr__(self, name: str):
         # flat aliases (``config.iterations`` -> ``config.search.iterations``); only called for names

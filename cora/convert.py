@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from ._modules_util import set_submodule
+from ._modules_util import kept_modes, module_modes, set_submodule
 from .budget import AdaptedLayer, adapter_fraction, conv_weight_count, uniform_ranks
 from .calibration import CalibrationSet, Objective, model_logits
 from .config import CoRaConfig
@@ -76,6 +76,7 @@ class ConversionReport:
     tune_loss: str | None = None  # the loss the adapter tuning ran with (None: no tuning)
     tune_iterations: int = 0
     tune_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # what the conversion did differently from the config, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +108,7 @@ class BaseQuantization:
     weights: dict[str, QuantizedWeight]
     adapted: list[AdaptedLayer]
     statistics_images: torch.Tensor  # [n, C, H, W], a seeded subset of the calibration images
+    without_statistics: set[str] = field(default_factory=set)  # layers too wide for input statistics
 
 
 @dataclass
@@ -122,28 +124,30 @@ class RankChoice:
 
 @dataclass
 class TuneOutcome:
-    """Phase 4's result: the loss the tuning ran with (None: it did not run), its steps and seconds."""
+    """Phase 4's result: the loss the tuning ran with (None: it did not run or was not kept), its steps
+    and seconds, and a warning when trained adapters were not kept."""
 
     loss: str | None = None
     iterations: int = 0
     seconds: float = 0.0
+    warning: str | None = None
 
 
 class _FloatLogits:
     """The float model's logits on the calibration images, computed once, on first use (KL losses)."""
 
-    def __init__(self, float_model: nn.Module, data: CalibrationSet) -> None:
-        self.float_model, self.data, self._logits = float_model, data, None
+    def __init__(self, float_model: nn.Module, data: CalibrationSet, output=None) -> None:
+        self.float_model, self.data, self.output, self._logits = float_model, data, output, None
 
     def get(self) -> torch.Tensor:
         if self._logits is None:
-            self._logits = model_logits(self.float_model, self.data.images)
+            self._logits = model_logits(self.float_model, self.data.images, output=self.output)
         return self._logits
 
     def objective(self, kind: str) -> Objective:
         if kind == "ce":
-            return Objective("ce", labels=self.data.labels)
-        return Objective("kl", teacher_logits=self.get())
+            return Objective("ce", labels=self.data.labels, output=self.output)
+        return Objective("kl", teacher_logits=self.get(), output=self.output)
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -152,27 +156,61 @@ def _matches(name: str, patterns) -> bool:
 
 
 def quantizable_layers(model: nn.Module, config: CoRaConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The convs (and linears) ``convert`` will quantize, and the skipped ones with the reason."""
+    """The convs (and linears) ``convert`` will quantize, and the skipped ones with the reason.
+
+    Every conv- or linear-like layer that is not converted is listed in the skipped dict with why
+    (other conv types such as ``Conv1d`` / ``Conv3d`` / transposed convs, subclasses, skip patterns,
+    ``quantize_linear=False``). A ``skip`` or ``layer_bits`` pattern that matches none of those
+    layers raises ``ValueError`` naming it.
+    """
     chosen, skipped = {}, {}
+    candidates = []  # names of every conv / linear layer, for the pattern check
     for name, mod in model.named_modules():
         if isinstance(mod, (CoRaConv2d, QuantLinear)):
             raise ValueError(f"layer {name!r} is already quantized; convert the float model")
+        if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        candidates.append(name)
         if type(mod) not in (nn.Conv2d, nn.Linear):
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                skipped[name] = f"subclass {type(mod).__name__} is not converted"
+                skipped[name] = f"subclass {type(mod).__name__} is not converted (stays float)"
+            else:
+                skipped[name] = f"{type(mod).__name__} is not supported (stays float): cora quantizes Conv2d and Linear"
             continue
         if _matches(name, config.skip):
             skipped[name] = "skipped by the config"
         elif isinstance(mod, nn.Linear) and not config.quantize_linear:
             skipped[name] = "linear layers not quantized (quantize_linear=False)"
         else:
-            if not torch.isfinite(mod.weight).all():
-                raise ValueError(f"layer {name!r}: weight contains NaN or Inf")
             chosen[name] = mod
+    for what, patterns in (("skip", config.skip), ("layer_bits", [p for p, _ in config.layer_bits])):
+        for pattern in patterns:
+            if not any(_matches(n, (pattern,)) for n in candidates):
+                few = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+                raise ValueError(f"{what} pattern {pattern!r} matches no conv or linear layer of the model (they are: {few})")
     if not chosen:
         why = f" (skipped: {sorted(skipped)})" if skipped else ""
         raise ValueError("the model has no Conv2d or Linear layer to quantize" + why)
     return chosen, skipped
+
+
+def _check_model(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The model's one device and one floating dtype; ``ValueError`` naming the problem otherwise."""
+    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None]
+    if not tensors:
+        raise ValueError("the model has no parameters to quantize")
+    devices = {t.device for _, t in tensors}
+    if any(d.type == "meta" for d in devices):
+        raise ValueError("the model's tensors are on the meta device (no values); load its weights before converting")
+    if len(devices) > 1:
+        raise ValueError(f"the model's tensors are on several devices {sorted(map(str, devices))}; move it to one device")
+    dtypes = {t.dtype for _, t in tensors if t.is_floating_point()}
+    if len(dtypes) != 1:
+        raise ValueError(f"the model's floating-point tensors have several dtypes {sorted(map(str, dtypes))}; use one")
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"the model's {name} contains NaN or Inf")
+    return devices.pop(), dtypes.pop()
 
 
 def _layer_bits(name: str, config: CoRaConfig) -> int:
@@ -198,11 +236,13 @@ def quantize_base(
     order = execution_order(output, list(layers), data.images[:1])
     stats_images = data.statistics_subset(q.stats_images, config.seed)
     layers = {n: layers[n] for n in order}
+    # decided before anything is allocated: [K, K] float64 statistics of a very wide layer do not fit
+    too_wide = {n for n, m in layers.items() if m.weight[0].numel() > q.max_stats_features} if needs_statistics else set()
     sequential = q.sequential and needs_statistics
     if sequential or not needs_statistics:
         hessians = {}
     else:
-        hessians = collect_hessians(output, {n: output.get_submodule(n) for n in layers}, stats_images)
+        hessians = collect_hessians(output, {n: output.get_submodule(n) for n in layers if n not in too_wide}, stats_images)
     partly_quantized = copy.deepcopy(float_model) if sequential else None
     device = data.images.device
     weights: dict[str, QuantizedWeight] = {}
@@ -212,7 +252,7 @@ def quantize_base(
             bits = _layer_bits(name, config)
             w = mod.weight.detach().float().cpu()
             scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=q.range_method, std_k=q.std_k)
-            if sequential and getattr(mod, "groups", 1) == 1:
+            if sequential and getattr(mod, "groups", 1) == 1 and name not in too_wide:
                 h = paired_moments(float_model, partly_quantized, name, stats_images, seed=config.seed)[0]
             else:
                 h = hessians.get(name)
@@ -237,7 +277,7 @@ def quantize_base(
                     adapted.append(AdaptedLayer(name, qw, factorize_residual(w - qw, method=method, hessian=h)))
             bar.set_postfix_str(name, refresh=False)
             bar.update(1)
-    return BaseQuantization(weights, adapted, stats_images)
+    return BaseQuantization(weights, adapted, stats_images, too_wide)
 
 
 def choose_ranks(
@@ -289,7 +329,7 @@ def build_layers(
                 r = ranks.ranks.get(name, 0)
                 adapter = None
                 h_qq = h_fq = None
-                if r and float_reference is not None:
+                if r and float_reference is not None and name not in base.without_statistics:
                     h_qq, h_fq = paired_moments(float_reference, output, name, base.statistics_images, seed=config.seed)
                 if h_qq is not None:
                     w = mod.weight.detach().float().cpu()
@@ -318,14 +358,23 @@ def build_layers(
 def tune_layers(
     output: nn.Module, ranks: RankChoice, data: CalibrationSet, config: CoRaConfig, float_logits: _FloatLogits
 ) -> TuneOutcome:
-    """Phase 4: joint, end-to-end tuning of the adapters of ``output`` (a resolved config decides if it runs)."""
+    """Phase 4: joint, end-to-end tuning of the adapters of ``output`` (a resolved config decides if it runs).
+
+    When the tuning diverges or its adapters are not finite, the untuned adapters stay and the outcome
+    carries a warning (the conversion itself does not fail).
+    """
     t = config.tune
     if config.method == "none" or not t.iterations or not any(ranks.ranks.values()):
         return TuneOutcome()
-    rep = tune_adapters(
-        output, data.images, float_logits.objective(t.loss), iterations=t.iterations, lr=t.lr,
-        batch_size=t.batch_size, seed=config.seed, progress=config.progress,
-    )
+    try:
+        rep = tune_adapters(
+            output, data.images, float_logits.objective(t.loss), iterations=t.iterations, lr=t.lr,
+            batch_size=t.batch_size, seed=config.seed, progress=config.progress,
+        )
+    except FloatingPointError as exc:
+        return TuneOutcome(warning=f"{exc}; the untuned adapters are kept")
+    if rep.warning is not None:
+        return TuneOutcome(None, 0, rep.seconds, rep.warning)
     return TuneOutcome(t.loss, rep.iterations, rep.seconds)
 
 
@@ -335,6 +384,14 @@ def make_report(
 ) -> ConversionReport:
     """Phase 5: the :class:`ConversionReport` (the resolved config, so "auto" choices are on record)."""
     total_bits, total_weights = storage
+    warnings = [
+        f"{name}: {base.weights[name].codes[0].numel()} input features > quantizer.max_stats_features="
+        f"{config.quantizer.max_stats_features}: no input statistics (they would not fit in memory); rounded to nearest"
+        + (", weight-space adapter" if any(l.name == name for l in base.adapted) else "")
+        for name in base.weights if name in base.without_statistics
+    ]
+    if tuning.warning:
+        warnings.append(tuning.warning)
     return ConversionReport(
         method=config.method,
         bits=config.bits,
@@ -354,6 +411,7 @@ def make_report(
         tune_loss=tuning.loss,
         tune_iterations=tuning.iterations,
         tune_seconds=tuning.seconds,
+        warnings=warnings,
     )
 
 
@@ -362,31 +420,110 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     """Quantize ``model``'s convs to ``CoRaConv2d`` (with adapters) and linears to ``QuantLinear``.
 
     ``calib``: calibration data, a DataLoader of ``(images, labels)``, of bare image batches, or
-    tensors; the first ``config.calib_images`` samples are used. Labels change what the "auto" config
-    choices do (:meth:`CoRaConfig.resolved`) and are required for an explicit ``loss``/``tune_loss="ce"``.
-    Runs on the device the model is on. Returns the converted model (a copy unless ``inplace=True``;
-    BatchNorm statistics are kept unless ``config.bn_reestimate``) with the :class:`ConversionReport`
-    as ``model.cora_report``.
+    tensors; the first ``config.calib_images`` samples are used. Labels (integer class indices, one
+    per image; one-hot rows are converted) change what the "auto" config choices do
+    (:meth:`CoRaConfig.resolved`) and are required for an explicit ``loss``/``tune_loss="ce"``.
+
+    Runs on the device the model is on. A float16 / bfloat16 / float64 model is converted through a
+    float32 copy and returned in its own dtype (its float layers keep their exact values). Returns the
+    converted model (a copy unless ``inplace=True``; BatchNorm statistics are kept unless
+    ``config.bn_reestimate``) with the :class:`ConversionReport` as ``model.cora_report``. The
+    caller's model (unless ``inplace``), every module's training flag, ``requires_grad`` and the
+    global RNG state are left as they were. Bad input raises ``ValueError`` / ``TypeError`` before
+    any work, naming what is wrong.
     """
     config = config or CoRaConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, CoRaConfig):
+        raise TypeError(f"config must be a CoRaConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
-    float_model = model
-    layers, skipped = quantizable_layers(float_model, config)
-    data = CalibrationSet.gather(calib, config.calib_images, next(float_model.parameters()).device)
+    layers, skipped = quantizable_layers(model, config)
+    device, dtype = _check_model(model)
+    data = CalibrationSet.gather(calib, config.calib_images, device)
     config = config.resolved(has_labels=data.has_labels)
-    output = float_model if inplace else copy.deepcopy(float_model)
-    was_training = float_model.training
-    conv_params = conv_weight_count(float_model)  # before anything is replaced (inplace=True)
-    float_logits = _FloatLogits(float_model, data)
+    modes = module_modes(model)
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    rng_devices = [device] if device.type == "cuda" else []
+    # the global RNG is used by the search (seeded, so that dropout repeats): give the caller's back
+    with torch.random.fork_rng(devices=rng_devices), kept_modes(model):
+        float_model = model if dtype == torch.float32 else copy.deepcopy(model).float()
+        if float_model is not model:
+            layers = {n: float_model.get_submodule(n) for n in layers}
+        _probe_outputs(float_model, data, config)
+        output = float_model if (inplace and float_model is model) else copy.deepcopy(float_model)
+        conv_params = conv_weight_count(float_model)  # before anything is replaced (inplace=True)
+        float_logits = _FloatLogits(float_model, data, config.output)
 
-    base = quantize_base(float_model, output, layers, data, config, skipped)
-    ranks = choose_ranks(float_model, base, data, config, float_logits, conv_params)
-    storage = build_layers(float_model, output, layers, base, ranks, data, config)
-    tuning = tune_layers(output, ranks, data, config, float_logits)
-    output.train(was_training)
+        base = quantize_base(float_model, output, layers, data, config, skipped)
+        ranks = choose_ranks(float_model, base, data, config, float_logits, conv_params)
+        storage = build_layers(float_model, output, layers, base, ranks, data, config)
+        tuning = tune_layers(output, ranks, data, config, float_logits)
+    for name, p in model.named_parameters():
+        p.requires_grad_(grads[name])
+    if dtype != torch.float32:
+        _restore_dtype(output, model, dtype)
+        if inplace:
+            output = _transplant(output, model)
+    for name, m in output.named_modules():  # every module keeps the caller's flag (new layers took their float layer's)
+        if name in modes:
+            m.training = modes[name]
     output.cora_report = make_report(
         config, skipped, base, ranks, storage, tuning, conv_params, len(data), time.perf_counter() - t0
     )
     return output
+
+
+def _probe_outputs(float_model: nn.Module, data: CalibrationSet, config: CoRaConfig) -> None:
+    """Check, on one image, what the losses will need of the model's (selected) output: a tensor with a
+    batch dimension, and for cross-entropy logits ``[N, classes]`` of which the labels are indices."""
+    search = config.method == "search"
+    tuning = config.method != "none" and config.tune.iterations > 0
+    if not (search or tuning):
+        return
+    out = model_logits(float_model, data.images[:1], output=config.output)
+    if out.dim() < 2 or out.shape[0] != 1:
+        raise ValueError(f"the model's output must have a batch dimension, [N, classes], got shape {list(out.shape)}")
+    uses_labels = (search and config.search.loss == "ce") or (tuning and config.tune.loss == "ce")
+    if uses_labels:
+        if out.dim() != 2:
+            raise ValueError(
+                f"cross-entropy with one label per image needs logits [N, classes]; the model gives {list(out.shape)}"
+                " (use loss='kl' and tune_loss='kl', or choose the logits with CoRaConfig(output=...))"
+            )
+        data.check_labels(out.shape[1])
+
+
+def _restore_dtype(output: nn.Module, original: nn.Module, dtype: torch.dtype) -> None:
+    """Give the float (non-CoRa) tensors of ``output`` the caller's ``dtype``: the caller's exact
+    values where the conversion did not change them, else the new values cast."""
+    ref = dict(original.named_parameters())
+    ref.update(original.named_buffers())
+    for mod_name, mod in output.named_modules():
+        if isinstance(mod, (CoRaConv2d, QuantLinear)):
+            continue
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                orig = ref.get(f"{mod_name}.{key}" if mod_name else key)
+                same = orig is not None and orig.shape == t.shape and torch.equal(orig.float(), t)
+                new = (orig.detach().clone() if same else t.detach().to(dtype)).to(t.device)
+                if isinstance(t, nn.Parameter):
+                    store[key] = nn.Parameter(new, requires_grad=t.requires_grad)
+                else:
+                    store[key] = new
+
+
+def _transplant(output: nn.Module, model: nn.Module) -> nn.Module:
+    """``inplace=True`` for a non-float32 model: move the converted layers and changed tensors of
+    ``output`` (a converted float32 copy, dtypes restored) into the caller's ``model``."""
+    for name, mod in list(output.named_modules()):
+        if isinstance(mod, (CoRaConv2d, QuantLinear)):
+            set_submodule(model, name, mod)
+    target = model.state_dict()
+    with torch.no_grad():
+        for key, value in output.state_dict().items():
+            if isinstance(value, torch.Tensor) and key in target and not torch.equal(target[key], value):
+                target[key].copy_(value)
+    return model

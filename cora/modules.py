@@ -35,7 +35,21 @@ _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _dtype(d: str | torch.dtype) -> torch.dtype:
-    return _DTYPES[d] if isinstance(d, str) else d
+    """The adapter storage dtype from its name or itself; ``ValueError`` for anything else."""
+    if isinstance(d, str) and d in _DTYPES:
+        return _DTYPES[d]
+    if isinstance(d, torch.dtype) and d in _DTYPES.values():
+        return d
+    raise ValueError(f"adapter_dtype={d!r} not supported; choose one of {tuple(_DTYPES)}")
+
+
+def _int_arg(name: str, value, low: int = 0) -> int:
+    """``value`` as an int >= ``low``; ``TypeError``/``ValueError`` naming ``name`` (no silent ``int(2.7)``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
 
 
 class _PackedWeightMixin:
@@ -114,6 +128,8 @@ def _check_input(name: str, x: torch.Tensor, channels: int, ref: torch.Tensor) -
         raise TypeError(f"{name}: unsupported input dtype {x.dtype}; use float32, float16 or bfloat16")
     if x.device != ref.device:
         raise RuntimeError(f"{name}: input is on {x.device} but the layer is on {ref.device}")
+    if name == "CoRaConv2d" and x.dim() not in (3, 4):
+        raise ValueError(f"CoRaConv2d: expected a 3-D [C, H, W] or 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
     if x.dim() < 1 or x.shape[-1 if name == "QuantLinear" else -3] != channels:
         where = "last" if name == "QuantLinear" else "channel"
         raise ValueError(f"{name}: expected {channels} input features in the {where} dimension, got shape {tuple(x.shape)}")
@@ -156,6 +172,11 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         backend: Backend | str | None = None,
     ) -> None:
         super().__init__()
+        for arg, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1), ("groups", groups, 1),
+                                ("bits", bits, 1), ("rank", rank, 0)):
+            _int_arg(f"CoRaConv2d {arg}", value, low)
+        if not isinstance(bias, bool):
+            raise TypeError(f"CoRaConv2d bias must be True or False, got {bias!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels {in_channels} and out_channels {out_channels} must be divisible by groups {groups}")
         if padding_mode not in PADDING_MODES:
@@ -378,6 +399,10 @@ class QuantLinear(_PackedWeightMixin, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = LAYER_DEFAULTS.linear_bits) -> None:
         super().__init__()
+        for arg, value in (("in_features", in_features), ("out_features", out_features), ("bits", bits)):
+            _int_arg(f"QuantLinear {arg}", value, 1)
+        if not isinstance(bias, bool):
+            raise TypeError(f"QuantLinear bias must be True or False, got {bias!r}")
         self.in_features, self.out_features, self.bits = in_features, out_features, int(bits)
         self.weight_shape = (out_features, in_features)
         self.k_gemm = in_features

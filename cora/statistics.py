@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from cora_kernels.geometry import explicit_padding
 
+from ._modules_util import kept_modes
+
 __all__ = ["layer_input_rows", "collect_hessians", "execution_order", "paired_moments", "reestimate_batchnorm"]
 
 
@@ -79,15 +81,13 @@ def collect_hessians(
     for name, mod in modules.items():
         if getattr(mod, "groups", 1) == 1:
             hooks.append(mod.register_forward_pre_hook(hook(name)))
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, inputs.shape[0], batch_size):
-            model(inputs[start : start + batch_size])
+        with kept_modes(model, train=False):
+            for start in range(0, inputs.shape[0], batch_size):
+                model(inputs[start : start + batch_size])
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return {n: (sums[n] / counts[n]) for n in sums}
 
 
@@ -127,14 +127,12 @@ def execution_order(model: nn.Module, names: list[str], sample: torch.Tensor) ->
 
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_pre_hook(hook(n)))
-    was_training = model.training
-    model.eval()
     try:
-        model(sample)
+        with kept_modes(model, train=False):
+            model(sample)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return sorted(names, key=lambda n: first.get(n, len(names) + names.index(n)))
 
 
@@ -160,10 +158,7 @@ def paired_moments(
     per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
     hqq = hfq = None
     n = 0
-    modes = float_model.training, quant_model.training
-    float_model.eval()
-    quant_model.eval()
-    try:
+    with kept_modes(float_model, quant_model, train=False):
         for start in range(0, inputs.shape[0], batch_size):
             xb = inputs[start : start + batch_size]
             xf = _capture_input(float_model, f_layer, xb)
@@ -178,9 +173,6 @@ def paired_moments(
             hqq = (rq.T @ rq).double() + (0 if hqq is None else hqq)
             hfq = (rf.T @ rq).double() + (0 if hfq is None else hfq)
             n += rq.shape[0]
-    finally:
-        float_model.train(modes[0])
-        quant_model.train(modes[1])
     return hqq / n, hfq / n
 
 
@@ -201,20 +193,18 @@ def reestimate_batchnorm(model: nn.Module, inputs: torch.Tensor, batch_size: int
         return 0
     if inputs.shape[0] < 2:
         raise ValueError("BatchNorm re-estimation needs at least 2 calibration images")
-    was_training = model.training
     momenta = [m.momentum for m in norms]
     try:
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average
-        model.train()
-        n = inputs.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(inputs.device)
-        full = max(1, n // batch_size) * batch_size if n >= batch_size else n
-        for i in range(0, full, batch_size):
-            model(inputs[order[i : i + batch_size]])
+        with kept_modes(model, train=True):
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average
+            n = inputs.shape[0]
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(inputs.device)
+            full = max(1, n // batch_size) * batch_size if n >= batch_size else n
+            for i in range(0, full, batch_size):
+                model(inputs[order[i : i + batch_size]])
     finally:
         for m, mom in zip(norms, momenta):
             m.momentum = mom
-        model.train(was_training)
     return len(norms)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._modules_util import set_submodule
+from ._modules_util import kept_modes, set_submodule
 from .calibration import Objective
 from .modules import CoRaConv2d
 from .progress import progress_bar
@@ -36,6 +36,8 @@ class TuneReport:
     first_loss: float  # mean loss over the first tenth of the iterations
     last_loss: float  # mean loss over the last tenth
     seconds: float
+    # set when the trained adapters were not kept (non-finite once stored, or non-finite outputs)
+    warning: str | None = None
 
 
 class _TrainableAdapterConv(nn.Module):
@@ -85,8 +87,13 @@ def tune_adapters(
     task loss on them (:class:`cora.calibration.Objective`: cross-entropy to their labels, or KL to
     the float model's logits). Adam with a cosine learning-rate decay over ``iterations`` steps of
     ``batch_size`` images drawn with ``seed`` (a private generator: the global RNG is not touched).
-    ``progress``: show a progress bar. Nothing but the adapters changes; the model's training mode
-    and ``requires_grad`` flags are restored.
+    ``progress``: show a progress bar. Nothing but the adapters changes; every module's training mode
+    and the ``requires_grad`` flags are restored.
+
+    A loss that turns NaN or Inf raises ``FloatingPointError`` and leaves every adapter untouched. If
+    the trained adapters are non-finite once stored in the layers' dtype (e.g. float16 overflow), or
+    the model's outputs on the first calibration images are, the untuned adapters are put back and
+    :attr:`TuneReport.warning` says why.
     """
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be a cora.calibration.Objective, got {type(objective).__name__}")
@@ -99,45 +106,49 @@ def tune_adapters(
     if not names or iterations <= 0:
         return TuneReport(loss, 0, len(names), math.nan, math.nan, 0.0)
 
-    was_training = model.training
     frozen = {p: p.requires_grad for p in model.parameters()}
+    untuned = {name: (model.get_submodule(name).adapter_a, model.get_submodule(name).adapter_b) for name in names}
     wrappers: dict[str, _TrainableAdapterConv] = {}
-    done = False
+    done, warning = False, None
     bar = progress_bar(iterations, "tune", progress)
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        for name in names:
-            wrappers[name] = _TrainableAdapterConv(model.get_submodule(name))
-            set_submodule(model, name, wrappers[name])
-        model.eval()  # BatchNorm uses (and keeps) the float model's running statistics
-        params = [p for w in wrappers.values() for p in (w.a, w.b)]
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
-        gen = torch.Generator().manual_seed(seed)
-        tenth = max(1, iterations // 10)
-        losses = []
-        for it in range(1, iterations + 1):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(images.device)
-            value = objective(model(images[idx]), idx)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(value.detach()))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"adapter tuning diverged at iteration {it} (loss {losses[-1]}); lower tune_lr")
-            bar.set_postfix_str(f"{loss} {sum(losses[-tenth:]) / len(losses[-tenth:]):.4f}", refresh=False)
-            bar.update(1)
-        done = True
-    finally:
-        bar.close()
-        # on failure the layers go back untouched, never half-trained
-        for name, w in wrappers.items():
-            set_submodule(model, name, w.write_back() if done else w.layer)
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with kept_modes(model, train=False):  # BatchNorm uses (and keeps) the float model's running statistics
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            for name in names:
+                wrappers[name] = _TrainableAdapterConv(model.get_submodule(name))
+                set_submodule(model, name, wrappers[name])
+            params = [p for w in wrappers.values() for p in (w.a, w.b)]
+            opt = torch.optim.Adam(params, lr=lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
+            gen = torch.Generator().manual_seed(seed)
+            tenth = max(1, iterations // 10)
+            losses = []
+            for it in range(1, iterations + 1):
+                idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(images.device)
+                value = objective(model(images[idx]), idx)
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(value.detach()))
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"adapter tuning diverged at iteration {it} (loss {losses[-1]}); lower tune_lr")
+                bar.set_postfix_str(f"{loss} {sum(losses[-tenth:]) / len(losses[-tenth:]):.4f}", refresh=False)
+                bar.update(1)
+            done = True
+        finally:
+            bar.close()
+            # on failure the layers go back untouched, never half-trained
+            for name, w in wrappers.items():
+                set_submodule(model, name, w.write_back() if done else w.layer)
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+        warning = _check_finite(model, names, images[: min(batch_size, n)])
+        if warning is not None:
+            for name, (a, b) in untuned.items():
+                layer = model.get_submodule(name)
+                layer.adapter_a, layer.adapter_b = a, b
     return TuneReport(
         loss=loss,
         iterations=iterations,
@@ -145,4 +156,21 @@ def tune_adapters(
         first_loss=sum(losses[:tenth]) / tenth,
         last_loss=sum(losses[-tenth:]) / tenth,
         seconds=time.perf_counter() - t0,
+        warning=warning,
     )
+
+
+@torch.no_grad()
+def _check_finite(model: nn.Module, names: list[str], images: torch.Tensor) -> str | None:
+    """Why the tuned adapters cannot be kept (None: they can): non-finite stored factors or outputs."""
+    bad = [n for n in names if not all(torch.isfinite(t).all() for t in model.get_submodule(n).adapter_conv_weights())]
+    if bad:
+        more = " ..." if len(bad) > 3 else ""
+        return f"adapter tuning produced non-finite adapters in {bad[:3]}{more}; the untuned adapters are kept (lower tune_lr)"
+    out = model(images)
+    if isinstance(out, dict):
+        out = list(out.values())
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    if not all(torch.isfinite(t).all() for t in tensors):
+        return "after adapter tuning the model's outputs are not finite; the untuned adapters are kept (lower tune_lr)"
+    return None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from cora.calibration import CalibrationSet, Objective, materialize, model_logits
+from cora.calibration import CalibrationSet, Objective, materialize, model_logits, select_output
 
 
 def _data(n=10, seed=0):
@@ -40,8 +40,46 @@ def test_bad_calibration_data():
         materialize(torch.full((2, 3, 4, 4), float("nan")), 10)
     with pytest.raises(TypeError, match="DataLoader"):
         materialize(3, 10)
-    with pytest.raises(ValueError, match="differ in number"):
+    with pytest.raises(ValueError, match="4 labels for 10 images"):
         materialize((x, y[:4]), 10)
+    with pytest.raises(ValueError, match="11 labels for 10 images"):  # surplus labels are not dropped
+        materialize((x, torch.cat([y, y[:1]])), 10)
+    with pytest.raises(ValueError, match="batch dimension"):  # a 1-D tensor is not "empty"
+        materialize(torch.randn(12), 10)
+
+
+def test_one_hot_labels_are_converted_exactly():
+    x, y = _data()
+    one_hot = torch.nn.functional.one_hot(y, 5)
+    for form in (one_hot, one_hot.float(), one_hot.bool().long()):
+        _, got = materialize((x, form), 100)
+        assert torch.equal(got, y) and got.dtype == torch.int64
+    _, got = materialize((x, y[:, None]), 100)  # [N, 1] is one index per image
+    assert torch.equal(got, y)
+
+
+@pytest.mark.parametrize("labels,match", [
+    (lambda y: y.float(), "integer class indices"),  # float labels are not truncated
+    (lambda y: y.float() + 0.5, "integer class indices"),
+    (lambda y: torch.nn.functional.one_hot(y, 5) * 2, "neither class indices"),  # not one-hot
+    (lambda y: torch.nn.functional.one_hot(y, 5).float() * 0.5, "neither class indices"),
+    (lambda y: y - 10, ">= 0"),
+    (lambda y: y.reshape(2, 5), "one label per image|shape"),
+    (lambda y: y.bool(), "integer class indices"),
+])
+def test_labels_in_the_wrong_form_are_refused(labels, match):
+    x, y = _data()
+    with pytest.raises(ValueError, match=match):
+        materialize((x, labels(y)), 100)
+
+
+def test_label_range_checked_against_the_model():
+    x, y = _data()
+    data = CalibrationSet.gather((x, y), 10)
+    data.check_labels(5)  # labels in [0, 5)
+    with pytest.raises(ValueError, match=r"model has 3 outputs"):
+        data.check_labels(3)
+    CalibrationSet(x).check_labels(1)  # no labels: nothing to check
 
 
 def test_calibration_set_subset_is_seeded_and_spread():
@@ -83,3 +121,18 @@ def test_model_logits_restores_the_mode():
     a, b = model_logits(m, x, batch_size=3), model_logits(m, x)
     assert a.shape == (10, 5) and m.training
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # eval mode: dropout off, the same in any batches
+
+
+def test_select_output():
+    t = torch.randn(2, 3)
+    assert select_output(t) is t
+    assert select_output((t, t * 2), 1).equal(t * 2)
+    assert select_output({"logits": t, "aux": None}, "logits") is t
+    with pytest.raises(ValueError, match="returns a tuple of 2.*output"):
+        select_output((t, t))
+    with pytest.raises(ValueError, match="returns a dict.*logits"):
+        select_output({"logits": t})
+    with pytest.raises(ValueError, match="does not select"):
+        select_output((t,), 3)
+    with pytest.raises(ValueError, match="not a tensor"):
+        select_output({"aux": None}, "aux")

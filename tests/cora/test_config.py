@@ -50,7 +50,8 @@ def test_sections_hold_the_defaults():
 # a valid value other than the default, for every flat alias
 ALTERNATIVES = {
     "granularity": "tensor", "range_method": "std", "std_k": 3.0, "rounding": "nearest", "gptq_damp": 0.1,
-    "gptq_act_order": False, "sequential": False, "stats_images": 64, "factorization": "weight", "refine": False,
+    "gptq_act_order": False, "sequential": False, "stats_images": 64, "max_stats_features": 100, "factorization": "weight",
+    "refine": False,
     "adapter_dtype": "float32", "loss": "kl", "budget_mode": "penalty", "optimizer": "sgd", "iterations": 7,
     "batch_size": 8, "lr": 0.5, "order": 2, "gamma": 2.0, "grad_clip": 0.5, "rho_init": None, "search_bn": "eval",
     "tune_iterations": 3, "tune_loss": "ce", "tune_lr": 0.1, "tune_batch_size": 8,
