@@ -5,7 +5,7 @@
 
 Writes ``bench/results/accuracy.csv`` (one row per run, with the machine, versions and commit) and
 prints a Markdown table. Accuracies are top-1 on the 10,000 shared test images unless
-``--eval-split holdout`` (the 3,400 calibration images held back from the search; use that split,
+``--eval-split holdout`` (the calibration images held back from the search: 3,400 at the default 1,600; use that split,
 never the test set, to choose settings).
 """
 from __future__ import annotations

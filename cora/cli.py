@@ -1,25 +1,83 @@
 """The command line: ``cora quantize ...`` and ``cora eval ...`` (also ``python -m cora ...``).
 
-Every failure the user can fix is one ``cora: error: ...`` line on stderr and exit status 2.
-The runs themselves live in :mod:`cora.experiments.pipeline`.
+The runs themselves live in :mod:`cora.experiments.pipeline`; this module parses, checks every
+argument before any work, prints the results and turns every failure into one line.
+
+Exit status and stderr
+----------------------
+* **0**: success. stdout holds the results (a table; with ``--json`` a JSON object as the last line).
+* **2**: a user error, reported as one line ``cora: error: <what is wrong>`` on stderr: a bad or
+  inconsistent argument, a missing or unreadable file (model weights, checkpoint, data, an image),
+  a model or checkpoint that does not fit, an unusable ``--out``, and a checkpoint that could not be
+  written at the end (see ``--out``). Internally: argument errors, ``ValueError`` (which includes
+  :class:`cora.checkpoint.CheckpointError`), ``OSError`` (``FileNotFoundError``, ``PermissionError``,
+  a full disk, ...) and running out of memory.
+* **1**: anything else escaping the run is a bug in cora, reported as the one line ``cora: error:
+  internal error: <Type>: <message> (set CORA_DEBUG=1 for the traceback)``.
+* **130**: interrupted (Ctrl-C): ``cora: error: interrupted``.
+
+No traceback is printed, unless the environment variable ``CORA_DEBUG`` is ``1`` (then the
+traceback of any failure precedes its error line). Other stderr lines are progress (unless
+``--quiet``) and ``cora: warning: ...`` lines (deprecated option values, Python warnings, one line
+each). Every argument is checked before the first model is loaded, so a bad one costs nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DEBUG_ENV"]
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line, no usage dump
-        raise _CliError(message)
+DEBUG_ENV = "CORA_DEBUG"  # "1": print the traceback of a failure before its error line
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_MAX_MESSAGE = 1000  # characters of one error line (a giant message is cut, CORA_DEBUG=1 shows it all)
+_SEED_MAX = 2**63 - 1
 
 
 class _CliError(Exception):
-    pass
+    """A user error found by the command line itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, notes: list[str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._notes = notes
+
+    def error(self, message: str) -> None:  # one clear line, no usage dump
+        raise _CliError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse; warnings of the type checks (deprecated names) are printed only when parsing succeeds."""
+        ns, notes = self.parse_with_notes(args, namespace)
+        for note in notes:
+            print(note, file=sys.stderr)
+        return ns
+
+    def parse_with_notes(self, args=None, namespace=None) -> tuple[argparse.Namespace, list[str]]:
+        if self._notes is None:
+            return super().parse_args(args, namespace), []
+        self._notes.clear()
+        ns = super().parse_args(args, namespace)
+        notes = list(self._notes)
+        self._notes.clear()
+        return ns, notes
+
+
+def _number(text: str, kind: str, low: int, high: int | None = None) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if v < low or (high is not None and v > high):
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text}")
+    return v
 
 
 def _budget(text: str) -> float:
@@ -33,48 +91,70 @@ def _budget(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
+    return _number(text, "a positive integer", 1)
 
 
-def _method(text: str) -> str:
-    from .config import DEPRECATED_METHODS, METHODS
+def _nonnegative_int(text: str) -> int:
+    return _number(text, "an integer >= 0", 0)
 
-    if text in DEPRECATED_METHODS:
-        new = DEPRECATED_METHODS[text]
-        print(f"cora: warning: --method {text} is deprecated; it is now called --method {new}", file=sys.stderr)
-        return new
-    if text not in METHODS:
-        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(METHODS)})")
-    return text
+
+def _seed(text: str) -> int:
+    return _number(text, f"an integer between 0 and {_SEED_MAX}", 0, _SEED_MAX)
+
+
+def _threads(text: str) -> int:
+    most = 4 * (os.cpu_count() or 1)
+    return _number(text, f"a number of threads between 1 and {most} (4 x the CPU count)", 1, most)
+
+
+def _method_type(notes: list[str]):
+    def method(text: str) -> str:
+        from .config import DEPRECATED_METHODS, METHODS
+
+        if text in DEPRECATED_METHODS:
+            new = DEPRECATED_METHODS[text]
+            notes.append(f"cora: warning: --method {text} is deprecated; it is now called --method {new}")
+            return new
+        if text not in METHODS:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(METHODS)})")
+        return text
+
+    method.__name__ = "method"
+    return method
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import FACTORIZATIONS, LOSSES, METHODS, RANGES, ROUNDINGS, SUPPORTED_BITS
 
-    p = _Parser(prog="python -m cora", description="CoRa: low-bit ConvNets with searched low-rank residual adapters.")
+    notes: list[str] = []
+    p = _Parser(prog="python -m cora", description="CoRa: low-bit ConvNets with searched low-rank residual adapters.",
+                notes=notes,
+                epilog=f"Exit status: 0 success, 2 a user error (one 'cora: error:' line), 1 an internal error, "
+                       f"130 interrupted. {DEBUG_ENV}=1 prints the traceback of a failure.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     common = _Parser(add_help=False)
     common.add_argument("--shared", default=None,
                         help="folder with data/ and models/ (default: $CORA_SHARED or ../shared beside the checkout)")
-    common.add_argument("--data", default=None, help="ImageNet-style image folder (for non-CIFAR models)")
-    common.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    common.add_argument("--data", default=None,
+                        help="ImageNet-style image folder (for non-CIFAR models; CIFAR models always use the shared arrays)")
+    common.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
     common.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     common.add_argument("--eval-split", choices=("test", "holdout"), default="test",
-                        help="evaluate on the test set (default) or on the calibration images held back from the search")
+                        help="evaluate on the test set (default; an --data folder: all of it) or on the held-out "
+                             "calibration images, those the calibration does not use (CIFAR: 5000 - --calib; an --data "
+                             "folder: the images not picked for calibration); refused when none are left. 'eval' holds "
+                             "out from a checkpoint's own calibration, for a float model from the default --calib 1600")
+    common.add_argument("--eval-limit", type=_positive_int, default=None, metavar="N",
+                        help="evaluate on at most N images: the first of the split, class-balanced (the classes take "
+                             "turns); the reported eval_images says how many")
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model and report accuracy")
     q.add_argument("model", help="cifar_resnet20, cifar_resnet32, ... (depth 6n+2) or a torchvision name (resnet18, ...)")
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv parameters")
-    q.add_argument("--method", type=_method, default=None, metavar="{" + ",".join(METHODS) + "}",
+    q.add_argument("--method", type=_method_type(notes), default=None, metavar="{" + ",".join(METHODS) + "}",
                    help="search: searched ranks; uniform: same fraction of the full rank per layer; none: no adapters; "
                         "auto (default): search with labelled calibration data, else uniform (--paper: search). "
                         "The old names cora / heuristic / rtn still work")
@@ -86,25 +166,45 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--factorization", choices=FACTORIZATIONS, default=None)
     q.add_argument("--rounding", choices=ROUNDINGS, default=None)
     q.add_argument("--range", dest="range_method", choices=RANGES, default=None)
-    q.add_argument("--calib", type=_positive_int, default=1600, help="calibration images (default 1600)")
+    q.add_argument("--calib", type=_positive_int, default=1600,
+                   help="calibration images (default 1600; CIFAR: a multiple of 10, at most 5000)")
     q.add_argument("--iters", type=_positive_int, default=250, help="search iterations (default 250)")
-    q.add_argument("--tune-iters", type=int, default=None,
+    q.add_argument("--tune-iters", type=_nonnegative_int, default=None,
                    help="adapter tuning iterations after the ranks are fixed (default 250; 0: off; --paper: 0)")
     q.add_argument("--tune-loss", choices=("auto",) + LOSSES, default=None,
                    help="adapter tuning loss (default auto: ce with the calibration labels, no tuning without)")
     q.add_argument("--bn-reestimate", action="store_true",
                    help="re-estimate BatchNorm statistics on the calibration images (default: keep the float model's)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_seed, default=0)
     q.add_argument("--skip", action="append", default=[], help="layer name or pattern to keep in float (repeatable)")
-    q.add_argument("--out", default=None, help="write the quantized model to this checkpoint (safetensors)")
+    q.add_argument("--out", default=None, metavar="FILE",
+                   help="write the quantized model to this checkpoint (safetensors). Checked before any work: an empty "
+                        "name, an existing folder or a folder that cannot be written is refused at once. If writing "
+                        "still fails at the end (disk full, ...), nothing is left under FILE, the results are printed "
+                        "all the same (with --json too) and the model is saved to a new file cora-<model>-*.safetensors "
+                        "in the temp folder ($TMPDIR, else /tmp) instead; the error line says where, and the exit status is 2")
     q.add_argument("--no-rtn", action="store_true", help="skip the RTN baseline")
     q.add_argument("--quiet", action="store_true", help="no progress bars or lines")
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a float model or a saved CoRa checkpoint")
-    e.add_argument("model", nargs="?", default=None, help="float model name (omit with --checkpoint)")
-    e.add_argument("--weights", default=None)
+    e.add_argument("model", nargs="?", default=None,
+                   help="float model name; with --checkpoint it must be the checkpoint's own model (or names the model "
+                        "of a checkpoint that records none)")
+    e.add_argument("--weights", default=None, help="checkpoint of the float model (not with --checkpoint)")
     e.add_argument("--checkpoint", default=None, help="a checkpoint written by 'quantize --out'")
     return p
+
+
+# ------------------------------------------------------------------------------------ checks
+def _check_data_option(name: str, args) -> None:
+    if args.data is not None and name.startswith("cifar_"):
+        raise _CliError(f"--data is for non-CIFAR models: {name} is calibrated and evaluated on the shared CIFAR-10 arrays")
+
+
+def _check_out(text: str) -> Path:
+    from . import checkpoint
+
+    return Path(checkpoint.check_output_path(text))
 
 
 def _config(args):
@@ -119,8 +219,6 @@ def _config(args):
         progress=not args.quiet,
     )
     if args.tune_iters is not None:
-        if args.tune_iters < 0:
-            raise _CliError(f"--tune-iters must be >= 0, got {args.tune_iters}")
         overrides["tune_iterations"] = args.tune_iters
     for key in ("method", "loss", "factorization", "rounding", "range_method", "tune_loss"):
         if getattr(args, key) is not None:
@@ -132,6 +230,7 @@ def _config(args):
     return CoRaConfig.paper(args.bits, **overrides) if args.paper else CoRaConfig(bits=args.bits, **overrides)
 
 
+# ------------------------------------------------------------------------------------ output
 def _table(res: dict) -> str:
     rows = [("float accuracy", f"{res['float_acc']:.2f} %")]
     if "rtn_acc" in res:
@@ -142,6 +241,7 @@ def _table(res: dict) -> str:
         ("equivalent bits", f"{res['equiv_bits']:.3f}"),
         ("search iterations", str(res["iterations"])),
         ("calibration images", str(res["calib_images"])),
+        ("evaluation images", f"{res['eval_images']} ({res['eval_split']})"),
         ("search time", f"{res['search_seconds']:.1f} s"),
         ("adapter tuning", f"{res['tune_iterations']} iterations ({res['tune_loss']}), {res['tune_seconds']:.1f} s"
          if res.get("tune_iterations") else "off"),
@@ -157,65 +257,208 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _quantize(args) -> dict:
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    if len(msg) > _MAX_MESSAGE:
+        msg = msg[:_MAX_MESSAGE] + f" ... ({len(msg)} characters; {DEBUG_ENV}=1 shows them all)"
+    return msg
+
+
+# ------------------------------------------------------------------------------------ saving
+def _new_entries(folder: Path, before: set[str], name: str) -> list[Path]:
+    """Files in ``folder`` that were not in ``before`` and are named after ``name`` (``name``,
+    ``name.tmp``, ``.name.XXXX.tmp``, ...)."""
+    try:
+        return [folder / n for n in os.listdir(folder) if n not in before and (n.startswith(name) or n.startswith("." + name))]
+    except OSError:
+        return []
+
+
+def _save_clean(model, path: Path) -> Path:
+    """``cora.save(model, path)``; when it fails, whatever it left (a partial file, a temporary next to
+    ``path``, folders it created) is removed before the exception goes on."""
     from .checkpoint import save
+
+    missing = []  # the folders save() will create, innermost first
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    parent = path.parent
+    try:
+        before = set(os.listdir(parent)) if parent.is_dir() else set()
+    except OSError:
+        before = set()
+    try:
+        return Path(save(model, path))
+    except BaseException:
+        for leftover in _new_entries(parent, before, path.name):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+        for made in missing:
+            try:
+                made.rmdir()  # only if empty
+            except OSError:
+                break
+        raise
+
+
+def _rescue(model, name: str) -> tuple[Path | None, str | None]:
+    """Save to a new file in the temp folder; ``(path, None)`` or ``(None, why not)``."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"cora-{name}-", suffix=".safetensors")
+        os.close(fd)
+    except OSError as exc:
+        return None, _one_line(exc)
+    try:
+        return _save_clean(model, Path(tmp)), None
+    except Exception as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return None, f"{type(exc).__name__}: {_one_line(exc)}"
+
+
+def _write_checkpoint(model, out: Path, name: str, res: dict) -> str | None:
+    """Write ``model`` to ``out``; on failure save it to the temp folder instead. Returns the error
+    line's message (``None`` on success); ``res`` gets ``checkpoint`` (where it went) and on failure
+    ``checkpoint_error``."""
+    try:
+        path = _save_clean(model, out)
+    except Exception as exc:
+        error = f"could not write the checkpoint {out} ({type(exc).__name__}: {_one_line(exc)})"
+        rescued, why = _rescue(model, name)
+        if rescued is not None:
+            res["checkpoint"] = str(rescued)
+            print(f"saved {rescued} (instead of {out})")
+            error += f"; the quantized model was saved to {rescued} instead"
+        else:
+            error += f"; saving it to the temp folder failed too ({why}): the results printed are all that is left"
+        res["checkpoint_error"] = error
+        return error
+    res["checkpoint"] = str(path)
+    print(f"saved {path}")
+    return None
+
+
+# ------------------------------------------------------------------------------------ commands
+def _quantize(args) -> tuple[dict, str | None]:
     from .experiments.pipeline import quantize_and_evaluate
 
+    out = _check_out(args.out) if args.out is not None else None  # before any work
+    _check_data_option(args.model, args)
     config = _config(args)
     qmodel, res = quantize_and_evaluate(
         args.model, config, weights=args.weights, shared=args.shared, data_dir=args.data,
-        eval_split=args.eval_split, with_rtn=not args.no_rtn,
+        eval_split=args.eval_split, eval_limit=args.eval_limit, with_rtn=not args.no_rtn,
     )
     print(_table(res))
-    if args.out:
-        path = save(qmodel, args.out)
-        res["checkpoint"] = str(path)
-        print(f"saved {path}")
-    return res
+    error = _write_checkpoint(qmodel, out, args.model, res) if out is not None else None
+    return res, error
 
 
-def _eval(args) -> dict:
+def _checkpoint_model(args) -> tuple[str, bool, int | None]:
+    """From the checkpoint's metadata: the model's name (MODEL checked against the recorded one),
+    whether the name is recorded, and how many calibration images it was converted with."""
+    from .checkpoint import read_metadata
+
+    if args.weights is not None:
+        raise _CliError("--weights is for float models; a checkpoint holds its own weights (drop --weights or --checkpoint)")
+    meta = read_metadata(args.checkpoint)
+    arch, report = meta.get("architecture"), meta.get("report")
+    recorded = arch.get("name") if isinstance(arch, dict) else None
+    calib_images = report.get("calib_images") if isinstance(report, dict) else None
+    if recorded is None:
+        if args.model is None:
+            raise _CliError(f"{args.checkpoint} records no model name: name it (cora eval MODEL --checkpoint FILE)")
+        return args.model, False, calib_images
+    if args.model is not None and args.model != recorded:
+        raise _CliError(f"{args.checkpoint} holds a quantized {recorded}, not {args.model}: "
+                        f"drop MODEL or name the checkpoint's model")
+    return recorded, True, calib_images
+
+
+def _eval(args) -> tuple[dict, None]:
     from .experiments.data import evaluate
     from .experiments.pipeline import evaluation_data, load_float_model
 
-    if args.checkpoint:
-        from .checkpoint import load
-
-        model = load(args.checkpoint)
-        name = (model.cora_architecture or {}).get("name")
-        if name is None:
-            raise ValueError("the checkpoint records no model name; evaluate it from Python with cora.load(path, model)")
-    elif args.model:
-        name = args.model
+    if args.checkpoint is not None:
+        name, recorded, calib_images = _checkpoint_model(args)
+    elif args.model is not None:
+        name, recorded, calib_images = args.model, False, None
+    else:
+        raise _CliError("eval needs a model name or --checkpoint FILE")
+    _check_data_option(name, args)
+    # held out: a checkpoint's own calibration images, a float model's the default calibration's (1600)
+    ds = evaluation_data(name, args.shared, args.data, args.eval_split, calib_images=calib_images or 1600,
+                         limit=args.eval_limit)
+    if args.checkpoint is None:
         model = load_float_model(name, args.weights, args.shared)
     else:
-        raise ValueError("eval needs a model name or --checkpoint FILE")
-    ds = evaluation_data(name, args.shared, args.data, args.eval_split)
+        from .checkpoint import load
+        from .experiments.models import build_model
+
+        model = load(args.checkpoint) if recorded else load(args.checkpoint, build_model(name, weights=False))
     acc = evaluate(model, ds)
     print(f"{name}: top-1 {acc:.2f} % on {len(ds)} {args.eval_split} images")
     res = {"model": name, "acc": acc, "eval_images": len(ds), "eval_split": args.eval_split}
-    if args.checkpoint:
+    if args.checkpoint is not None:
         res["checkpoint"] = args.checkpoint
-    return res
+    return res, None
+
+
+# ------------------------------------------------------------------------------------ main
+def _classify(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the error line's message for an exception (see the module doc)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(exc, (_CliError, ValueError, OSError)):
+        return EXIT_USAGE, _one_line(exc)
+    torch = sys.modules.get("torch")
+    oom = (MemoryError,) + ((torch.cuda.OutOfMemoryError,) if torch is not None else ())
+    if isinstance(exc, oom):
+        return EXIT_USAGE, f"out of memory ({_one_line(exc)}): try fewer calibration images or a smaller model"
+    return EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {_one_line(exc)} (set {DEBUG_ENV}=1 for the traceback)"
+
+
+def _fail(exc: BaseException) -> int:
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exception(exc)
+    code, message = _classify(exc)
+    print(f"cora: error: {message}", file=sys.stderr)
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cora: warning: {category.__name__}: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
-        if args.threads:
-            import torch
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line each, like the rest of stderr
+            try:
+                args, notes = build_parser().parse_with_notes(argv)
+            except SystemExit as exc:  # --help
+                return exc.code if isinstance(exc.code, int) else EXIT_OK
+            for note in notes:
+                print(note, file=sys.stderr)
+            if args.threads:
+                import torch
 
-            torch.set_num_threads(args.threads)
-        res = _quantize(args) if args.command == "quantize" else _eval(args)
-    except _CliError as exc:
-        print(f"cora: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-        print(f"cora: error: {msg}", file=sys.stderr)
-        return 2
+                torch.set_num_threads(args.threads)
+            res, error = _quantize(args) if args.command == "quantize" else _eval(args)
+    except BaseException as exc:  # every failure is one line (SystemExit of --help returned above)
+        if isinstance(exc, SystemExit):
+            raise
+        return _fail(exc)
     if args.json:
         print(json.dumps(res, sort_keys=True))
-    return 0
+    if error is not None:
+        print(f"cora: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from cora.experiments import paths
@@ -29,6 +29,9 @@ __all__ = [
     "load_npz",
     "NpzImageDataset",
     "calibration_indices",
+    "split_indices",
+    "balanced_subset",
+    "dataset_labels",
     "cifar10_test",
     "cifar10_calibration",
     "make_loader",
@@ -107,6 +110,14 @@ class NpzImageDataset(Dataset):
         """``(images float32 [N, 3, H, W], labels int64 [N])``."""
         return self.images, self.labels
 
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> NpzImageDataset:
+        """The images at ``indices`` (in that order) as a dataset of their own (no re-normalisation)."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        out = NpzImageDataset.__new__(NpzImageDataset)
+        out.images, out.labels = self.images[idx], self.labels[idx]
+        out.mean, out.std = self.mean, self.std
+        return out
+
 
 def calibration_indices(labels: np.ndarray | torch.Tensor, n: int, split: str = "search") -> np.ndarray:
     """Indices (int64, ascending) of the class-balanced calibration split.
@@ -133,6 +144,54 @@ def calibration_indices(labels: np.ndarray | torch.Tensor, n: int, split: str = 
     mask = np.ones(len(labels), dtype=bool)
     mask[search] = False
     return np.flatnonzero(mask)
+
+
+def split_indices(num_images: int, n: int, split: str = "search", seed: int = 0) -> np.ndarray:
+    """The calibration split of a dataset without a fixed one (an image folder).
+
+    A random permutation of ``range(num_images)`` seeded with ``seed``: ``search`` is its first
+    ``min(n, num_images)`` entries (in permutation order), ``holdout`` the others (ascending), so the
+    two never overlap whatever ``n`` is.
+    """
+    if split not in ("search", "holdout"):
+        raise ValueError(f"split must be 'search' or 'holdout', got {split!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).numpy()
+    return perm[:n] if split == "search" else np.sort(perm[n:])
+
+
+def dataset_labels(data: Dataset) -> np.ndarray:
+    """The labels of a dataset, without loading its images: an :class:`NpzImageDataset`, an image
+    folder, a ``Subset`` of either, or any dataset (then read item by item)."""
+    if isinstance(data, NpzImageDataset):
+        return data.labels.numpy()
+    if isinstance(data, datasets.DatasetFolder):
+        return np.asarray(data.targets, dtype=np.int64)
+    if isinstance(data, Subset):
+        return dataset_labels(data.dataset)[np.asarray(data.indices, dtype=np.int64)]
+    return np.asarray([int(data[i][1]) for i in range(len(data))], dtype=np.int64)
+
+
+def balanced_subset(data: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` images of ``data``, class-balanced: the classes take turns (in label
+    order), each giving its next image in dataset order, until ``limit`` are chosen (a class that
+    runs out drops out); the chosen images keep their dataset order. ``data`` itself when ``limit``
+    is ``None`` or not below its size."""
+    if limit is None:
+        return data
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    if limit >= len(data):
+        return data
+    labels = dataset_labels(data)
+    rank = np.empty(len(labels), dtype=np.int64)  # position of each image within its class
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    order = np.lexsort((labels, rank))  # by rank, then by class
+    idx = np.sort(order[:limit])
+    return data.subset(idx) if isinstance(data, NpzImageDataset) else Subset(data, idx.tolist())
 
 
 def cifar10_test(
@@ -179,7 +238,8 @@ class ImageFolderDataset(datasets.ImageFolder):
     ``round(image_size * 256 / 224)``), centre-cropped to ``image_size``, turned into float32
     CHW in [0, 1] and normalised; items are ``(float32 [3, image_size, image_size], int)``.
     Raises ``FileNotFoundError`` if the folder is missing and ``ValueError`` if it holds no
-    images.
+    images; reading an image that cannot be decoded (corrupt, truncated, not an image) raises a
+    one-line ``ValueError`` naming the file.
     """
 
     def __init__(
@@ -205,6 +265,19 @@ class ImageFolderDataset(datasets.ImageFolder):
             super().__init__(str(root), transform=tf)
         except FileNotFoundError as e:  # torchvision's error for no class folders / no images
             raise ValueError(f"image folder {root} has no images in class sub-folders: {e}") from e
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+            if self.transform is not None:
+                sample = self.transform(sample)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ... for a bad file
+            msg = " ".join(str(e).split()) or "no details"
+            raise ValueError(f"cannot read image {path} ({type(e).__name__}: {msg}); remove or replace it") from e
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
 
 
 def image_folder(

@@ -74,37 +74,93 @@ def build_model(
     weights: str | os.PathLike | bool | None = None,
     shared: str | os.PathLike | None = None,
     pretrained_torchvision: bool = False,
+    **kwargs,
 ) -> nn.Module:
     """Build a model by name, in eval mode.
 
     - ``cifar_resnet{6n+2}``: ``weights=None`` loads ``models/resnet{depth}-*.th`` from the
       shared folder, a path loads that checkpoint, ``weights=False`` gives a fresh
-      Kaiming-initialised model.
+      Kaiming-initialised model. The one keyword argument is ``num_classes`` (default 10).
     - torchvision classification names (``resnet18``, ``mobilenet_v2``, ...): random weights,
       unless ``weights`` is a local state-dict file, or ``pretrained_torchvision=True`` and
       torchvision's default weights are already in the local torch hub cache. Never downloads.
+      Keyword arguments go to the model's constructor (``torchvision.models.get_model``), e.g.
+      ``build_model("googlenet", weights=False, aux_logits=False, init_weights=False)``.
 
-    Raises ``ValueError`` for an unknown name (with examples), ``FileNotFoundError`` for
-    weights that cannot be found.
+    Raises ``ValueError`` for an unknown name (with examples), for keyword arguments the model
+    does not take, and for weights that do not fit the model (one line: how many keys are missing
+    or unexpected, the first few of them, shape mismatches); ``FileNotFoundError`` for weights that
+    cannot be found.
     """
     _check_name(name)
     depth = _cifar_depth(name)
     if depth is not None:
+        unknown = sorted(set(kwargs) - {"num_classes"})
+        if unknown:
+            raise ValueError(f"{name} takes no keyword argument(s) {', '.join(unknown)} (only num_classes)")
         if weights is False:
-            return cifar_resnet(depth).eval()
+            return _construct(name, lambda: cifar_resnet(depth, **kwargs), kwargs).eval()
         if weights is True:
             weights = None
-        return load_cifar_resnet(depth, weights=weights, shared=shared)
+        return load_cifar_resnet(depth, weights=weights, shared=shared, **kwargs)
 
     import torchvision.models as tvm
 
-    model = tvm.get_model(name, weights=None)
+    model = _construct(name, lambda: tvm.get_model(name, weights=None, **kwargs), kwargs)
     if weights not in (None, False, True):
         path = paths.find_file(weights, shared)
-        model.load_state_dict(read_state_dict(path), strict=True)
+        _load_checked(model, read_state_dict(path), f"{path} does not fit {name}{_fmt_kwargs(kwargs)}")
     elif pretrained_torchvision or weights is True:
-        model.load_state_dict(_cached_torchvision_state(name), strict=True)
+        state = _cached_torchvision_state(name)
+        _load_checked(model, state, f"torchvision's pretrained weights do not fit {name}{_fmt_kwargs(kwargs)}")
     return model.eval()
+
+
+def _fmt_kwargs(kwargs: dict) -> str:
+    return "(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")" if kwargs else ""
+
+
+def _construct(name: str, build, kwargs: dict) -> nn.Module:
+    """``build()``; when it rejects the caller's keyword arguments (unknown keyword, wrong type, a
+    negative size, ...), a one-line ``ValueError`` naming the model and the arguments."""
+    try:
+        return build()
+    except (TypeError, ValueError, RuntimeError) as e:
+        if not kwargs:
+            raise
+        msg = " ".join(str(e).split())
+        raise ValueError(f"cannot build {name}{_fmt_kwargs(kwargs)}: {type(e).__name__}: {msg}") from e
+
+
+def _load_checked(model: nn.Module, state: dict[str, torch.Tensor], head: str) -> None:
+    """A strict ``load_state_dict`` whose failure is one line (see :func:`_mismatch`) instead of
+    torch's one line per key."""
+    expected = model.state_dict()
+    # Checkpoints from before BatchNorm's num_batches_tracked counter lack it; it only matters for
+    # momentum=None training, so a zero fills it.
+    for k in expected:
+        if k.endswith("num_batches_tracked") and k not in state and k.replace("num_batches_tracked", "running_mean") in state:
+            state[k] = torch.zeros((), dtype=torch.long)
+    problem = _mismatch(expected, state)
+    if problem:
+        raise ValueError(f"{head}: {problem}")
+    model.load_state_dict(state, strict=True)
+
+
+def _mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into a model with ``expected``, in one line ("" if it fits)."""
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+           if k in state and state[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if bad:
+        parts.append(f"{len(bad)} shape mismatches, checkpoint vs model ({_first(bad, 3)})")
+    return "; ".join(parts)
 
 
 def _cached_torchvision_state(name: str) -> dict[str, torch.Tensor]:
@@ -171,53 +227,34 @@ def _checkpoint_blocks(state: dict[str, torch.Tensor]) -> int | None:
     return max(idx) + 1 if idx else None
 
 
-def _fmt_keys(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+def _first(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
 
 
 def load_cifar_resnet(
     depth: int,
     weights: str | os.PathLike | None = None,
     shared: str | os.PathLike | None = None,
+    **kwargs,
 ) -> CifarResNet:
-    """A CIFAR ResNet with pretrained weights, in eval mode.
+    """A CIFAR ResNet with pretrained weights, in eval mode (``kwargs``: ``num_classes``).
 
     ``weights`` is a checkpoint path; by default ``models/resnet{depth}-*.th`` is looked up
     in the shared folder (``shared``, ``CORA_SHARED`` or ``../shared``, see
     :mod:`cora.experiments.paths`). The load is strict. Raises ``FileNotFoundError`` (naming every place
-    looked at), or ``ValueError`` for a file that is not a checkpoint or does not fit the depth.
+    looked at), or ``ValueError`` for a file that is not a checkpoint or does not fit the depth
+    (one line: the blocks per stage it has, how many keys are missing / unexpected and the first few,
+    shape mismatches).
     """
-    model = cifar_resnet(depth)
+    model = _construct(f"cifar_resnet{depth}", lambda: cifar_resnet(depth, **kwargs), kwargs)
     if weights is None:
         path = paths.find_glob(f"models/resnet{depth}-*.th", shared)
     else:
         path = paths.find_file(weights, shared)
     state = read_state_dict(path)
-    expected = model.state_dict()
-    # The checkpoints predate BatchNorm's num_batches_tracked counter; it only matters for
-    # momentum=None training, so a zero fills it.
-    for k in expected:
-        if k.endswith("num_batches_tracked") and k not in state and k.replace(
-            "num_batches_tracked", "running_mean"
-        ) in state:
-            state[k] = torch.zeros((), dtype=torch.long)
-    # num_batches_tracked is optional (see above), so it is never reported as missing.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        got = _checkpoint_blocks(state)
-        head = f"{path} does not fit cifar_resnet{depth}"
-        if got is not None and got != model.n:
-            head += f": checkpoint has {got} blocks per stage (depth {6 * got + 2}), cifar_resnet{depth} expects {model.n}"
-        parts = [head]
-        if missing:
-            parts.append(f"missing keys: {_fmt_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
-        raise ValueError("; ".join(parts))
-    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path} does not fit cifar_resnet{depth}: shape mismatch for {_fmt_keys(bad)}")
-    model.load_state_dict(state, strict=True)
+    head = f"{path} does not fit cifar_resnet{depth}{_fmt_kwargs(kwargs)}"
+    got = _checkpoint_blocks(state)
+    if got is not None and got != model.n:
+        head += f" (checkpoint has {got} blocks per stage (depth {6 * got + 2}), cifar_resnet{depth} expects {model.n})"
+    _load_checked(model, state, head)
     return model.eval()

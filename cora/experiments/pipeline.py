@@ -9,7 +9,14 @@ import torch.nn as nn
 from ..config import CoRaConfig
 from ..convert import convert
 
-__all__ = ["load_float_model", "calibration_data", "evaluation_data", "baseline_config", "quantize_and_evaluate"]
+__all__ = [
+    "load_float_model",
+    "calibration_data",
+    "evaluation_data",
+    "check_conversion",
+    "baseline_config",
+    "quantize_and_evaluate",
+]
 
 
 def load_float_model(name: str, weights=None, shared=None) -> nn.Module:
@@ -25,35 +32,84 @@ def _is_cifar(name: str) -> bool:
     return name.startswith("cifar_")
 
 
-def calibration_data(name: str, n: int, shared=None, data_dir=None):
-    """``(images, labels)`` for calibration: the class-balanced CIFAR-10 search split, or a folder."""
-    from .data import cifar10_calibration, image_folder
+def _image_folder(name: str, data_dir, what: str):
+    from .data import image_folder
     from .models import model_input_spec
 
-    if _is_cifar(name):
-        ds = cifar10_calibration(n, shared=shared, split="search")
-        return ds.images, ds.labels
     if data_dir is None:
-        raise ValueError(f"{name} needs an ImageNet-style image folder for calibration: pass --data DIR")
+        raise ValueError(f"{name} needs an ImageNet-style image folder for {what}: pass --data DIR")
     spec = model_input_spec(name)
-    ds = image_folder(data_dir, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(ds), generator=g)[:n].tolist()
-    xs, ys = zip(*(ds[i] for i in idx))
+    return image_folder(data_dir, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
+
+
+def calibration_data(name: str, n: int, shared=None, data_dir=None):
+    """``(images, labels)`` for calibration: the class-balanced CIFAR-10 search split, or ``n`` images
+    of a folder picked by :func:`cora.experiments.data.split_indices` (all of them if it holds fewer)."""
+    from .data import cifar10_calibration, split_indices
+
+    if _is_cifar(name):
+        try:
+            ds = cifar10_calibration(n, shared=shared, split="search")
+        except ValueError as e:
+            raise ValueError(f"cannot calibrate on {n} CIFAR-10 images (--calib): {e}") from e
+        return ds.images, ds.labels
+    ds = _image_folder(name, data_dir, "calibration")
+    xs, ys = zip(*(ds[i] for i in split_indices(len(ds), n, "search").tolist()))
     return torch.stack(xs), torch.tensor(ys)
 
 
-def evaluation_data(name: str, shared=None, data_dir=None, split: str = "test"):
-    """The evaluation set: CIFAR-10 test (or the held-out calibration images) or an image folder."""
-    from .data import cifar10_calibration, cifar10_test, image_folder
-    from .models import model_input_spec
+SPLITS = ("test", "holdout")
 
+
+def evaluation_data(name: str, shared=None, data_dir=None, split: str = "test", *, calib_images: int = 1600,
+                    limit: int | None = None):
+    """The evaluation set.
+
+    CIFAR models: ``split="test"`` is the 10,000 CIFAR-10 test images; ``"holdout"`` the images of
+    ``cifar10_calib.npz`` that a calibration on ``calib_images`` images does not use (``5000 -
+    calib_images``). Other models: the image folder ``data_dir``, all of it for ``"test"``, and for
+    ``"holdout"`` the images that :func:`calibration_data` with ``n = calib_images`` does not pick.
+    The held-out split therefore never overlaps the calibration images; when it would be empty this
+    raises ``ValueError``. ``limit``: at most that many images, the first of the split, class-balanced
+    (:func:`cora.experiments.data.balanced_subset`).
+    """
+    from torch.utils.data import Subset
+
+    from .data import CALIB_FILE, balanced_subset, cifar10_calibration, cifar10_test, split_indices
+
+    if split not in SPLITS:
+        raise ValueError(f"the evaluation split must be one of {', '.join(SPLITS)}, got {split!r}")
     if _is_cifar(name):
-        return cifar10_test(shared=shared) if split == "test" else cifar10_calibration(1600, shared=shared, split="holdout")
-    if data_dir is None:
-        raise ValueError(f"{name} needs an ImageNet-style image folder for evaluation: pass --data DIR")
-    spec = model_input_spec(name)
-    return image_folder(data_dir, image_size=spec["image_size"], mean=spec["mean"], std=spec["std"])
+        if split == "test":
+            ds = cifar10_test(shared=shared)
+        else:
+            ds = cifar10_calibration(calib_images, shared=shared, split="holdout")
+            if len(ds) == 0:
+                raise ValueError(
+                    f"no held-out images left: the calibration uses all {calib_images} images of {CALIB_FILE}; "
+                    f"calibrate on fewer (--calib) or evaluate on the test split (--eval-split test)"
+                )
+    else:
+        ds = _image_folder(name, data_dir, "evaluation")
+        if split == "holdout":
+            idx = split_indices(len(ds), calib_images, "holdout")
+            if len(idx) == 0:
+                raise ValueError(
+                    f"no held-out images left: the calibration uses all {len(ds)} images of {data_dir} "
+                    f"(calibration images: {calib_images}); calibrate on fewer (--calib) or evaluate on the "
+                    f"whole folder (--eval-split test)"
+                )
+            ds = Subset(ds, idx.tolist())
+    return balanced_subset(ds, limit)
+
+
+def check_conversion(model: nn.Module, config: CoRaConfig) -> None:
+    """What :func:`cora.convert` would refuse about the model and config before any work (skip
+    patterns that match no layer, nothing left to quantize, ...), raised now as ``ValueError``."""
+    from ..convert import quantizable_layers
+
+    quantizable_layers(model, config)
+    config.resolved(has_labels=True)  # the calibration data here always has labels
 
 
 def baseline_config(config: CoRaConfig) -> CoRaConfig:
@@ -71,19 +127,23 @@ def quantize_and_evaluate(
     shared=None,
     data_dir=None,
     eval_split: str = "test",
+    eval_limit: int | None = None,
     with_float: bool = True,
     with_rtn: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Convert ``name`` with ``config`` and evaluate float, RTN and the result; returns (model, results).
 
     Accuracies are top-1 in percent on ``eval_split`` ("test", or "holdout" — the calibration images
-    held back from the search, which is where defaults are chosen).
+    not used for this calibration, which is where defaults are chosen), at most ``eval_limit`` images
+    of it (see :func:`evaluation_data`); ``results["eval_images"]`` is how many. Every input is
+    checked (model, weights, data, config against the model) before the first evaluation or conversion.
     """
     from .data import evaluate
 
     model = load_float_model(name, weights, shared)
+    check_conversion(model, config)
     calib = calibration_data(name, config.calib_images, shared, data_dir)
-    evalset = evaluation_data(name, shared, data_dir, eval_split)
+    evalset = evaluation_data(name, shared, data_dir, eval_split, calib_images=config.calib_images, limit=eval_limit)
     out: dict = {"model": name, "bits": config.bits, "method": config.method, "budget": config.budget, "eval_split": eval_split}
     out["eval_images"] = len(evalset)
     if with_float:

@@ -8,13 +8,16 @@ from PIL import Image
 from cora.experiments import paths
 from cora.experiments.data import (
     NpzImageDataset,
+    balanced_subset,
     calibration_indices,
     cifar10_calibration,
     cifar10_test,
+    dataset_labels,
     evaluate,
     image_folder,
     load_npz,
     make_loader,
+    split_indices,
 )
 
 torch.set_num_threads(1)
@@ -157,3 +160,71 @@ def test_resnet20_float_accuracy():
 
     acc = evaluate(build_model("cifar_resnet20"), cifar10_test())
     assert acc == pytest.approx(81.03, abs=0.1)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + b"garbage" * 8, b"", b"not an image at all"])
+def test_image_folder_unreadable_image(tmp_path, content):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / c / "0.png")
+    bad = tmp_path / "dog" / "1.png"
+    bad.write_bytes(content)
+    ds = image_folder(tmp_path, image_size=24)
+    assert ds[0][0].shape == (3, 24, 24)
+    with pytest.raises(ValueError, match="cannot read image") as e:
+        ds[2]
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="1.png"):
+        evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)), ds)
+
+
+def test_truncated_image(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(tmp_path / "a" / "0.jpg")
+    data = (tmp_path / "a" / "0.jpg").read_bytes()
+    (tmp_path / "a" / "0.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="0.jpg"):
+        image_folder(tmp_path, image_size=16)[0]
+
+
+def test_split_indices_disjoint_for_any_n():
+    for n in (1, 7, 10, 11, 50):
+        s, h = split_indices(10 if n != 50 else 50, n, "search"), split_indices(10 if n != 50 else 50, n, "holdout")
+        total = 10 if n != 50 else 50
+        assert len(s) == min(n, total) and len(h) == total - len(s)
+        assert not set(s.tolist()) & set(h.tolist()) and list(h) == sorted(h)
+    assert split_indices(10, 20, "holdout").size == 0
+    assert np.array_equal(split_indices(100, 10), split_indices(100, 10))
+    with pytest.raises(ValueError):
+        split_indices(10, 0)
+    with pytest.raises(ValueError):
+        split_indices(10, 5, "train")
+
+
+def test_balanced_subset():
+    labels = np.array([0, 0, 0, 0, 1, 2, 2, 1, 0, 2])
+    ds = NpzImageDataset(np.zeros((10, 32, 32, 3), np.uint8), labels)
+    sub = balanced_subset(ds, 5)
+    # classes take turns: 0, 1, 2, then 0, 1 (the first of each class in dataset order)
+    assert isinstance(sub, NpzImageDataset) and sub.labels.tolist() == [0, 0, 1, 2, 1]
+    assert balanced_subset(ds, 100) is ds and balanced_subset(ds, None) is ds
+    assert len(balanced_subset(ds, 10)) == 10
+    with pytest.raises(ValueError, match="positive"):
+        balanced_subset(ds, 0)
+    test = cifar10_test()
+    first = balanced_subset(test, 30)
+    assert torch.bincount(first.labels, minlength=10).tolist() == [3] * 10
+    assert torch.equal(first.images[0], test.images[int(np.flatnonzero(test.labels.numpy() == first.labels[0].item())[0])])
+
+
+def test_balanced_subset_of_a_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, k in (("a", 3), ("b", 1)):
+        (tmp_path / c).mkdir()
+        for i in range(k):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    ds = image_folder(tmp_path, image_size=8)
+    sub = balanced_subset(ds, 3)
+    assert len(sub) == 3 and dataset_labels(sub).tolist() == [0, 0, 1]
+    assert [y for _, y in sub] == [0, 0, 1]

@@ -130,3 +130,39 @@ def test_input_spec():
     assert t["image_size"] == 224 and t["mean"] == s["mean"] and t["std"] == s["std"]
     with pytest.raises(ValueError):
         model_input_spec("nonsense")
+
+
+def test_torchvision_model_kwargs():
+    m = build_model("googlenet", weights=False, aux_logits=False, init_weights=False)
+    assert m.aux1 is None and not m.training
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert build_model("resnet18", num_classes=10).fc.out_features == 10
+    with pytest.raises(ValueError, match=r"cannot build resnet18\(bogus=1\).*bogus"):
+        build_model("resnet18", bogus=1)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("resnet18", num_classes="ten")
+
+
+def test_cifar_model_kwargs():
+    assert build_model("cifar_resnet8", weights=False, num_classes=5).linear.out_features == 5
+    with pytest.raises(ValueError, match="cifar_resnet20 takes no keyword argument.*aux_logits.*num_classes"):
+        build_model("cifar_resnet20", weights=False, aux_logits=False)
+    with pytest.raises(ValueError, match=r"does not fit cifar_resnet20\(num_classes=5\).*linear.weight \(10, 64\) vs \(5, 64\)"):
+        build_model("cifar_resnet20", num_classes=5)  # the shared 10-class weights
+
+
+def test_wrong_torchvision_weights_one_line(tmp_path):
+    path = tmp_path / "r34.pt"
+    torch.save(build_model("squeezenet1_0").state_dict(), path)
+    with pytest.raises(ValueError) as e:
+        build_model("squeezenet1_1", weights=path)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 800
+    assert msg.startswith(f"{path} does not fit squeezenet1_1: ")
+    assert "12 missing keys (features.6.squeeze.weight," in msg and "12 unexpected keys (features.5.squeeze.weight," in msg
+    assert "10 shape mismatches" in msg and "features.0.weight (96, 3, 7, 7) vs (64, 3, 3, 3)" in msg
+    # the same architecture with other class counts: shapes only
+    torch.save(build_model("resnet18", num_classes=10).state_dict(), path)
+    with pytest.raises(ValueError, match=r"does not fit resnet18: 2 shape mismatches.*fc.weight \(10, 512\) vs \(1000, 512\)"):
+        build_model("resnet18", weights=path)
+    assert build_model("resnet18", weights=path, num_classes=10).fc.out_features == 10
