@@ -15,6 +15,10 @@ float32, BatchNorm statistics, the float layers), and string metadata:
   that ``load_state_dict`` hands to every module's ``_load_from_state_dict`` (torchvision's MNASNet
   refuses to load without its version, BatchNorm reads its own);
 * ``config`` and ``report``: the conversion settings and results (``report`` becomes ``cora_report``);
+* ``preprocessing``: JSON ``{"image_size", "resize_size", "mean", "std", "class_names"}``, how an
+  encoded image becomes the model's input (what ``cora serve`` needs; see
+  :func:`cora.experiments.models.preprocessing_for`), or ``null``; becomes ``cora_preprocessing``
+  (files written before it existed read as ``null``);
 * ``cora_sha256``: SHA-256 of a canonical serialisation of everything else in the file (see
   :func:`_digest`): every other metadata key and value exactly as stored, in sorted key order, and
   every tensor's name, dtype, shape and bytes, in sorted name order, each field length-prefixed.
@@ -37,6 +41,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -50,7 +55,8 @@ from ._modules_util import set_submodule
 from .files import check_output_path, write_atomic
 from .modules import MODULE_FORMAT_VERSION, CoRaConv2d, QuantLinear
 
-__all__ = ["save", "load", "read_metadata", "check_output_path", "CheckpointError", "CHECKPOINT_FORMAT_VERSION"]
+__all__ = ["save", "load", "read_metadata", "preprocessing_problem", "check_output_path", "CheckpointError",
+           "CHECKPOINT_FORMAT_VERSION"]
 
 CHECKPOINT_FORMAT_VERSION = 2
 _READABLE_VERSIONS = ("1", "2")
@@ -58,7 +64,9 @@ _FORMAT = "cora-checkpoint"
 _DIGEST_KEY = "cora_sha256"
 _V1_DIGEST_KEY = "tensor_sha256"
 _DIGEST_DOMAIN = b"cora-checkpoint-digest/2\n"
-_JSON_KEYS = ("architecture", "layers", "config", "report", "state_metadata")
+_JSON_KEYS = ("architecture", "layers", "config", "report", "state_metadata", "preprocessing")
+_OPTIONAL_KEYS = ("preprocessing",)  # absent in files written before the key existed: null
+_PREPROCESSING_KEYS = frozenset({"image_size", "resize_size", "mean", "std", "class_names"})
 _ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
 _CONV_KEYS = frozenset({"type", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
                         "padding_mode", "bits", "rank", "adapter_dtype"})
@@ -395,7 +403,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = dict(raw)
     for k in _JSON_KEYS:
         if k not in raw:
-            if version == "1" and k == "state_metadata":
+            if (version == "1" and k == "state_metadata") or k in _OPTIONAL_KEYS:
                 meta[k] = None
                 continue
             raise CheckpointError(f"{path}: metadata field {k!r} is missing")
@@ -420,11 +428,40 @@ def _check_decoded(path: Path, meta: dict) -> None:
         raise CheckpointError(f"{path}: report must be null or a JSON object")
     if smeta is not None and not (isinstance(smeta, dict) and all(isinstance(v, dict) for v in smeta.values())):
         raise CheckpointError(f"{path}: state_metadata must be a JSON object of objects")
+    problem = preprocessing_problem(meta["preprocessing"])
+    if problem is not None:
+        raise CheckpointError(f"{path}: preprocessing {problem}")
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def preprocessing_problem(pre) -> str | None:
+    """Why ``pre`` is not a preprocessing record (None: it is one, or it is None). A record is
+    ``{"image_size": int >= 1, "resize_size": int >= image_size, "mean": [3 finite numbers], "std":
+    [3 finite numbers > 0], "class_names": null or a list of strings}``."""
+    if pre is None:
+        return None
+    if not isinstance(pre, dict) or set(pre) != _PREPROCESSING_KEYS:
+        return f"must be null or an object with exactly the fields {sorted(_PREPROCESSING_KEYS)}"
+    if not (_is_int(pre["image_size"], 1) and _is_int(pre["resize_size"], pre["image_size"])):
+        return "image_size must be a positive integer and resize_size an integer >= image_size"
+    for k in ("mean", "std"):
+        v = pre[k]
+        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)):
+            return f"{k} must be 3 finite numbers (RGB)"
+    if not all(x > 0 for x in pre["std"]):
+        return "std must be positive"
+    names = pre["class_names"]
+    if names is not None and not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+        return "class_names must be null or a non-empty list of strings"
+    return None
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The checkpoint's metadata, JSON fields decoded (``architecture``, ``layers``, ``config``,
-    ``report``, ``state_metadata``), after checking the whole file against its digest.
+    ``report``, ``state_metadata``, ``preprocessing``), after checking the whole file against its digest.
 
     Raises :class:`CheckpointError` for anything wrong with the file, ``FileNotFoundError`` when
     there is none.
@@ -462,6 +499,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, map_locatio
         raise CheckpointError(f"{path}: {exc}") from exc.__cause__
     model.cora_report = report
     model.cora_architecture = meta["architecture"]
+    model.cora_preprocessing = meta["preprocessing"]
     return model.eval()
 
 
@@ -548,12 +586,34 @@ def _json(what: str, value) -> str:
         raise ValueError(f"{what} cannot be written as JSON: {exc}") from None
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None = None) -> Path:
+def _preprocessing(model: nn.Module, given, arch) -> dict | None:
+    """The preprocessing record to write: ``given``, else ``model.cora_preprocessing``, else the
+    recorded architecture's own (:func:`cora.experiments.models.preprocessing_for`), else None."""
+    pre = given if given is not None else getattr(model, "cora_preprocessing", None)
+    if pre is None and arch is not None:
+        from .experiments.models import preprocessing_for
+
+        try:
+            pre = preprocessing_for(arch["name"], arch.get("kwargs"))
+        except ValueError:  # a name the zoo does not know: nothing to record
+            pre = None
+    if pre is not None:
+        pre = json.loads(_json("the preprocessing", pre))  # tuples become lists, as load will see them
+    problem = preprocessing_problem(pre)
+    if problem is not None:
+        raise ValueError(f"preprocessing {problem}, got {pre!r}")
+    return pre
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None = None,
+         preprocessing: dict | None = None) -> Path:
     """Write ``model`` (converted by :func:`cora.convert`) to ``path`` as safetensors + metadata.
 
     ``architecture``: ``{"name": "cifar_resnet20"}`` (or any :func:`cora.experiments.models.build_model` name, with
     optional ``"kwargs"``) so that :func:`load` can rebuild the model alone; defaults to
-    ``model.cora_architecture`` if set. Then the model is loaded into a freshly built one before
+    ``model.cora_architecture`` if set. ``preprocessing``: how an encoded image becomes the model's
+    input (see :func:`preprocessing_problem`); defaults to ``model.cora_preprocessing``, then to the
+    architecture's own. Then the model is loaded into a freshly built one before
     anything is written, so a name that does not fit is refused here and not at load time.
 
     Raises ``ValueError`` (never writes) for what :func:`load` could not read back: no CoRa layers,
@@ -583,6 +643,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None
     arch = architecture if architecture is not None else getattr(model, "cora_architecture", None)
     _check_architecture(arch)
     report = _report_dict(model)
+    pre = _preprocessing(model, preprocessing, arch)
     meta = {
         "cora_format": _FORMAT,
         "cora_format_version": str(CHECKPOINT_FORMAT_VERSION),
@@ -593,6 +654,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None
         "state_metadata": _json("the state dict's _metadata", smeta),
         "config": _json("the report's config", report["config"] if report is not None else None),
         "report": _json("model.cora_report", report),
+        "preprocessing": json.dumps(pre),
     }
     meta[_DIGEST_KEY] = _digest(meta, tensors)
     if arch is not None:  # a dry run of load(path): the recorded name must rebuild this very model

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--data", default=None,
                         help="ImageNet-style image folder (for non-CIFAR models; CIFAR models always use the shared arrays)")
     common.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
+    common.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the model runs: the whole conversion and the evaluation (auto, the default: cuda "
+                             "when a GPU is available, else cpu). The checkpoint format does not depend on it")
     common.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     common.add_argument("--eval-split", choices=("test", "holdout"), default="test",
                         help="evaluate on the test set (default; an --data folder: all of it) or on the held-out "
@@ -196,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ checks
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def resolve_device(choice: str):
+    """``--device`` as a ``torch.device``: ``auto`` is CUDA when available, else the CPU; ``cuda``
+    without a usable GPU is a user error."""
+    import torch
+
+    if choice not in DEVICES:
+        raise _CliError(f"--device must be one of {', '.join(DEVICES)}, got {choice!r}")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise _CliError("--device cuda: no CUDA GPU is available to torch here (use --device cpu)")
+    return torch.device(choice)
+
+
 def _check_data_option(name: str, args) -> None:
     if args.data is not None and name.startswith("cifar_"):
         raise _CliError(f"--data is for non-CIFAR models: {name} is calibrated and evaluated on the shared CIFAR-10 arrays")
@@ -350,10 +370,11 @@ def _quantize(args) -> tuple[dict, str | None]:
 
     out = _check_out(args.out) if args.out is not None else None  # before any work
     _check_data_option(args.model, args)
+    device = resolve_device(args.device)
     config = _config(args)
     qmodel, res = quantize_and_evaluate(
         args.model, config, weights=args.weights, shared=args.shared, data_dir=args.data,
-        eval_split=args.eval_split, eval_limit=args.eval_limit, with_rtn=not args.no_rtn,
+        eval_split=args.eval_split, eval_limit=args.eval_limit, with_rtn=not args.no_rtn, device=device,
     )
     print(_table(res))
     error = _write_checkpoint(qmodel, out, args.model, res) if out is not None else None
@@ -392,6 +413,7 @@ def _eval(args) -> tuple[dict, None]:
     else:
         raise _CliError("eval needs a model name or --checkpoint FILE")
     _check_data_option(name, args)
+    device = resolve_device(args.device)
     # held out: a checkpoint's own calibration images, a float model's the default calibration's (1600)
     ds = evaluation_data(name, args.shared, args.data, args.eval_split, calib_images=calib_images or 1600,
                          limit=args.eval_limit)
@@ -402,15 +424,19 @@ def _eval(args) -> tuple[dict, None]:
         from .experiments.models import build_model
 
         model = load(args.checkpoint) if recorded else load(args.checkpoint, build_model(name, weights=False))
-    acc = evaluate(model, ds)
-    print(f"{name}: top-1 {acc:.2f} % on {len(ds)} {args.eval_split} images")
-    res = {"model": name, "acc": acc, "eval_images": len(ds), "eval_split": args.eval_split}
+    acc = evaluate(model.to(device), ds, device=device)
+    print(f"{name}: top-1 {acc:.2f} % on {len(ds)} {args.eval_split} images ({device.type})")
+    res = {"model": name, "acc": acc, "eval_images": len(ds), "eval_split": args.eval_split, "device": device.type}
     if args.checkpoint is not None:
         res["checkpoint"] = args.checkpoint
     return res, None
 
 
 # ------------------------------------------------------------------------------------ main
+# each command returns (results for --json, an error line or None)
+COMMANDS = {"quantize": _quantize, "eval": _eval}
+
+
 def _classify(exc: BaseException) -> tuple[int, str]:
     """The exit status and the error line's message for an exception (see the module doc)."""
     if isinstance(exc, KeyboardInterrupt):
@@ -451,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            res, error = _quantize(args) if args.command == "quantize" else _eval(args)
+            res, error = COMMANDS[args.command](args)
     except BaseException as exc:  # every failure is one line (SystemExit of --help returned above)
         if isinstance(exc, SystemExit):
             raise

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from cora.experiments import paths
-from cora.experiments.models import IMAGENET_MEAN, IMAGENET_STD  # one definition of the input normalisation
+# one definition of the input normalisation and the class names
+from cora.experiments.models import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -40,7 +41,6 @@ __all__ = [
     "evaluate",
 ]
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TEST_FILE = "data/cifar10_test.npz"
 CALIB_FILE = "data/cifar10_calib.npz"
 

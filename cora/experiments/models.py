@@ -35,6 +35,8 @@ __all__ = [
     "load_cifar_resnet",
     "build_model",
     "model_input_spec",
+    "preprocessing_for",
+    "CIFAR10_CLASSES",
     "read_state_dict",
     "torchvision_model_names",
 ]
@@ -42,6 +44,7 @@ __all__ = [
 # The CIFAR checkpoints were trained with the ImageNet statistics too (shared/README.md).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 _CIFAR_RE = re.compile(r"cifar_resnet(\d+)")
 _EXAMPLES = "cifar_resnet20, cifar_resnet32, cifar_resnet56, resnet18, resnet50, mobilenet_v2"
@@ -201,6 +204,31 @@ def model_input_spec(name: str) -> dict:
         pass
     return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "image_size": size, "resize_size": resize,
             "num_classes": 1000, "layout": layout}
+
+
+def preprocessing_for(name: str, kwargs: dict | None = None, class_names=None) -> dict:
+    """How an encoded RGB image becomes the input of model ``name`` (built with ``kwargs``), as
+    recorded in checkpoints for serving: ``{"image_size": int, "resize_size": int, "mean": [r, g, b],
+    "std": [r, g, b], "class_names": [str, ...] or None}``. The image is resized so that its short
+    side is ``resize_size``, centre-cropped to ``image_size`` square, scaled to [0, 1] and normalised.
+
+    ``class_names``: given, or CIFAR-10's for the CIFAR ResNets and the ImageNet categories of
+    torchvision's weights metadata (no download) when the class count is the default one; else None.
+    """
+    spec = model_input_spec(name)
+    kwargs = kwargs or {}
+    if class_names is None and kwargs.get("num_classes", spec["num_classes"]) == spec["num_classes"]:
+        if _cifar_depth(name) is not None:
+            class_names = CIFAR10_CLASSES
+        else:
+            import torchvision.models as tvm
+
+            try:  # metadata only
+                class_names = tvm.get_model_weights(name).DEFAULT.meta["categories"]
+            except Exception:
+                class_names = None
+    return {"image_size": spec["image_size"], "resize_size": spec["resize_size"], "mean": list(spec["mean"]),
+            "std": list(spec["std"]), "class_names": None if class_names is None else [str(c) for c in class_names]}
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -130,6 +130,7 @@ def quantize_and_evaluate(
     eval_limit: int | None = None,
     with_float: bool = True,
     with_rtn: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict]:
     """Convert ``name`` with ``config`` and evaluate float, RTN and the result; returns (model, results).
 
@@ -137,22 +138,26 @@ def quantize_and_evaluate(
     not used for this calibration, which is where defaults are chosen), at most ``eval_limit`` images
     of it (see :func:`evaluation_data`); ``results["eval_images"]`` is how many. Every input is
     checked (model, weights, data, config against the model) before the first evaluation or conversion.
+    Everything runs on ``device`` (the conversion included); the returned model is on it.
     """
     from .data import evaluate
 
-    model = load_float_model(name, weights, shared)
+    device = torch.device(device)
+    model = load_float_model(name, weights, shared).to(device)
     check_conversion(model, config)
-    calib = calibration_data(name, config.calib_images, shared, data_dir)
+    images, labels = calibration_data(name, config.calib_images, shared, data_dir)
+    calib = (images.to(device), labels.to(device))
     evalset = evaluation_data(name, shared, data_dir, eval_split, calib_images=config.calib_images, limit=eval_limit)
-    out: dict = {"model": name, "bits": config.bits, "method": config.method, "budget": config.budget, "eval_split": eval_split}
+    out: dict = {"model": name, "bits": config.bits, "method": config.method, "budget": config.budget, "eval_split": eval_split,
+                 "device": device.type}
     out["eval_images"] = len(evalset)
     if with_float:
-        out["float_acc"] = evaluate(model, evalset)
+        out["float_acc"] = evaluate(model, evalset, device=device)
     if with_rtn:
         t = time.perf_counter()
         rtn = convert(model, calib, baseline_config(config).replace(progress=False))
         out["rtn_seconds"] = time.perf_counter() - t
-        out["rtn_acc"] = evaluate(rtn, evalset)
+        out["rtn_acc"] = evaluate(rtn, evalset, device=device)
         out["rtn_equiv_bits"] = rtn.cora_report.equiv_bits
         del rtn
     t = time.perf_counter()
@@ -160,7 +165,7 @@ def quantize_and_evaluate(
     out["quantize_seconds"] = time.perf_counter() - t
     rep = qmodel.cora_report
     qmodel.cora_architecture = model.cora_architecture
-    out["acc"] = evaluate(qmodel, evalset)
+    out["acc"] = evaluate(qmodel, evalset, device=device)
     out.update(
         method=rep.method,  # "auto" resolved
         loss=rep.config["search"]["loss"],

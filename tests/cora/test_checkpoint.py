@@ -679,3 +679,46 @@ def test_odd_digest_values_raise_checkpoint_error(saved, tmp_path):
         bad = _rewrite_meta(saved, tmp_path / "odd.safetensors", cora_sha256=value)
         with pytest.raises(CheckpointError, match="digest"):
             load(bad)
+
+
+# --------------------------------------------------------------------------- preprocessing record
+def test_preprocessing_recorded_from_the_architecture_and_restored(saved):
+    from cora.experiments.models import CIFAR10_CLASSES, preprocessing_for
+
+    meta = read_metadata(saved)
+    assert meta["preprocessing"] == preprocessing_for("cifar_resnet8")
+    assert meta["preprocessing"]["image_size"] == 32 and meta["preprocessing"]["class_names"] == list(CIFAR10_CLASSES)
+    assert load(saved).cora_preprocessing == meta["preprocessing"]
+
+
+def test_preprocessing_given_or_from_the_model_and_validated(qmodel, tmp_path):
+    import copy
+
+    custom = {"image_size": 30, "resize_size": 36, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0],
+              "class_names": [f"c{i}" for i in range(10)]}
+    assert read_metadata(save(qmodel, tmp_path / "a.safetensors", preprocessing=custom))["preprocessing"] == custom
+    m = copy.copy(qmodel)  # shares the layers; only the attribute differs
+    m.cora_preprocessing = dict(custom, image_size=28)
+    assert read_metadata(save(m, tmp_path / "b.safetensors"))["preprocessing"]["image_size"] == 28
+    for bad, match in [(dict(custom, std=[1.0, 0.0, 1.0]), "std must be positive"),
+                       (dict(custom, mean=[0.5, 0.5]), "mean must be 3"),
+                       (dict(custom, resize_size=20), "resize_size"),
+                       ({k: v for k, v in custom.items() if k != "class_names"}, "exactly the fields"),
+                       (dict(custom, class_names=[]), "class_names"),
+                       (dict(custom, image_size=True), "image_size")]:
+        with pytest.raises(ValueError, match=match):
+            save(qmodel, tmp_path / "bad.safetensors", preprocessing=bad)
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_preprocessing_edits_are_refused_and_old_files_read_as_null(saved, tmp_path):
+    meta, _ = _read_raw(saved)
+    pre = json.loads(meta["preprocessing"])
+    edited = _rewrite_meta(saved, tmp_path / "e.safetensors", preprocessing=json.dumps(dict(pre, image_size=64)))
+    with pytest.raises(CheckpointError, match="digest"):
+        load(edited)
+    bad = _rewrite_meta(saved, tmp_path / "b.safetensors", sign=True, preprocessing=json.dumps(dict(pre, std=[0, 1, 1])))
+    with pytest.raises(CheckpointError, match="preprocessing std must be positive"):
+        load(bad)
+    old = _rewrite_meta(saved, tmp_path / "o.safetensors", sign=True, drop=("preprocessing",))
+    assert read_metadata(old)["preprocessing"] is None and load(old).cora_preprocessing is None

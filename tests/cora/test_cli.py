@@ -118,6 +118,7 @@ BAD = {
     "budget_text": (lambda r, t: ["quantize", "cifar_resnet20", "--budget", "five"], "budget"),
     "budget_nan": (lambda r, t: ["quantize", "cifar_resnet20", "--budget", "nan"], "budget"),
     "calib_zero": (lambda r, t: ["quantize", "cifar_resnet20", "--calib", "0"], "--calib"),
+    "device_unknown": (lambda r, t: _q("--device", "tpu"), "--device"),
     "calib_not_multiple_of_10": (lambda r, t: _q("--calib", "15"), "multiple of 10"),
     "calib_too_many": (lambda r, t: _q("--calib", "5010"), "multiple of 10"),
     "iters_neg": (lambda r, t: ["quantize", "cifar_resnet20", "--iters", "-3"], "--iters"),
@@ -490,3 +491,27 @@ def test_old_method_names_still_work_with_a_warning(old, new, capsys):
     assert "deprecated" in err and f"--method {new}" in err
     assert build_parser().parse_args(["quantize", "cifar_resnet20", "--method", new]).method == new
     assert capsys.readouterr().err == ""
+
+
+def test_device_cuda_without_a_gpu_is_one_error_line(capsys, monkeypatch):
+    import torch
+
+    from cora.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (_q("--device", "cuda"), ["eval", "cifar_resnet20", "--device", "cuda"]):
+        rc = main(command)
+        captured = capsys.readouterr()
+        line = _check_one_error_line(rc, captured.out, captured.err)
+        assert "--device cuda" in line and "no CUDA GPU" in line
+
+
+def test_device_auto_resolves_to_what_is_available(monkeypatch):
+    import torch
+
+    from cora.cli import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda") == torch.device("cuda")
