@@ -19,6 +19,9 @@ float32, BatchNorm statistics, the float layers), and string metadata:
   encoded image becomes the model's input (what ``cora serve`` needs; see
   :func:`cora.experiments.models.preprocessing_for`), or ``null``; becomes ``cora_preprocessing``
   (files written before it existed read as ``null``);
+* ``evaluation``: JSON, the accuracy measured when the model was quantized (``{"acc": ...,
+  "eval_split": ..., "eval_images": ..., ...}``: numbers, strings or null), or ``null``; becomes
+  ``cora_evaluation`` (older files: ``null``);
 * ``cora_sha256``: SHA-256 of a canonical serialisation of everything else in the file (see
   :func:`_digest`): every other metadata key and value exactly as stored, in sorted key order, and
   every tensor's name, dtype, shape and bytes, in sorted name order, each field length-prefixed.
@@ -64,8 +67,8 @@ _FORMAT = "cora-checkpoint"
 _DIGEST_KEY = "cora_sha256"
 _V1_DIGEST_KEY = "tensor_sha256"
 _DIGEST_DOMAIN = b"cora-checkpoint-digest/2\n"
-_JSON_KEYS = ("architecture", "layers", "config", "report", "state_metadata", "preprocessing")
-_OPTIONAL_KEYS = ("preprocessing",)  # absent in files written before the key existed: null
+_JSON_KEYS = ("architecture", "layers", "config", "report", "state_metadata", "preprocessing", "evaluation")
+_OPTIONAL_KEYS = ("preprocessing", "evaluation")  # absent in files written before the key existed: null
 _PREPROCESSING_KEYS = frozenset({"image_size", "resize_size", "mean", "std", "class_names"})
 _ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
 _CONV_KEYS = frozenset({"type", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
@@ -431,6 +434,19 @@ def _check_decoded(path: Path, meta: dict) -> None:
     problem = preprocessing_problem(meta["preprocessing"])
     if problem is not None:
         raise CheckpointError(f"{path}: preprocessing {problem}")
+    problem = _evaluation_problem(meta["evaluation"])
+    if problem is not None:
+        raise CheckpointError(f"{path}: evaluation {problem}")
+
+
+def _evaluation_problem(ev) -> str | None:
+    """Why ``ev`` is not an evaluation record: null, or an object of numbers, strings and nulls."""
+    if ev is None:
+        return None
+    if not isinstance(ev, dict) or not all(
+            v is None or isinstance(v, str) or (type(v) in (int, float) and math.isfinite(v)) for v in ev.values()):
+        return "must be null or an object of finite numbers, strings and nulls"
+    return None
 
 
 def _is_number(v) -> bool:
@@ -461,7 +477,7 @@ def preprocessing_problem(pre) -> str | None:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The checkpoint's metadata, JSON fields decoded (``architecture``, ``layers``, ``config``,
-    ``report``, ``state_metadata``, ``preprocessing``), after checking the whole file against its digest.
+    ``report``, ``state_metadata``, ``preprocessing``, ``evaluation``), after checking the whole file against its digest.
 
     Raises :class:`CheckpointError` for anything wrong with the file, ``FileNotFoundError`` when
     there is none.
@@ -500,6 +516,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, map_locatio
     model.cora_report = report
     model.cora_architecture = meta["architecture"]
     model.cora_preprocessing = meta["preprocessing"]
+    model.cora_evaluation = meta["evaluation"]
     return model.eval()
 
 
@@ -605,16 +622,28 @@ def _preprocessing(model: nn.Module, given, arch) -> dict | None:
     return pre
 
 
+def _evaluation(model: nn.Module, given) -> dict | None:
+    ev = given if given is not None else getattr(model, "cora_evaluation", None)
+    if ev is not None:
+        ev = json.loads(_json("the evaluation", ev))
+    problem = _evaluation_problem(ev)
+    if problem is not None:
+        raise ValueError(f"evaluation {problem}, got {ev!r}")
+    return ev
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None = None,
-         preprocessing: dict | None = None) -> Path:
+         preprocessing: dict | None = None, evaluation: dict | None = None) -> Path:
     """Write ``model`` (converted by :func:`cora.convert`) to ``path`` as safetensors + metadata.
 
     ``architecture``: ``{"name": "cifar_resnet20"}`` (or any :func:`cora.experiments.models.build_model` name, with
     optional ``"kwargs"``) so that :func:`load` can rebuild the model alone; defaults to
     ``model.cora_architecture`` if set. ``preprocessing``: how an encoded image becomes the model's
     input (see :func:`preprocessing_problem`); defaults to ``model.cora_preprocessing``, then to the
-    architecture's own. Then the model is loaded into a freshly built one before
-    anything is written, so a name that does not fit is refused here and not at load time.
+    architecture's own. ``evaluation``: the accuracy measured at quantization time (``{"acc": 91.2,
+    "eval_split": "test", ...}``), defaults to ``model.cora_evaluation``; shown by ``cora serve``.
+    Then the model is loaded into a freshly built one before anything is written, so a name that
+    does not fit is refused here and not at load time.
 
     Raises ``ValueError`` (never writes) for what :func:`load` could not read back: no CoRa layers,
     a deployed model, CoRa buffers in another dtype than the layer stores (after ``.double()``),
@@ -655,6 +684,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None
         "config": _json("the report's config", report["config"] if report is not None else None),
         "report": _json("model.cora_report", report),
         "preprocessing": json.dumps(pre),
+        "evaluation": json.dumps(_evaluation(model, evaluation)),
     }
     meta[_DIGEST_KEY] = _digest(meta, tensors)
     if arch is not None:  # a dry run of load(path): the recorded name must rebuild this very model

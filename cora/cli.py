@@ -1,4 +1,4 @@
-"""The command line: ``cora quantize ...`` and ``cora eval ...`` (also ``python -m cora ...``).
+"""The command line: ``cora quantize ...``, ``cora eval ...`` and ``cora serve ...`` (also ``python -m cora ...``).
 
 The runs themselves live in :mod:`cora.experiments.pipeline`; this module parses, checks every
 argument before any work, prints the results and turns every failure into one line.
@@ -98,6 +98,28 @@ def _nonnegative_int(text: str) -> int:
     return _number(text, "an integer >= 0", 0)
 
 
+def _port(text: str) -> int:
+    return _number(text, "a port between 1 and 65535", 1, 65535)
+
+
+def _float_number(text: str, kind: str, ok) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if not math.isfinite(v) or not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    return _float_number(text, "a number >= 0", lambda v: v >= 0)
+
+
+def _positive_float(text: str) -> float:
+    return _float_number(text, "a number > 0", lambda v: v > 0)
+
+
 def _seed(text: str) -> int:
     return _number(text, f"an integer between 0 and {_SEED_MAX}", 0, _SEED_MAX)
 
@@ -195,7 +217,52 @@ def build_parser() -> argparse.ArgumentParser:
                         "of a checkpoint that records none)")
     e.add_argument("--weights", default=None, help="checkpoint of the float model (not with --checkpoint)")
     e.add_argument("--checkpoint", default=None, help="a checkpoint written by 'quantize --out'")
+
+    _add_serve_parser(sub)
     return p
+
+
+def _add_serve_parser(sub) -> None:
+    from .inference import DTYPES
+    from .payloads import Limits
+
+    d = Limits()
+    s = sub.add_parser("serve", help="serve a checkpoint (or a float model) over HTTP on Ray Serve",
+                       description="Serve image classification over HTTP: POST /v1/classify, GET /v1/models, "
+                                   "/healthz, /readyz; Prometheus metrics from Ray's metrics agent. Stops on SIGINT/SIGTERM.")
+    s.set_defaults(json=False, threads=None)  # main() reads these for every command
+    s.add_argument("checkpoint", nargs="?", default=None, help="a cora checkpoint (written by 'quantize --out')")
+    s.add_argument("--float", dest="float_model", default=None, metavar="MODEL",
+                   help="serve the float model MODEL instead of a checkpoint (the peer to compare with)")
+    s.add_argument("--weights", default=None, help="with --float: the float model's weights (default: the shared ones)")
+    s.add_argument("--shared", default=None, help="with --float: folder with models/ (default: $CORA_SHARED or ../shared)")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--device", choices=DEVICES, default="auto", help="auto (default: cuda when available), cuda or cpu")
+    s.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                   help="activation dtype (auto, the default: float16 on CUDA, float32 on the CPU)")
+    s.add_argument("--max-batch", type=_positive_int, default=32, help="largest batch one model call takes (default 32)")
+    s.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
+                   help="how long a batch waits to fill up, milliseconds (default 5)")
+    s.add_argument("--replicas", type=_positive_int, default=1, help="model replicas (default 1)")
+    s.add_argument("--gpus-per-replica", type=_nonnegative_float, default=None,
+                   help="GPUs per replica, fractions allowed (default: 1 on CUDA, 0 on the CPU)")
+    s.add_argument("--num-cpus", type=_positive_float, default=1.0, help="CPUs per replica (default 1)")
+    s.add_argument("--max-queued", type=_positive_int, default=256,
+                   help="images a replica lets wait for the model; beyond that: 503 with Retry-After (default 256)")
+    s.add_argument("--address", default=None,
+                   help="join a running Ray cluster (e.g. auto, or HOST:6379 of 'ray start --head') instead of starting one")
+    s.add_argument("--top-k", type=_positive_int, default=5, help="classes per prediction (default 5, at most the class count)")
+    s.add_argument("--metrics-port", type=_port, default=8001,
+                   help="port of Ray's Prometheus metrics export, local Ray only (default 8001)")
+    s.add_argument("--max-images", type=_positive_int, default=d.max_images,
+                   help=f"images per JSON request (default {d.max_images})")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=d.max_body_bytes,
+                   help=f"bytes per request body (default {d.max_body_bytes}, 8 MiB)")
+    s.add_argument("--max-pixels", type=_positive_int, default=d.max_pixels,
+                   help=f"pixels (width x height) per image, checked before decoding (default {d.max_pixels}, 4096 x 4096)")
+    s.add_argument("--ready-timeout", type=_positive_float, default=600.0,
+                   help="seconds to wait for every replica to load and warm up (default 600)")
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -432,9 +499,98 @@ def _eval(args) -> tuple[dict, None]:
     return res, None
 
 
+def _check_port_free(host: str, port: int, what: str) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise _CliError(f"--host {host}: cannot resolve it ({exc})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise _CliError(f"{what} {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+
+
+def _serve_source(args) -> tuple[dict, dict]:
+    """What the replicas load, and its preprocessing record; checked here, before Ray starts."""
+    if (args.checkpoint is None) == (args.float_model is None):
+        raise _CliError("serve needs a CHECKPOINT or --float MODEL (one of them)")
+    if args.checkpoint is None:
+        from .experiments.models import preprocessing_for
+        from .experiments.pipeline import load_float_model
+
+        load_float_model(args.float_model, args.weights, args.shared)  # name, weights and shared folder, once
+        shared = str(Path(args.shared).resolve()) if args.shared else None
+        weights = str(Path(args.weights).resolve()) if args.weights else None
+        return {"float": args.float_model, "weights": weights, "shared": shared}, preprocessing_for(args.float_model)
+    if args.weights is not None or args.shared is not None:
+        raise _CliError("--weights and --shared are for --float; a checkpoint holds its own weights")
+    from .checkpoint import read_metadata
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        raise _CliError(f"{path} is a folder, not a checkpoint")
+    meta = read_metadata(path)  # the whole file against its digest
+    if meta.get("preprocessing") is None:
+        raise _CliError(f"{path} records no preprocessing (image size, mean/std), so it cannot be served: re-save it "
+                        f"with cora.save(model, path, preprocessing=...)")
+    if not isinstance(meta.get("architecture"), dict):
+        raise _CliError(f"{path} records no architecture, so it cannot be rebuilt for serving")
+    return {"checkpoint": str(path.resolve())}, meta["preprocessing"]
+
+
+def _serve(args) -> tuple[dict, None]:
+    source, pre = _serve_source(args)
+    if args.address:  # the GPUs are the cluster's, not necessarily this machine's
+        device = args.device if args.device != "auto" else ("cuda" if (args.gpus_per_replica or 0) > 0 else "cpu")
+    else:
+        device = resolve_device(args.device).type
+    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
+    if device == "cuda" and gpus <= 0:
+        raise _CliError("--device cuda needs --gpus-per-replica > 0 (Ray hides the GPUs from a replica that reserves none)")
+    if device == "cpu" and gpus > 0:
+        raise _CliError("--gpus-per-replica is for --device cuda; a CPU replica reserves no GPU")
+    if not args.address and device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count()
+        if gpus * args.replicas > have:
+            raise _CliError(f"--replicas {args.replicas} x --gpus-per-replica {gpus:g} needs {gpus * args.replicas:g} GPUs, "
+                            f"this machine has {have}")
+    if args.max_images > args.max_queued:
+        raise _CliError(f"--max-images {args.max_images} is more than --max-queued {args.max_queued}: "
+                        f"such a request could never be queued")
+    classes = len(pre["class_names"]) if pre.get("class_names") else None
+    if classes is not None and args.top_k > classes:
+        raise _CliError(f"--top-k {args.top_k} is more than the model's {classes} classes")
+    if args.address is None and args.metrics_port == args.port:
+        raise _CliError(f"--metrics-port and --port are both {args.port}")
+    _check_port_free(args.host, args.port, "--port")
+    if args.address is None:
+        _check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
+    settings = {"device": device, "dtype": dtype, "max_batch": args.max_batch, "batch_wait_s": args.batch_wait_ms / 1000.0,
+                "max_queued": args.max_queued, "top_k": args.top_k, "max_images": args.max_images,
+                "max_body_bytes": args.max_body_bytes, "max_pixels": args.max_pixels,
+                "num_threads": max(1, int(args.num_cpus))}
+    opts = argparse.Namespace(source=source, settings=settings, host=args.host, port=args.port, replicas=args.replicas,
+                              num_cpus=args.num_cpus, gpus_per_replica=gpus, address=args.address,
+                              metrics_port=args.metrics_port, ready_timeout=args.ready_timeout)
+    try:
+        from .serve import run
+    except ImportError as exc:
+        raise _CliError(f"cora serve needs Ray Serve: pip install 'cora[serve]' ({exc})") from None
+    run(opts)
+    return {"served": True}, None
+
+
 # ------------------------------------------------------------------------------------ main
 # each command returns (results for --json, an error line or None)
-COMMANDS = {"quantize": _quantize, "eval": _eval}
+COMMANDS = {"quantize": _quantize, "eval": _eval, "serve": _serve}
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:

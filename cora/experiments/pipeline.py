@@ -166,6 +166,8 @@ def quantize_and_evaluate(
     rep = qmodel.cora_report
     qmodel.cora_architecture = model.cora_architecture
     out["acc"] = evaluate(qmodel, evalset, device=device)
+    # saved with the checkpoint (cora.save), shown by cora serve: the accuracy measured here
+    qmodel.cora_evaluation = {k: out[k] for k in ("acc", "float_acc", "rtn_acc", "eval_split", "eval_images") if k in out}
     out.update(
         method=rep.method,  # "auto" resolved
         loss=rep.config["search"]["loss"],

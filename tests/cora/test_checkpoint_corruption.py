@@ -241,7 +241,8 @@ def test_every_metadata_field_is_covered(ckpt, header):
     """Each top-level key and each nested key of the JSON fields, changed and deleted (hundreds of files)."""
     targets = header[2]
     top = {"cora_format", "cora_format_version", "module_format_version", "pack_format_version", "architecture", "layers",
-           "state_metadata", "config", "report", "preprocessing", "cora_sha256"}
+           "state_metadata", "config", "report", "preprocessing", "evaluation",
+           "cora_sha256"}
     assert {k for k, p in targets if not p} == top
     assert len(targets) > 300
     # the fast writer makes the files save_file makes: the unedited metadata loads, edits read back

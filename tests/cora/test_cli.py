@@ -397,9 +397,10 @@ def test_eval_checkpoint_model_name(res, capsys):
 def test_eval_holdout_of_a_checkpoint_is_its_own_complement(res, capsys, monkeypatch):
     import cora.experiments.data as data
 
+    checkpoint = res.checkpoint  # made (and evaluated) before evaluate is replaced
     seen = []
-    monkeypatch.setattr(data, "evaluate", lambda model, ds: seen.append(ds) or 50.0)  # the set, not the accuracy
-    assert main(["eval", "--checkpoint", str(res.checkpoint), "--eval-split", "holdout", "--json"]) == 0
+    monkeypatch.setattr(data, "evaluate", lambda model, ds, **kw: seen.append(ds) or 50.0)  # the set, not the accuracy
+    assert main(["eval", "--checkpoint", str(checkpoint), "--eval-split", "holdout", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_images"] == 5000 - 10 == len(seen[0])
     # the checkpoint was calibrated on the first image of each class: none of them is evaluated
     calib = data.cifar10_calibration(10)
@@ -476,6 +477,10 @@ def test_end_to_end_quantize_then_eval(tmp_path, rtn):
     assert res["equiv_bits"] > 4
     assert len(res["ranks"]) == 19 and all(r >= 0 for r in res["ranks"].values())
     assert ckpt.is_file()
+    from cora.checkpoint import read_metadata
+
+    recorded = read_metadata(ckpt)["evaluation"]  # what cora serve shows as the model's accuracy
+    assert recorded["acc"] == res["acc"] and recorded["eval_images"] == res["eval_images"]
     back = _run(["eval", "--checkpoint", str(ckpt), "--eval-split", "holdout", "--json", *limit])
     assert back["acc"] == res["acc"]
     assert back["eval_images"] == res["eval_images"]

@@ -202,7 +202,8 @@ _DATA_AWARE = dict(range_method="minmax", rounding="gptq", factorization="activa
         ("resnet18", _CHEAP),
         ("mobilenet_v2", _DATA_AWARE),
         pytest.param("resnet50", _CHEAP, marks=pytest.mark.slow),
-        pytest.param("resnet18", {}, marks=pytest.mark.slow, id="resnet18-defaults"),
+        # the defaults on a real model (ResNet-18 with them: ~160 s here; the CLI tests run them on ResNet-20)
+        pytest.param("mobilenet_v2", {}, marks=pytest.mark.slow, id="mobilenet_v2-defaults"),
     ],
 )
 def test_torchvision_models_convert(name, kw):
