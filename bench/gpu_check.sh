@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One command for a lent GPU machine: the test suite on the GPU, then the benchmark under a time cap.
-# Logs and CSVs go to $OUT (default ./gpu_out).  Budget: under 8 minutes in all.
-#   bash bench/gpu_check.sh   # env: PYTHON (default python3), OUT, TEST_TIMEOUT (default 120 s), BENCH_CAP (150 s), E2E_CAP (90 s)
-# Worst case with the defaults: 120 + (150 + 60) + (90 + 60) = 480 s.
+# One command for a lent GPU machine: the test suite on the GPU, then the benchmarks under time caps.
+# Logs and CSVs go to $OUT (default ./gpu_out).  Budget: under 10 minutes in all.
+#   bash bench/gpu_check.sh   # env: PYTHON (default python3), OUT, TEST_TIMEOUT (default 120 s), BENCH_CAP (150 s),
+#                             #      E2E_CAP (90 s), SERVE_CAP (45 s), TOTAL_CAP (570 s)
+# Worst case with the defaults: 120 + (150 + 60) + (90 + 60) = 480 s, then the serving steps get what is left of
+# TOTAL_CAP: the engine bench (SERVE_CAP + 45 s at most) and, only where Ray Serve is installed, the HTTP load test.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
@@ -27,4 +29,34 @@ timeout $(( ${BENCH_CAP:-150} + 60 )) "$PYTHON" bench/conv_fused.py --time-cap "
 bench_rc=${PIPESTATUS[0]}
 echo "bench rc=$bench_rc" | tee -a "$OUT/bench.log"
 timeout $(( ${E2E_CAP:-90} + 60 )) "$PYTHON" bench/model_e2e.py --time-cap "${E2E_CAP:-90}" --out "$OUT/model_e2e.csv" 2>&1 | tee "$OUT/model_e2e.log"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+
+# serving: what is left of TOTAL_CAP ($SECONDS counts from the script's start)
+left() { echo $(( ${TOTAL_CAP:-570} - SECONDS )); }
+serve_rc=0
+cap=$(( ${SERVE_CAP:-45} + 45 ))
+if [ "$(left)" -lt "$cap" ]; then cap=$(left); fi
+if [ "$cap" -ge 60 ]; then
+  echo "== serving engine, CUDA graphs (time cap ${SERVE_CAP:-45}s, limit ${cap}s) =="
+  # the cap stops new buckets; +45 s: the checkpoint conversion, the last warm-up and bucket
+  timeout "$cap" "$PYTHON" bench/serve_engine.py --time-cap "${SERVE_CAP:-45}" --max-batch 64 --min-time 0.5 \
+    --out "$OUT/serve_engine_gpu.csv" 2>&1 | tee "$OUT/serve_engine.log"
+  serve_rc=${PIPESTATUS[0]}
+  echo "serve_engine rc=$serve_rc" | tee -a "$OUT/serve_engine.log"
+else
+  echo "== serving engine skipped: only $(left)s of TOTAL_CAP left ==" | tee "$OUT/serve_engine.log"
+fi
+if "$PYTHON" -c "import ray.serve" 2>/dev/null; then
+  cap=$(( $(left) - 45 ))  # 45 s for the servers' SIGTERM shutdown after the limit
+  if [ "$cap" -ge 90 ]; then
+    echo "== HTTP load test, cora serve on Ray Serve (limit ${cap}s) =="
+    # one max-batch, both models; no new server after the total cap; SIGTERM at the limit still stops the servers
+    timeout -k 45 "$cap" "$PYTHON" bench/serve_load.py --device cuda --max-batch 32 --clients 32 --time-cap 8 \
+      --total-cap $(( cap - 60 )) --out "$OUT/serve_load.csv" --server-log "$OUT/serve_load_server.log" \
+      2>&1 | tee "$OUT/serve_load.log"
+  else
+    echo "== HTTP load test skipped: only $(left)s of TOTAL_CAP left ==" | tee "$OUT/serve_load.log"
+  fi
+else
+  echo "== HTTP load test skipped: no Ray Serve here (python3 -c 'import ray.serve' fails) ==" | tee "$OUT/serve_load.log"
+fi
+exit $(( test_rc != 0 || bench_rc != 0 || serve_rc != 0 ))
