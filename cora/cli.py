@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "all the same (with --json too) and the model is saved to a new file cora-<model>-*.safetensors "
                         "in the temp folder ($TMPDIR, else /tmp) instead; the error line says where, and the exit status is 2")
     q.add_argument("--no-rtn", action="store_true", help="skip the RTN baseline")
+    q.add_argument("--no-labels", action="store_true",
+                   help="calibrate as a user without labels would: the conversion gets the calibration images only "
+                        "(auto then means uniform ranks and no tuning; the labels still score the evaluation)")
     q.add_argument("--quiet", action="store_true", help="no progress bars or lines")
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a float model or a saved CoRa checkpoint")
@@ -442,6 +445,7 @@ def _quantize(args) -> tuple[dict, str | None]:
     qmodel, res = quantize_and_evaluate(
         args.model, config, weights=args.weights, shared=args.shared, data_dir=args.data,
         eval_split=args.eval_split, eval_limit=args.eval_limit, with_rtn=not args.no_rtn, device=device,
+        labels=not args.no_labels,
     )
     print(_table(res))
     error = _write_checkpoint(qmodel, out, args.model, res) if out is not None else None

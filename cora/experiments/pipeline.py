@@ -103,13 +103,13 @@ def evaluation_data(name: str, shared=None, data_dir=None, split: str = "test", 
     return balanced_subset(ds, limit)
 
 
-def check_conversion(model: nn.Module, config: CoRaConfig) -> None:
+def check_conversion(model: nn.Module, config: CoRaConfig, *, labels: bool = True) -> None:
     """What :func:`cora.convert` would refuse about the model and config before any work (skip
     patterns that match no layer, nothing left to quantize, ...), raised now as ``ValueError``."""
     from ..convert import quantizable_layers
 
     quantizable_layers(model, config)
-    config.resolved(has_labels=True)  # the calibration data here always has labels
+    config.resolved(has_labels=labels)  # e.g. loss="ce" without labels is refused here
 
 
 def baseline_config(config: CoRaConfig) -> CoRaConfig:
@@ -131,6 +131,7 @@ def quantize_and_evaluate(
     with_float: bool = True,
     with_rtn: bool = True,
     device: str | torch.device = "cpu",
+    labels: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Convert ``name`` with ``config`` and evaluate float, RTN and the result; returns (model, results).
 
@@ -139,17 +140,19 @@ def quantize_and_evaluate(
     of it (see :func:`evaluation_data`); ``results["eval_images"]`` is how many. Every input is
     checked (model, weights, data, config against the model) before the first evaluation or conversion.
     Everything runs on ``device`` (the conversion included); the returned model is on it.
+    ``labels=False``: the conversion gets the calibration images only, as a user without labels
+    would calibrate (the labels still score the evaluation).
     """
     from .data import evaluate
 
     device = torch.device(device)
     model = load_float_model(name, weights, shared).to(device)
-    check_conversion(model, config)
-    images, labels = calibration_data(name, config.calib_images, shared, data_dir)
-    calib = (images.to(device), labels.to(device))
+    check_conversion(model, config, labels=labels)
+    images, calib_labels = calibration_data(name, config.calib_images, shared, data_dir)
+    calib = (images.to(device), calib_labels.to(device)) if labels else images.to(device)
     evalset = evaluation_data(name, shared, data_dir, eval_split, calib_images=config.calib_images, limit=eval_limit)
     out: dict = {"model": name, "bits": config.bits, "method": config.method, "budget": config.budget, "eval_split": eval_split,
-                 "device": device.type}
+                 "device": device.type, "labels": labels}
     out["eval_images"] = len(evalset)
     if with_float:
         out["float_acc"] = evaluate(model, evalset, device=device)

@@ -722,3 +722,21 @@ def test_preprocessing_edits_are_refused_and_old_files_read_as_null(saved, tmp_p
         load(bad)
     old = _rewrite_meta(saved, tmp_path / "o.safetensors", sign=True, drop=("preprocessing",))
     assert read_metadata(old)["preprocessing"] is None and load(old).cora_preprocessing is None
+
+
+def test_w2_round_trip_and_deploy(tmp_path):
+    """2-bit weights (16 codes per int32 word) through convert, save, load and deploy."""
+    from cora.deploy import deploy
+    from tests.tolerances import assert_close_rel
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    q = convert(cifar_resnet(8).eval(), x, CoRaConfig(bits=2, method="uniform", rounding="nearest", factorization="weight",
+                                                      calib_images=16, tune_iterations=0, progress=False))
+    assert q.conv1.bits == 2 and q.cora_report.bits == 2 and 2 < q.cora_report.equiv_bits < 4
+    q.cora_architecture = {"name": "cifar_resnet8"}
+    back = load(save(q, tmp_path / "w2.safetensors"))
+    with torch.no_grad():
+        want = q(_x())
+        assert torch.equal(back(_x()), want)
+        assert_close_rel(deploy(back)(_x()), want, torch.float32)

@@ -119,6 +119,8 @@ BAD = {
     "budget_nan": (lambda r, t: ["quantize", "cifar_resnet20", "--budget", "nan"], "budget"),
     "calib_zero": (lambda r, t: ["quantize", "cifar_resnet20", "--calib", "0"], "--calib"),
     "device_unknown": (lambda r, t: _q("--device", "tpu"), "--device"),
+    "no_labels_with_ce": (lambda r, t: _q("--no-labels", "--method", "search", "--loss", "ce"), "labelled calibration data"),
+    "no_labels_tune_ce": (lambda r, t: _q("--no-labels", "--tune-loss", "ce"), "labelled calibration data"),
     "calib_not_multiple_of_10": (lambda r, t: _q("--calib", "15"), "multiple of 10"),
     "calib_too_many": (lambda r, t: _q("--calib", "5010"), "multiple of 10"),
     "iters_neg": (lambda r, t: ["quantize", "cifar_resnet20", "--iters", "-3"], "--iters"),
@@ -520,3 +522,15 @@ def test_device_auto_resolves_to_what_is_available(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda") == torch.device("cuda")
+
+
+def test_no_labels_calibrates_without_them(res, capsys):
+    """--no-labels: the conversion sees images only, so auto means uniform ranks and no tuning; with labels the
+    same run searches and tunes by cross-entropy."""
+    runs = {}
+    for flag in ([], ["--no-labels"]):
+        assert main(["quantize", "cifar_resnet8", "--weights", str(res.r8_weights), *FAST, "--json", *flag]) == 0
+        runs[bool(flag)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert runs[True]["labels"] is False and runs[True]["method"] == "uniform" and runs[True]["loss"] == "kl"
+    assert runs[True]["tune_loss"] is None and runs[True]["tune_iterations"] == 0
+    assert runs[False]["labels"] is True and runs[False]["method"] == "search" and runs[False]["tune_loss"] == "ce"

@@ -34,7 +34,7 @@ def _conv(cc, cfg, **kw):
 
 
 def _default_jobs():
-    jobs = [_conv(cc, cfg, bits=bits) for cc in TARGETS for cfg in CONFIGS for bits in (4, 3, 16)]
+    jobs = [_conv(cc, cfg, bits=bits) for cc in TARGETS for cfg in CONFIGS for bits in (4, 3, 2, 16)]
     jobs += [{"kind": "reduce", "cc": cc} for cc in TARGETS]
     for cc in TARGETS:
         jobs += _variant_jobs(cc)
@@ -107,7 +107,7 @@ def _check(res, record_property, need_mma=True):
         assert res["has_mma"] or res["has_wgmma"], f"no tensor-core instructions in the PTX: {line}"
 
 
-@pytest.mark.parametrize("bits", [4, 3, 16], ids=["int4", "int3", "fp16w"])
+@pytest.mark.parametrize("bits", [4, 3, 2, 16], ids=["int4", "int3", "int2", "fp16w"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
 def test_conv_config_compiles(cc, cfg, bits, record_property):

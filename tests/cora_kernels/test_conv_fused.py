@@ -10,7 +10,7 @@ from tests.tolerances import assert_close_rel
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # A covering subset of the grid (kernel 1/3/5/7, stride 1/2, padding 0/1/3, dilation 1/2, odd C_in/C_out,
-# batch 1/3, rank 0/1/odd/full, bits 3/4, fp32/fp16/bf16, each epilogue option, both memory formats,
+# batch 1/3, rank 0/1/odd/full, bits 2/3/4, fp32/fp16/bf16, each epilogue option, both memory formats,
 # split-K), each factor level appearing in several combinations.
 CASES = [
     Case(N=1, C_in=5, C_out=7, k=(1, 1), padding=(0, 0), bits=4, rank=0),
@@ -31,6 +31,11 @@ CASES = [
          relu=True),  # split-K with every epilogue option
     Case(N=2, C_in=6, C_out=7, H=5, W=5, k=(5, 5), padding=(0, 0), stride=(1, 1), bits=3, rank=1, dtype=F16,
          split_k=3, channels_last=True),
+    # int2: 16 codes per word, one plane
+    Case(N=2, C_in=5, C_out=7, k=(3, 3), bits=2, rank="odd", bias=True),
+    Case(N=1, C_in=33, C_out=17, H=5, W=5, k=(3, 3), bits=2, rank=1, dtype=F16, bias=True, bn=True, res=True,
+         relu=True),
+    Case(N=1, C_in=64, C_out=24, H=5, W=5, k=(3, 3), bits=2, rank="odd", dtype=BF16, split_k=2, channels_last=True),
 ]
 
 
