@@ -65,7 +65,14 @@ def _bn_fold(bn: nn.BatchNorm2d, channels: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _foldable(bn) -> bool:
-    return isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
+    """An affine eval-mode BatchNorm2d that can be folded exactly. The type must be exactly
+    ``nn.BatchNorm2d``: a subclass may do more in its forward (timm's ``BatchNormAct2d`` applies an
+    activation), and folding it would silently drop that."""
+    return type(bn) is nn.BatchNorm2d and bn.running_mean is not None and bn.running_var is not None
+
+
+def _is_relu(m) -> bool:
+    return type(m) is nn.ReLU  # exactly: a subclass's forward may differ
 
 
 class DeployedConv(nn.Module):
@@ -163,12 +170,13 @@ def _deploy_block(block: nn.Module, stats: dict) -> nn.Module | None:
     from .experiments.cifar_resnet import CifarBasicBlock
 
     basic, bottleneck, _ = _torchvision_blocks()
-    if isinstance(block, CifarBasicBlock) or isinstance(block, basic):
+    # exact types: a subclass (or another library's block of the same name) may have its own forward
+    if type(block) is CifarBasicBlock or type(block) in basic:
         convs = (block.conv1, block.conv2)
         bns = (block.bn1, block.bn2)
         shortcut = block.shortcut if isinstance(block, CifarBasicBlock) else _deployed_downsample(block.downsample)
         kind = DeployedBasicBlock
-    elif isinstance(block, bottleneck):
+    elif type(block) in bottleneck:
         convs = (block.conv1, block.conv2, block.conv3)
         bns = (block.bn1, block.bn2, block.bn3)
         shortcut = _deployed_downsample(block.downsample)
@@ -188,13 +196,13 @@ def _deploy_stem(model: nn.Module, stats: dict) -> None:
     from .experiments.cifar_resnet import CifarResNet
 
     _, _, resnet = _torchvision_blocks()
-    if not isinstance(model, (CifarResNet, *resnet)):
+    if type(model) not in (CifarResNet, *resnet):  # exact: the stem rewrite relies on their forward
         return
     if not isinstance(model.conv1, CoRaConv2d) or not _foldable(model.bn1):
         return
     model.conv1 = DeployedConv(model.conv1, model.bn1, relu=True)
     model.bn1 = nn.Identity()
-    if isinstance(model, resnet):
+    if type(model) in resnet:
         model.relu = nn.Identity()  # torchvision's ResNet uses its own `relu` only in the stem
     # CifarResNet.forward applies F.relu after bn1: it now sees a ReLU'd tensor (idempotent).
     stats["folded_bn"] += 1
@@ -214,7 +222,7 @@ def _deploy_sequential(seq: nn.Sequential, stats: dict) -> None:
         if j < len(keys) and _foldable(seq._modules[keys[j]]):
             bn = seq._modules[keys[j]]
             j += 1
-        relu = j < len(keys) and isinstance(seq._modules[keys[j]], nn.ReLU)
+        relu = j < len(keys) and _is_relu(seq._modules[keys[j]])
         if bn is None and not relu:
             i += 1
             continue

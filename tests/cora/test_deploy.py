@@ -288,3 +288,47 @@ def test_deploy_backend_is_set_on_every_conv_and_wins_over_the_environment(resne
         assert_close_rel(dep(x), want, torch.float32)
     with pytest.raises(ValueError, match="backend must be one of"):
         deploy(resnet8, backend="gpu")
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BatchNorm2d subclass whose forward also applies an activation."""
+
+    def __init__(self, channels: int, act: nn.Module) -> None:
+        super().__init__(channels)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class _LeakyReLU(nn.ReLU):
+    """A ReLU subclass with another forward: must not be fused as a ReLU."""
+
+    def forward(self, x):
+        return torch.nn.functional.leaky_relu(x, 0.1)
+
+
+class _SubBasicBlock(CifarBasicBlock):
+    """A known block's subclass with its own forward (an extra scaling): must not be fused as the block."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def test_subclasses_with_their_own_forward_are_never_folded(monkeypatch):
+    """Folding must be exact or not happen: a BatchNorm2d / ReLU / block subclass keeps its own forward."""
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    torch.manual_seed(14)
+    seq = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), _BatchNormAct(6, nn.SiLU()),  # timm-style BN + activation
+        nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), _LeakyReLU(),  # plain BN folds, the odd ReLU stays
+        _SubBasicBlock(6, 6),
+    )
+    seq = _swap_convs(randomise_bn(seq, 15), bits=4, rank=2, seed=16)
+    dep = deploy(seq)
+    assert isinstance(dep[1], _BatchNormAct) and isinstance(dep[0], cora.CoRaConv2d)
+    assert isinstance(dep[2], DeployedConv) and dep[2].has_bn and not dep[2].relu and isinstance(dep[4], _LeakyReLU)
+    assert type(dep[5]) is _SubBasicBlock and dep.cora_deploy["blocks"] == 0
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        assert_close_rel(dep(x), seq(x), torch.float32)
