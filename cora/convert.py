@@ -69,7 +69,7 @@ class ConversionReport:
     search_seconds: float
     total_seconds: float
     quantized: list[str]
-    skipped: dict[str, str]  # layer name -> why it stays float or gets no adapter
+    skipped: dict[str, str]  # layer name -> why it stays float (not quantized)
     config: dict
     continuous_budget: float | None = None
     trace: list = field(default_factory=list)
@@ -77,6 +77,7 @@ class ConversionReport:
     tune_iterations: int = 0
     tune_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # what the conversion did differently from the config, and why
+    no_adapter: dict[str, str] = field(default_factory=dict)  # quantized layers that get no adapter, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +110,7 @@ class BaseQuantization:
     adapted: list[AdaptedLayer]
     statistics_images: torch.Tensor  # [n, C, H, W], a seeded subset of the calibration images
     without_statistics: set[str] = field(default_factory=set)  # layers too wide for input statistics
+    no_adapter: dict[str, str] = field(default_factory=dict)  # quantized convs that get no adapter, and why
 
 
 @dataclass
@@ -155,11 +157,21 @@ def _matches(name: str, patterns) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _plain_subclass(mod: nn.Module) -> bool:
+    """A Conv2d / Linear subclass whose forward is the base class's (timm's ``Linear``, for one): its
+    output is the plain conv / linear, so the quantized layer can stand in for it exactly."""
+    if isinstance(mod, nn.Conv2d):
+        cls = type(mod)
+        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
+
+
 def quantizable_layers(model: nn.Module, config: CoRaConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The convs (and linears) ``convert`` will quantize, and the skipped ones with the reason.
 
     Every conv- or linear-like layer that is not converted is listed in the skipped dict with why
-    (other conv types such as ``Conv1d`` / ``Conv3d`` / transposed convs, subclasses, skip patterns,
+    (other conv types such as ``Conv1d`` / ``Conv3d`` / transposed convs, subclasses with their own
+    forward (a subclass that keeps the base forward is converted), skip patterns,
     ``quantize_linear=False``). A ``skip`` or ``layer_bits`` pattern that matches none of those
     layers raises ``ValueError`` naming it.
     """
@@ -171,9 +183,9 @@ def quantizable_layers(model: nn.Module, config: CoRaConfig) -> tuple[dict[str, 
         if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
         candidates.append(name)
-        if type(mod) not in (nn.Conv2d, nn.Linear):
+        if type(mod) not in (nn.Conv2d, nn.Linear) and not _plain_subclass(mod):
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                skipped[name] = f"subclass {type(mod).__name__} is not converted (stays float)"
+                skipped[name] = f"subclass {type(mod).__name__} has its own forward: not converted (stays float)"
             else:
                 skipped[name] = f"{type(mod).__name__} is not supported (stays float): cora quantizes Conv2d and Linear"
             continue
@@ -223,13 +235,13 @@ def _layer_bits(name: str, config: CoRaConfig) -> int:
 # ---------------------------------------------------------------------------------------- phases
 def quantize_base(
     float_model: nn.Module, output: nn.Module, layers: dict[str, nn.Module], data: CalibrationSet,
-    config: CoRaConfig, skipped: dict[str, str],
+    config: CoRaConfig,
 ) -> BaseQuantization:
     """Phase 1: ranges and rounding of every chosen layer, in execution order, and the residual factors.
 
     ``layers``: name -> float layer of ``float_model``. With sequential GPTQ each layer's statistics
     come from the inputs the partly quantized model produces (every earlier layer already rounded).
-    Grouped convs are quantized without an adapter (recorded in ``skipped``).
+    Grouped convs are quantized without an adapter (recorded in ``no_adapter``).
     """
     q, adapters = config.quantizer, config.method != "none"
     needs_statistics = q.rounding == "gptq" or (config.adapter.factorization == "activation" and adapters)
@@ -246,6 +258,7 @@ def quantize_base(
     partly_quantized = copy.deepcopy(float_model) if sequential else None
     device = data.images.device
     weights: dict[str, QuantizedWeight] = {}
+    no_adapter: dict[str, str] = {}
     adapted: list[AdaptedLayer] = []
     with progress_bar(len(layers), "quantize", config.progress) as bar:
         for name, mod in layers.items():
@@ -270,14 +283,14 @@ def quantize_base(
                     partly_quantized.get_submodule(name).weight.copy_(qw.to(device))
             if isinstance(mod, nn.Conv2d) and adapters:
                 if mod.groups != 1:
-                    skipped[name] = "grouped/depthwise conv: quantized without adapter"
+                    no_adapter[name] = "grouped/depthwise conv: quantized without adapter"
                 else:
                     # without input statistics (a layer the calibration data never reaches): weight-space SVD
                     method = config.adapter.factorization if h is not None else "weight"
                     adapted.append(AdaptedLayer(name, qw, factorize_residual(w - qw, method=method, hessian=h)))
             bar.set_postfix_str(name, refresh=False)
             bar.update(1)
-    return BaseQuantization(weights, adapted, stats_images, too_wide)
+    return BaseQuantization(weights, adapted, stats_images, too_wide, no_adapter)
 
 
 def choose_ranks(
@@ -412,6 +425,7 @@ def make_report(
         tune_iterations=tuning.iterations,
         tune_seconds=tuning.seconds,
         warnings=warnings,
+        no_adapter=dict(base.no_adapter),
     )
 
 
@@ -455,7 +469,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         conv_params = conv_weight_count(float_model)  # before anything is replaced (inplace=True)
         float_logits = _FloatLogits(float_model, data, config.output)
 
-        base = quantize_base(float_model, output, layers, data, config, skipped)
+        base = quantize_base(float_model, output, layers, data, config)
         ranks = choose_ranks(float_model, base, data, config, float_logits, conv_params)
         storage = build_layers(float_model, output, layers, base, ranks, data, config)
         tuning = tune_layers(output, ranks, data, config, float_logits)

@@ -220,7 +220,7 @@ def test_torchvision_models_convert(name, kw):
         dw = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
         assert dw
         for n in dw:
-            assert "depthwise" in rep.skipped[n] or "group" in rep.skipped[n]
+            assert "depthwise" in rep.no_adapter[n] and n in rep.quantized and n not in rep.skipped  # listed once
             assert q.get_submodule(n).rank == 0
             assert n not in rep.ranks or rep.ranks[n] == 0
     with torch.no_grad():

@@ -110,6 +110,35 @@ def test_unsupported_conv_types_are_reported_as_skipped():
     assert set(rep.quantized) == {"conv", "fc"}
 
 
+class _PlainLinear(nn.Linear):
+    """Like timm's Linear: a subclass that keeps nn.Linear's forward (converted)."""
+
+
+class _PlainConv(nn.Conv2d):
+    """A subclass that keeps nn.Conv2d's forward (converted)."""
+
+
+class _ScaledConv(nn.Conv2d):
+    """A subclass with its own forward (left in float, listed as skipped)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_subclasses_are_converted_only_when_their_forward_is_the_plain_one():
+    torch.manual_seed(4)
+    model = nn.Sequential(_PlainConv(3, 6, 3, padding=1), nn.ReLU(), _ScaledConv(6, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3, padding=1), nn.Flatten(), _PlainLinear(6 * 36, 5)).eval()
+    q = convert(model, torch.randn(8, 3, 6, 6), _cfg(calib_images=8, stats_images=8, method="uniform", budget=0.3))
+    rep = q.cora_report
+    assert isinstance(q[0], CoRaConv2d) and isinstance(q[6], QuantLinear) and type(q[2]) is _ScaledConv
+    assert set(rep.quantized) == {"0", "4", "6"} and "own forward" in rep.skipped["2"]
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        rel = ((q(x) - model(x)).norm() / model(x).norm()).item()
+    assert rel < 0.2  # a W4 model of the same function, not a different one
+
+
 # ---------------------------------------------------------------------------------- dtypes, devices, values
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes_convert_through_float32_and_keep_their_dtype(resnet8, data, dtype):
