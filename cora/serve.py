@@ -244,9 +244,10 @@ def _deployment(source: dict, settings: dict, opts):
         num_replicas=opts.replicas,
         ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.gpus_per_replica},
         max_ongoing_requests=ongoing,
-        # the outer bound (reached only past 2 x `ongoing` concurrent requests per replica): requests
-        # waiting in Ray's proxy when every replica holds `ongoing` (Ray answers 503 + Retry-After, plain text)
-        max_queued_requests=ongoing * opts.replicas,
+        # the outer bound: requests waiting in Ray's proxy when every replica holds `ongoing` (Ray answers
+        # 503 + Retry-After, plain text). Generous (4x), so that the replica's own JSON 503 is what clients
+        # normally meet: Ray's count was seen to trip at 40 concurrent requests with a bound of 24 + 24
+        max_queued_requests=4 * ongoing * opts.replicas,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         graceful_shutdown_wait_loop_s=0.5,  # in-flight requests finish; no need to poll every 2 s
         graceful_shutdown_timeout_s=20,
