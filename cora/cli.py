@@ -275,15 +275,14 @@ DEVICES = ("auto", "cuda", "cpu")
 def resolve_device(choice: str):
     """``--device`` as a ``torch.device``: ``auto`` is CUDA when available, else the CPU; ``cuda``
     without a usable GPU is a user error."""
-    import torch
+    from .inference import resolve_device as resolve  # the one device rule, shared with cora serve's engine
 
     if choice not in DEVICES:
         raise _CliError(f"--device must be one of {', '.join(DEVICES)}, got {choice!r}")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise _CliError("--device cuda: no CUDA GPU is available to torch here (use --device cpu)")
-    return torch.device(choice)
+    try:
+        return resolve(choice)
+    except ValueError:  # the only one left: cuda without a usable GPU
+        raise _CliError(f"--device {choice}: no CUDA GPU is available to torch here (use --device cpu)") from None
 
 
 def _check_data_option(name: str, args) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["InferenceEngine", "batch_buckets", "bucket_for", "DTYPES"]
+__all__ = ["InferenceEngine", "batch_buckets", "bucket_for", "resolve_device", "DTYPES"]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -40,7 +40,9 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} images are more than the largest batch ({buckets[-1]})")
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cuda`` or ``cpu`` as a ``torch.device``;
+    ``ValueError`` for cuda without a usable GPU or another device type. The CLI uses it too."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -72,7 +74,7 @@ class InferenceEngine:
 
     def __init__(self, model: nn.Module, preprocessing: dict, *, info: dict, device="auto", dtype=None,
                  max_batch: int = 32) -> None:
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.buckets = batch_buckets(int(max_batch))
         self.max_batch = self.buckets[-1]
