@@ -55,7 +55,7 @@ import torch.nn as nn
 from cora_kernels.packing import PACK_FORMAT_VERSION
 
 from ._modules_util import set_submodule
-from .files import check_output_path, write_atomic
+from .files import check_output_path, new_parent_folders, write_atomic
 from .modules import MODULE_FORMAT_VERSION, CoRaConv2d, QuantLinear
 
 __all__ = ["save", "load", "read_metadata", "preprocessing_problem", "check_output_path", "CheckpointError",
@@ -649,8 +649,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None
     a deployed model, CoRa buffers in another dtype than the layer stores (after ``.double()``),
     state-dict entries other than tensors and the CoRa layers' extra state, a report that is not a
     :class:`cora.convert.ConversionReport`, an architecture that does not rebuild this model, and
-    a bad ``path`` (:func:`check_output_path`). Missing parent folders are created. The file
-    appears complete or not at all; it gets the permissions ``open(path, "w")`` would give.
+    a bad ``path`` (:func:`check_output_path`). Missing parent folders are created (and removed
+    again if the write fails). The file appears complete or not at all; it gets the permissions
+    ``open(path, "w")`` would give.
     """
     path = check_output_path(path)
     layers = _quantized_layers(model)
@@ -693,6 +694,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None
             _load_into(_build_architecture(arch), decoded, dict(tensors), "cpu", rollback=False)
         except CheckpointError as exc:
             raise ValueError(f"load(path) could not rebuild this model from architecture={arch!r}: {exc}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, tensors, meta)
+    with new_parent_folders(path):  # a failed write leaves no folder behind either
+        _write_atomic(path, tensors, meta)
     return path

@@ -354,55 +354,17 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------ saving
-def _new_entries(folder: Path, before: set[str], name: str) -> list[Path]:
-    """Files in ``folder`` that were not in ``before`` and are named after ``name`` (``name``,
-    ``name.tmp``, ``.name.XXXX.tmp``, ...)."""
-    try:
-        return [folder / n for n in os.listdir(folder) if n not in before and (n.startswith(name) or n.startswith("." + name))]
-    except OSError:
-        return []
-
-
-def _save_clean(model, path: Path) -> Path:
-    """``cora.save(model, path)``; when it fails, whatever it left (a partial file, a temporary next to
-    ``path``, folders it created) is removed before the exception goes on."""
-    from .checkpoint import save
-
-    missing = []  # the folders save() will create, innermost first
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    parent = path.parent
-    try:
-        before = set(os.listdir(parent)) if parent.is_dir() else set()
-    except OSError:
-        before = set()
-    try:
-        return Path(save(model, path))
-    except BaseException:
-        for leftover in _new_entries(parent, before, path.name):
-            try:
-                leftover.unlink()
-            except OSError:
-                pass
-        for made in missing:
-            try:
-                made.rmdir()  # only if empty
-            except OSError:
-                break
-        raise
-
-
 def _rescue(model, name: str) -> tuple[Path | None, str | None]:
     """Save to a new file in the temp folder; ``(path, None)`` or ``(None, why not)``."""
+    from .checkpoint import save
+
     try:
         fd, tmp = tempfile.mkstemp(prefix=f"cora-{name}-", suffix=".safetensors")
         os.close(fd)
     except OSError as exc:
         return None, _one_line(exc)
     try:
-        return _save_clean(model, Path(tmp)), None
+        return Path(save(model, Path(tmp))), None
     except Exception as exc:
         try:
             os.unlink(tmp)
@@ -415,8 +377,10 @@ def _write_checkpoint(model, out: Path, name: str, res: dict) -> str | None:
     """Write ``model`` to ``out``; on failure save it to the temp folder instead. Returns the error
     line's message (``None`` on success); ``res`` gets ``checkpoint`` (where it went) and on failure
     ``checkpoint_error``."""
+    from .checkpoint import save
+
     try:
-        path = _save_clean(model, out)
+        path = Path(save(model, out))  # atomic: on failure no partial file, temporary or new folder
     except Exception as exc:
         error = f"could not write the checkpoint {out} ({type(exc).__name__}: {_one_line(exc)})"
         rescued, why = _rescue(model, name)

@@ -13,10 +13,10 @@ import os
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["check_output_path", "write_atomic"]
+__all__ = ["check_output_path", "write_atomic", "new_parent_folders"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -114,3 +114,24 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+@contextlib.contextmanager
+def new_parent_folders(path: Path) -> Iterator[None]:
+    """Create the missing folders above ``path``; if the block raises, remove the ones created here
+    (innermost first, only while empty), so a failed write leaves the tree as it was."""
+    missing = []
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for made in missing:
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise

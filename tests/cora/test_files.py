@@ -68,3 +68,18 @@ def test_write_atomic_gives_the_mode_open_would(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def test_new_parent_folders_are_removed_when_the_write_fails(tmp_path):
+    from cora.files import new_parent_folders
+
+    target = tmp_path / "a" / "b" / "model.safetensors"
+    with pytest.raises(OSError):
+        with new_parent_folders(target):
+            assert target.parent.is_dir()
+            raise OSError("disk full")
+    assert list(tmp_path.iterdir()) == []  # a and b were created here, so they went again
+    (tmp_path / "a").mkdir()
+    with new_parent_folders(target):
+        target.write_bytes(b"x")
+    assert target.read_bytes() == b"x"
