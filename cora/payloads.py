@@ -132,10 +132,9 @@ def preprocess(img, pre: dict) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _cached_transform(image_size: int, resize_size: int, mean: tuple, std: tuple):
-    from torchvision import transforms
+    from .experiments.data import model_transform
 
-    return transforms.Compose([transforms.Resize(resize_size), transforms.CenterCrop(image_size),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return model_transform(image_size, resize_size, mean, std)
 
 
 def _transform(pre: dict):

@@ -37,6 +37,7 @@ __all__ = [
     "cifar10_calibration",
     "make_loader",
     "image_folder",
+    "model_transform",
     "ImageFolderDataset",
     "evaluate",
 ]
@@ -231,6 +232,18 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
 
 
+def model_transform(image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float]):
+    """PIL RGB image -> float32 ``[3, image_size, image_size]``: the short side resized to
+    ``resize_size`` (bilinear, antialiased), centre-cropped, scaled to [0, 1], normalised. The one
+    definition, used by image folders and by ``cora serve`` (:mod:`cora.payloads`)."""
+    return transforms.Compose([
+        transforms.Resize(resize_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
 class ImageFolderDataset(datasets.ImageFolder):
     """An ImageNet-style folder (one sub-folder of images per class, classes sorted by name).
 
@@ -255,14 +268,8 @@ class ImageFolderDataset(datasets.ImageFolder):
             raise FileNotFoundError(f"image folder {root} does not exist (expected class sub-folders of images)")
         if resize_size is None:
             resize_size = int(round(image_size * 256 / 224))
-        tf = transforms.Compose([
-            transforms.Resize(resize_size),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])
         try:
-            super().__init__(str(root), transform=tf)
+            super().__init__(str(root), transform=model_transform(image_size, resize_size, mean, std))
         except FileNotFoundError as e:  # torchvision's error for no class folders / no images
             raise ValueError(f"image folder {root} has no images in class sub-folders: {e}") from e
 
