@@ -35,7 +35,8 @@ from .progress import progress_bar
 from .quantizer import compute_qparams, dequantize, gptq_quantize, quantize
 from .residual import adapter_from_factors, factorize_residual, regression_residual
 from .search import search_ranks
-from .statistics import collect_hessians, execution_order, paired_moments, reestimate_batchnorm
+from .graph import StageChain, trace_stages
+from .statistics import LayerInputs, execution_order, layer_moments, paired_moments_of, reestimate_batchnorm
 from .tune import tune_adapters
 
 __all__ = [
@@ -111,6 +112,7 @@ class BaseQuantization:
     statistics_images: torch.Tensor  # [n, C, H, W], a seeded subset of the calibration images
     without_statistics: set[str] = field(default_factory=set)  # layers too wide for input statistics
     no_adapter: dict[str, str] = field(default_factory=dict)  # quantized convs that get no adapter, and why
+    chain: StageChain | None = None  # the model's stages (None: full forward passes for layer inputs)
 
 
 @dataclass
@@ -225,6 +227,16 @@ def _check_model(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return devices.pop(), dtypes.pop()
 
 
+def _uses_statistics(mod: nn.Module, config: CoRaConfig) -> bool:
+    """Whether phase 1 needs the layer's input second moments: GPTQ rounds it, or it is a conv that gets
+    an activation-aware adapter (grouped convs have neither: their K differs per group)."""
+    if getattr(mod, "groups", 1) != 1:
+        return False
+    if config.quantizer.rounding == "gptq":
+        return True
+    return isinstance(mod, nn.Conv2d) and config.method != "none" and config.adapter.factorization == "activation"
+
+
 def _layer_bits(name: str, config: CoRaConfig) -> int:
     for pattern, b in config.layer_bits:
         if _matches(name, (pattern,)):
@@ -244,18 +256,20 @@ def quantize_base(
     Grouped convs are quantized without an adapter (recorded in ``no_adapter``).
     """
     q, adapters = config.quantizer, config.method != "none"
-    needs_statistics = q.rounding == "gptq" or (config.adapter.factorization == "activation" and adapters)
     order = execution_order(output, list(layers), data.images[:1])
     stats_images = data.statistics_subset(q.stats_images, config.seed)
     layers = {n: layers[n] for n in order}
     # decided before anything is allocated: [K, K] float64 statistics of a very wide layer do not fit
-    too_wide = {n for n, m in layers.items() if m.weight[0].numel() > q.max_stats_features} if needs_statistics else set()
-    sequential = q.sequential and needs_statistics
-    if sequential or not needs_statistics:
-        hessians = {}
-    else:
-        hessians = collect_hessians(output, {n: output.get_submodule(n) for n in layers if n not in too_wide}, stats_images)
+    wide = {n for n, m in layers.items() if m.weight[0].numel() > q.max_stats_features}
+    wanted = {n for n, m in layers.items() if _uses_statistics(m, config)}
+    too_wide = wanted & wide
+    wanted -= too_wide
+    chain = trace_stages(float_model, list(layers), data.images[:2]) if wanted else None
+    sequential = q.sequential and bool(wanted)
     partly_quantized = copy.deepcopy(float_model) if sequential else None
+    # inputs of each layer, one layer at a time, from the kept inputs of its stage (linear in depth)
+    float_inputs = LayerInputs(float_model, stats_images, chain) if wanted else None
+    quant_inputs = LayerInputs(partly_quantized, stats_images, chain) if sequential else None
     device = data.images.device
     weights: dict[str, QuantizedWeight] = {}
     no_adapter: dict[str, str] = {}
@@ -265,11 +279,12 @@ def quantize_base(
             bits = _layer_bits(name, config)
             w = mod.weight.detach().float().cpu()
             scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=q.range_method, std_k=q.std_k)
-            if sequential and getattr(mod, "groups", 1) == 1 and name not in too_wide:
-                h = paired_moments(float_model, partly_quantized, name, stats_images, seed=config.seed)[0]
-            else:
-                h = hessians.get(name)
-            h = h.cpu() if h is not None else None  # None: the layer never runs on these images
+            h = None  # no statistics: not needed, too wide, or the layer never runs on these images
+            if name in wanted and sequential:
+                h = paired_moments_of(float_inputs, quant_inputs, name, seed=config.seed)[0]
+            elif name in wanted:
+                h = layer_moments(float_inputs, name, seed=config.seed)
+            h = h.cpu() if h is not None else None
             if q.rounding == "gptq" and h is not None:
                 codes = gptq_quantize(
                     w.reshape(w.shape[0], -1), h, scale, zero, bits, damp=q.gptq_damp, act_order=q.gptq_act_order
@@ -290,7 +305,7 @@ def quantize_base(
                     adapted.append(AdaptedLayer(name, qw, factorize_residual(w - qw, method=method, hessian=h)))
             bar.set_postfix_str(name, refresh=False)
             bar.update(1)
-    return BaseQuantization(weights, adapted, stats_images, too_wide, no_adapter)
+    return BaseQuantization(weights, adapted, stats_images, too_wide, no_adapter, chain)
 
 
 def choose_ranks(
@@ -334,6 +349,9 @@ def build_layers(
     factors = {l.name: l.factors for l in base.adapted}
     refine = config.adapter.refine and config.adapter.factorization == "activation"
     float_reference = copy.deepcopy(float_model) if refine and any(ranks.ranks.values()) else None
+    if float_reference is not None:
+        float_inputs = LayerInputs(float_reference, base.statistics_images, base.chain)
+        output_inputs = LayerInputs(output, base.statistics_images, base.chain)
     total_bits = total_weights = 0
     with progress_bar(len(base.weights), "build", config.progress and float_reference is not None) as bar:
         for name, qw in base.weights.items():
@@ -343,7 +361,7 @@ def build_layers(
                 adapter = None
                 h_qq = h_fq = None
                 if r and float_reference is not None and name not in base.without_statistics:
-                    h_qq, h_fq = paired_moments(float_reference, output, name, base.statistics_images, seed=config.seed)
+                    h_qq, h_fq = paired_moments_of(float_inputs, output_inputs, name, seed=config.seed)
                 if h_qq is not None:
                     w = mod.weight.detach().float().cpu()
                     target = regression_residual(w, qw.dequantized(), h_qq.cpu(), h_fq.cpu())

@@ -17,7 +17,16 @@ from cora_kernels.geometry import explicit_padding
 
 from ._modules_util import kept_modes
 
-__all__ = ["layer_input_rows", "collect_hessians", "execution_order", "paired_moments", "reestimate_batchnorm"]
+__all__ = [
+    "layer_input_rows",
+    "collect_hessians",
+    "execution_order",
+    "LayerInputs",
+    "layer_moments",
+    "paired_moments_of",
+    "paired_moments",
+    "reestimate_batchnorm",
+]
 
 
 def layer_input_rows(module: nn.Module, x: torch.Tensor, max_rows: int | None = None, generator=None) -> torch.Tensor:
@@ -64,7 +73,7 @@ def collect_hessians(
     differs per group). The model runs in eval mode.
     """
     gen = torch.Generator().manual_seed(seed)
-    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
+    per_batch = _rows_per_batch(max_rows, batch_size, inputs.shape[0])
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -95,8 +104,9 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted layer's input is captured."""
 
 
-def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The input of ``layer`` when ``model`` runs on ``x`` (None if the layer is never called)."""
+def _capture_input(run, layer: nn.Module, x) -> torch.Tensor | None:
+    """The input of ``layer`` when ``run(x)`` runs (``None`` if the layer is never called); the pass
+    stops at the layer."""
     box = []
 
     def hook(mod, args):
@@ -105,12 +115,123 @@ def _capture_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch
 
     h = layer.register_forward_pre_hook(hook)
     try:
-        model(x)
+        run(x)
     except _Stop:
         pass
     finally:
         h.remove()
     return box[0] if box else None
+
+
+class LayerInputs:
+    """The inputs of one model's layers over fixed images, batch by batch.
+
+    Without a chain, each request runs the model from the images up to the layer (any model; the cost
+    of a request grows with the layer's depth). With a :class:`cora.graph.StageChain`, the inputs of
+    the current stage are kept for every batch (on the images' device) and a request runs only the
+    layer's own stage; asking for a layer of a later stage first moves the kept inputs forward through
+    the stages in between, with the model's modules *as they are then* (so layers must be asked for in
+    execution order, each after every earlier layer has its final weights). The whole sweep then costs
+    about two forward passes over the images, whatever the depth. A layer of a stage already passed
+    falls back to a full pass. The model runs in eval mode.
+
+    ``images``: ``[N, C, H, W]``; batches are ``images[i : i + batch_size]`` in order, so both paths give
+    the same batches (and, with deterministic kernels, the same values).
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, chain=None, batch_size: int = 100) -> None:
+        self.model, self.images, self.chain, self.batch_size = model, images, chain, batch_size
+        self._stage = 0
+        self._kept: list | None = None  # inputs of stage self._stage, one per batch
+
+    def _batches(self) -> list[torch.Tensor]:
+        return [self.images[i : i + self.batch_size] for i in range(0, self.images.shape[0], self.batch_size)]
+
+    @torch.no_grad()
+    def _advance(self, stage: int) -> None:
+        if self._kept is None:
+            self._kept = self._batches()
+        with kept_modes(self.model, train=False):
+            while self._stage < stage:
+                self._kept = [self.chain.run(self.model, self._stage, x) for x in self._kept]
+                self._stage += 1
+
+    @torch.no_grad()
+    def of(self, name: str):
+        """Yields the input of layer ``name`` for each batch (float32); nothing if the forward pass never
+        reaches the layer."""
+        layer = self.model.get_submodule(name)
+        stage = self.chain.layer_stage.get(name) if self.chain is not None else None
+        if self.chain is not None and stage is None:
+            return  # the traced forward never calls it
+        with kept_modes(self.model, train=False):
+            if stage is None or stage < self._stage:
+                for xb in self._batches():
+                    x = _capture_input(self.model, layer, xb)
+                    if x is None:
+                        return
+                    yield x.float()
+                return
+            self._advance(stage)
+            for xb in self._kept:
+                x = _capture_input(lambda v: self.chain.run(self.model, stage, v), layer, xb)
+                if x is None:
+                    return
+                yield x.float()
+
+
+def _rows_per_batch(max_rows: int, batch_size: int, n_images: int) -> int:
+    return max(1, -(-max_rows * batch_size // max(1, n_images)))
+
+
+@torch.no_grad()
+def layer_moments(inputs: LayerInputs, name: str, max_rows: int = 65536, seed: int = 0) -> torch.Tensor | None:
+    """``H = E[x xᵀ]`` (float64 ``[K, K]``) of layer ``name``'s im2col inputs, or ``None`` when the forward
+    pass never reaches it. At most ``max_rows`` rows in all (a seeded random subset, spread evenly over
+    the batches)."""
+    layer = inputs.model.get_submodule(name)
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = _rows_per_batch(max_rows, inputs.batch_size, inputs.images.shape[0])
+    h, n = None, 0
+    for x in inputs.of(name):
+        rows = layer_input_rows(layer, x, per_batch, gen)
+        h = (rows.T @ rows).double() + (0 if h is None else h)
+        n += rows.shape[0]
+    return None if h is None else h / n
+
+
+@torch.no_grad()
+def paired_moments_of(
+    float_inputs: LayerInputs, quant_inputs: LayerInputs, name: str, max_rows: int = 65536, seed: int = 0
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Second moments of layer ``name``'s im2col inputs in the float and the (partly) quantized model.
+
+    Returns float64 ``(H_qq = E[x_q x_qᵀ], H_fq = E[x_f x_qᵀ])``, both ``[K, K]``, where ``x_f`` and ``x_q``
+    are the layer's input rows at the same positions of the same images in the two models (both
+    :class:`LayerInputs` must hold the same images and batch size). ``(None, None)`` for a layer the
+    forward pass never reaches.
+    """
+    f_layer, q_layer = float_inputs.model.get_submodule(name), quant_inputs.model.get_submodule(name)
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = _rows_per_batch(max_rows, quant_inputs.batch_size, quant_inputs.images.shape[0])
+    hqq = hfq = None
+    n = 0
+    f_iter, q_iter = float_inputs.of(name), quant_inputs.of(name)
+    try:
+        for xf, xq in zip(f_iter, q_iter):
+            state = gen.get_state()
+            rf = layer_input_rows(f_layer, xf, per_batch, gen)
+            gen.set_state(state)  # the same positions in both
+            rq = layer_input_rows(q_layer, xq, per_batch, gen)
+            hqq = (rq.T @ rq).double() + (0 if hqq is None else hqq)
+            hfq = (rf.T @ rq).double() + (0 if hfq is None else hfq)
+            n += rq.shape[0]
+    finally:  # a generator zip left unfinished gives its model's modes back now, not at garbage collection
+        f_iter.close()
+        q_iter.close()
+    if hqq is None:
+        return None, None
+    return hqq / n, hfq / n
 
 
 @torch.no_grad()
@@ -136,7 +257,6 @@ def execution_order(model: nn.Module, names: list[str], sample: torch.Tensor) ->
     return sorted(names, key=lambda n: first.get(n, len(names) + names.index(n)))
 
 
-@torch.no_grad()
 def paired_moments(
     float_model: nn.Module,
     quant_model: nn.Module,
@@ -146,34 +266,11 @@ def paired_moments(
     max_rows: int = 65536,
     seed: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Second moments of one layer's im2col inputs in the float and the (partly) quantized model.
-
-    Returns float64 ``(H_qq = E[x_q x_qᵀ], H_fq = E[x_f x_qᵀ])``, both ``[K, K]``, where ``x_f`` and
-    ``x_q`` are the layer's input rows at the same positions of the same images in ``float_model``
-    and ``quant_model``. Forward passes stop at the layer. Both models run in eval mode. Returns
-    ``(None, None)`` for a layer the forward pass never reaches.
-    """
-    f_layer, q_layer = float_model.get_submodule(name), quant_model.get_submodule(name)
-    gen = torch.Generator().manual_seed(seed)
-    per_batch = max(1, -(-max_rows * batch_size // max(1, inputs.shape[0])))
-    hqq = hfq = None
-    n = 0
-    with kept_modes(float_model, quant_model, train=False):
-        for start in range(0, inputs.shape[0], batch_size):
-            xb = inputs[start : start + batch_size]
-            xf = _capture_input(float_model, f_layer, xb)
-            xq = _capture_input(quant_model, q_layer, xb)
-            if xf is None or xq is None:
-                return None, None
-            xf, xq = xf.float(), xq.float()
-            state = gen.get_state()
-            rf = layer_input_rows(f_layer, xf, per_batch, gen)
-            gen.set_state(state)  # the same positions in both
-            rq = layer_input_rows(q_layer, xq, per_batch, gen)
-            hqq = (rq.T @ rq).double() + (0 if hqq is None else hqq)
-            hfq = (rf.T @ rq).double() + (0 if hfq is None else hfq)
-            n += rq.shape[0]
-    return hqq / n, hfq / n
+    """:func:`paired_moments_of` with full forward passes from ``inputs`` (``[N, C, H, W]``) for one layer."""
+    return paired_moments_of(
+        LayerInputs(float_model, inputs, batch_size=batch_size), LayerInputs(quant_model, inputs, batch_size=batch_size),
+        name, max_rows=max_rows, seed=seed,
+    )
 
 
 @torch.no_grad()
