@@ -1,8 +1,9 @@
 """Saved CoRa models: one safetensors file, checked as a whole on load, never pickle.
 
 A checkpoint (format version 2) holds every tensor of the converted model's ``state_dict`` under
-its state-dict name (packed codes int32, scales float16, zero points uint8, adapters, biases
-float32, BatchNorm statistics, the float layers), and string metadata:
+its state-dict name (packed codes int32, scales float16, zero points uint8, adapters (float, or
+int8 with their float32 ``adapter_a_scale``/``adapter_b_scale``), biases float32, BatchNorm
+statistics, the float layers), and string metadata:
 
 * ``cora_format`` (``"cora-checkpoint"``), ``cora_format_version`` (``"2"``),
   ``module_format_version`` and ``pack_format_version``: what the file is and which layouts it uses;
@@ -70,7 +71,7 @@ _DIGEST_DOMAIN = b"cora-checkpoint-digest/2\n"
 _JSON_KEYS = ("architecture", "layers", "config", "report", "state_metadata", "preprocessing", "evaluation")
 _OPTIONAL_KEYS = ("preprocessing", "evaluation")  # absent in files written before the key existed: null
 _PREPROCESSING_KEYS = frozenset({"image_size", "resize_size", "mean", "std", "class_names"})
-_ADAPTER_DTYPES = ("float16", "bfloat16", "float32")
+_ADAPTER_DTYPES = ("float16", "bfloat16", "float32", "int8")
 _CONV_KEYS = frozenset({"type", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
                         "padding_mode", "bits", "rank", "adapter_dtype"})
 _LINEAR_KEYS = frozenset({"type", "in_features", "out_features", "bias", "bits"})

@@ -22,9 +22,11 @@ weights: ``out_scale = gamma / sqrt(running_var + eps)`` and
 ``(conv + adapter + bias) * out_scale + out_shift``.  This is exact for per-channel *and*
 per-tensor quantization scales alike (folding into a per-tensor scale would force it per-channel,
 and folding into the fp16 scale and adapter B would round them), and it leaves the packed codes,
-scales, zeros and adapters untouched: a :class:`DeployedConv` holds a reference to its
-``CoRaConv2d`` (as the child ``conv``), plus ``zero_f`` (the uint8 zero point as float16, exact,
-which the op needs as a floating tensor) and the fp32 ``out_scale``/``out_shift``.
+scales, zeros and adapters untouched (int8 adapters too: their per-row fp32 scales stay as stored,
+nothing is requantized, and the BatchNorm factor multiplies the whole fp32 sum in the epilogue):
+a :class:`DeployedConv` holds a reference to its ``CoRaConv2d`` (as the child ``conv``), plus
+``zero_f`` (the uint8 zero point as float16, exact, which the op needs as a floating tensor) and
+the fp32 ``out_scale``/``out_shift``.
 
 The deployed model is for inference only (the op has no autograd), is returned in eval mode, and
 uses the BatchNorm *running* statistics (eval semantics).  Its forward has no mutable state (safe

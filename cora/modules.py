@@ -9,6 +9,10 @@ Stored state (all buffers, so ``state_dict()`` round-trips exactly):
   (per-tensor quantization repeats one value).
 * ``adapter_a`` ``[r, kh*kw*C_in]`` (GEMM order, like the codes) and ``adapter_b`` ``[C_out, r]``,
   float16 by default: the low-rank residual branch ``conv1x1(conv_kxk(x; A); B)``.
+* with ``adapter_dtype="int8"`` those two are int8 codes in ``[-127, 127]`` plus one symmetric
+  float32 scale per row, ``adapter_a_scale`` ``[r]`` and ``adapter_b_scale`` ``[C_out]``:
+  ``A = adapter_a_scale[:, None] * adapter_a`` (:func:`cora_kernels.packing.quantize_adapter`).
+  For float adapters the two scale buffers are None (not in the state dict).
 * ``bias`` float32 ``[C_out]`` or ``None``.
 * an extra state with the format version and bit width, checked on load.
 """
@@ -21,7 +25,16 @@ from torch.nn.modules.utils import _pair
 
 from cora_kernels.geometry import PADDING_MODES, explicit_padding, pad_input
 from cora_kernels.ops import Backend, resolve_backend
-from cora_kernels.packing import PACK_FORMAT_VERSION, from_gemm_layout, pack_codes, plane_bits, to_gemm_layout, unpack_codes
+from cora_kernels.packing import (
+    PACK_FORMAT_VERSION,
+    dequantize_adapter,
+    from_gemm_layout,
+    pack_codes,
+    plane_bits,
+    quantize_adapter,
+    to_gemm_layout,
+    unpack_codes,
+)
 
 from .config import LAYER_DEFAULTS
 from .quantizer import compute_qparams, dequantize, quantize
@@ -30,7 +43,8 @@ from .residual import adapter_from_factors, factorize_residual, full_rank
 __all__ = ["CoRaConv2d", "QuantLinear", "MODULE_FORMAT_VERSION"]
 
 MODULE_FORMAT_VERSION = 1
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
+_SCALE_BITS = 32  # the int8 adapters' per-row scales are float32
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -111,14 +125,14 @@ class _PackedWeightMixin:
         if state.get("bits") != self.bits:
             raise RuntimeError(f"{type(self).__name__}: checkpoint has {state.get('bits')}-bit codes, module expects {self.bits}")
 
-    def _storage_bits(self, adapter_params: int, adapter_bits: int) -> int:
-        """Bits this layer stores: codes + fp16 scale and b-bit zero per channel + adapters."""
+    def _storage_bits(self, adapter_bits: int) -> int:
+        """Bits this layer stores: codes + fp16 scale and b-bit zero per channel + ``adapter_bits``."""
         n = 1
         for d in self.weight_shape:
             n *= d
         per_tensor = bool((self.scale == self.scale[0]).all() and (self.zero == self.zero[0]).all())
         channels = 1 if per_tensor else self.weight_shape[0]
-        return self.bits * n + (16 + self.bits) * channels + adapter_bits * adapter_params
+        return self.bits * n + (16 + self.bits) * channels + adapter_bits
 
 
 def _check_input(name: str, x: torch.Tensor, channels: int, ref: torch.Tensor) -> None:
@@ -203,6 +217,9 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         dt = _dtype(adapter_dtype)
         self.register_buffer("adapter_a", torch.zeros(rank, self.k_gemm, dtype=dt))
         self.register_buffer("adapter_b", torch.zeros(out_channels, rank, dtype=dt))
+        q = dt == torch.int8  # None buffers stay out of the state dict: float layers save what they always did
+        self.register_buffer("adapter_a_scale", torch.zeros(rank) if q else None)
+        self.register_buffer("adapter_b_scale", torch.zeros(out_channels) if q else None)
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
         self.backend = None if backend is None else Backend(backend)
 
@@ -268,7 +285,12 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         return m.to(conv.weight.device)
 
     def set_adapter(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Set the adapter from ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r]`` (or ``[C_out, r, 1, 1]``)."""
+        """Set the adapter from ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r]`` (or ``[C_out, r, 1, 1]``).
+
+        Float storage casts them; int8 storage rounds each row of ``A`` (GEMM order) and of ``B`` to
+        nearest on its own symmetric scale (:func:`cora_kernels.packing.quantize_adapter`), both
+        factors independently (re-fitting ``B`` to the rounded ``A`` was measured and gains nothing).
+        """
         b = b.reshape(b.shape[0], -1)
         r = a.shape[0]
         if tuple(a.shape[1:]) != self.weight_shape[1:] or b.shape != (self.out_channels, r):
@@ -276,8 +298,22 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         if r and self.groups != 1:
             raise ValueError("adapters are only supported for groups=1 convolutions")
         dt, dev = self.adapter_a.dtype, self.adapter_a.device
-        self.adapter_a = to_gemm_layout(a.detach()).to(dev, dt).contiguous()
+        a = to_gemm_layout(a.detach())
+        if self.adapter_int8:
+            (a, sa), (b, sb) = quantize_adapter(a), quantize_adapter(b)
+            self.adapter_a_scale, self.adapter_b_scale = sa.to(dev), sb.to(dev)
+        self.adapter_a = a.to(dev, dt).contiguous()
         self.adapter_b = b.detach().to(dev, dt).contiguous()
+
+    def adapter_state(self) -> dict[str, torch.Tensor | None]:
+        """The adapter buffers by name (``adapter_a``, ``adapter_b`` and their scales, None for float
+        storage), to put back later with :meth:`restore_adapter_state`."""
+        return {k: getattr(self, k) for k in ("adapter_a", "adapter_b", "adapter_a_scale", "adapter_b_scale")}
+
+    def restore_adapter_state(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Put back what :meth:`adapter_state` returned (the same tensors, not copies)."""
+        for k, v in state.items():
+            setattr(self, k, v)
 
     # ------------------------------------------------------------------ views
     @property
@@ -285,13 +321,29 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         return int(self.adapter_a.shape[0])
 
     @property
+    def adapter_int8(self) -> bool:
+        """Whether the adapters are stored as int8 codes with per-row float32 scales."""
+        return self.adapter_a.dtype == torch.int8
+
+    @property
     def adapter_params(self) -> int:
         return self.adapter_a.numel() + self.adapter_b.numel()
 
+    def adapter_bits(self) -> int:
+        """Bits the adapter stores: each parameter at its storage width, plus for int8 the float32
+        scales (``r + C_out`` of them; none without an adapter)."""
+        if not self.adapter_int8:
+            return torch.finfo(self.adapter_a.dtype).bits * self.adapter_params
+        scales = self.adapter_a_scale.numel() + self.adapter_b_scale.numel() if self.rank else 0
+        return 8 * self.adapter_params + _SCALE_BITS * scales
+
     def adapter_conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` as conv weights (storage dtype)."""
-        a = from_gemm_layout(self.adapter_a, (self.rank, *self.weight_shape[1:]))
-        return a, self.adapter_b[:, :, None, None]
+        """``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` as conv weights: the storage dtype
+        for float adapters, float32 ``scale * q`` for int8 ones."""
+        a, b = self.adapter_a, self.adapter_b
+        if self.adapter_int8:
+            a, b = dequantize_adapter(a, self.adapter_a_scale), dequantize_adapter(b, self.adapter_b_scale)
+        return from_gemm_layout(a, (self.rank, *self.weight_shape[1:])), b[:, :, None, None]
 
     def effective_weight(self) -> torch.Tensor:
         """``Q(W) + B·A`` float32 ``[C_out, C_in/groups, kh, kw]``: the conv this layer computes."""
@@ -303,7 +355,7 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
 
     def storage_bits(self) -> int:
         """Bits stored for this layer (codes, scale/zero, adapters); the bias is not counted."""
-        return self._storage_bits(self.adapter_params, torch.finfo(self.adapter_a.dtype).bits)
+        return self._storage_bits(self.adapter_bits())
 
     # ------------------------------------------------------------------ forward
     def _padded_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -311,7 +363,10 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         return pad_input(x, self._pad_lrtb, self.padding_mode)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain-PyTorch forward (dequantize, conv, two adapter convs, bias); autograd-friendly."""
+        """Plain-PyTorch forward (dequantize, conv, two adapter convs, bias); autograd-friendly.
+
+        The adapters enter as :meth:`adapter_conv_weights` (int8 ones dequantized in float32) cast
+        to the input's dtype."""
         x, pad = self._padded_input(x)
         w = self.dequantized_weight().to(x.dtype)
         y = F.conv2d(x, w, None, self.stride, pad, self.dilation, self.groups)
@@ -338,20 +393,21 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
 
         The one builder of the op's arguments (the deployed conv calls it too): packed planes, fp16
         ``scale``, ``zero`` as float16 (pass a cached copy, or None to convert ``self.zero``; uint8
-        values are exact in float16), adapters, bias and geometry; non-zero padding modes are applied
-        to ``x`` first. ``out_scale``/``out_shift`` ``[C_out]`` (folded BatchNorm), ``residual``
-        ``[N, C_out, OH, OW]`` and ``relu`` are applied after the bias, in that order. ``backend``:
-        None uses this layer's (and then ``CORA_BACKEND``).
+        values are exact in float16), adapters (int8 ones with their scales), bias and geometry;
+        non-zero padding modes are applied to ``x`` first. ``out_scale``/``out_shift`` ``[C_out]``
+        (folded BatchNorm), ``residual`` ``[N, C_out, OH, OW]`` and ``relu`` are applied after the
+        bias, in that order. ``backend``: None uses this layer's (and then ``CORA_BACKEND``).
         """
         from cora_kernels import cora_conv2d
 
         x, pad = self._padded_input(x)
         a, b = (self.adapter_a, self.adapter_b) if self.rank else (None, None)
+        sa, sb = (self.adapter_a_scale, self.adapter_b_scale) if self.rank else (None, None)
         return cora_conv2d(
             x, self.packed_planes(), self.scale, self.zero.to(torch.float16) if zero is None else zero, a, b, self.bias,
             bits=self.bits, kernel_size=self.kernel_size, stride=self.stride, padding=pad, dilation=self.dilation,
             out_scale=out_scale, out_shift=out_shift, residual=residual, relu=relu, groups=self.groups,
-            in_channels=self.in_channels, backend=self.backend if backend is None else backend,
+            in_channels=self.in_channels, backend=self.backend if backend is None else backend, a_scale=sa, b_scale=sb,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -380,6 +436,9 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
                 else:
                     self.adapter_a = torch.zeros(r, self.k_gemm, dtype=self.adapter_a.dtype, device=self.adapter_a.device)
                     self.adapter_b = torch.zeros(self.out_channels, r, dtype=self.adapter_b.dtype, device=self.adapter_b.device)
+                    if self.adapter_a_scale is not None:
+                        sa = self.adapter_a_scale
+                        self.adapter_a_scale = torch.zeros(r, dtype=sa.dtype, device=sa.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
@@ -391,7 +450,8 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
             s += f", groups={self.groups}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        return s + f", bias={self.bias is not None}, bits={self.bits}, rank={self.rank}"
+        s += f", bias={self.bias is not None}, bits={self.bits}, rank={self.rank}"
+        return s + (", adapter_dtype=int8" if self.adapter_int8 else "")
 
 
 class QuantLinear(_PackedWeightMixin, nn.Module):
@@ -438,7 +498,7 @@ class QuantLinear(_PackedWeightMixin, nn.Module):
         return self.dequantized_weight()
 
     def storage_bits(self) -> int:
-        return self._storage_bits(0, 16)
+        return self._storage_bits(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("QuantLinear", x, self.in_features, self.scale)

@@ -6,6 +6,11 @@ calibration images: only ``A`` and ``B`` move; the integer codes, scales, zero p
 BatchNorm statistics and every float layer stay exactly as they are (BatchNorm runs in eval mode, so
 its running statistics are never touched). The rank of every layer, hence the budget, is unchanged.
 
+int8 adapters (``adapter_dtype="int8"``) are trained through their rounding: the float32 masters
+start from the dequantized adapters, every forward uses them rounded per row exactly as
+:meth:`cora.modules.CoRaConv2d.set_adapter` will store them (straight-through gradients), and the
+write-back rounds them once more, so the tuned layer is int8 again and computes what was trained.
+
 Losses: ``"kl"`` to the float model's logits (no labels; keeps the quantized model close to the float
 one) or ``"ce"`` with the calibration labels (also fits the calibration images' domain, so the result
 can land above the float model on images like them; see the README for how much of that is domain).
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cora_kernels.packing import dequantize_adapter, quantize_adapter
 
 from ._modules_util import kept_modes, set_submodule
 from .calibration import Objective
@@ -40,12 +47,20 @@ class TuneReport:
     warning: str | None = None
 
 
+def _fake_int8(w: torch.Tensor) -> torch.Tensor:
+    """``w`` ``[rows, ...]`` rounded per row as int8 storage rounds it (:func:`quantize_adapter`, rows
+    are ranks of ``A`` or output channels of ``B``), with the gradient passed straight through."""
+    q, s = quantize_adapter(w.reshape(w.shape[0], -1))
+    return w + (dequantize_adapter(q, s).reshape(w.shape) - w).detach()
+
+
 class _TrainableAdapterConv(nn.Module):
     """Stand-in for a ``CoRaConv2d`` during tuning: frozen ``Q(W)`` and bias, float32 ``A``/``B`` parameters.
 
     ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` are float32 masters (the stored adapters
     may be float16, which would lose the small updates); like ``CoRaConv2d.reference_forward`` the
-    conv runs in the input's dtype, so a half-precision model keeps its dtypes between layers.
+    conv runs in the input's dtype, so a half-precision model keeps its dtypes between layers. For an
+    int8 layer the forward uses the masters rounded to int8 (:func:`_fake_int8`).
     """
 
     def __init__(self, layer: CoRaConv2d) -> None:
@@ -62,10 +77,11 @@ class _TrainableAdapterConv(nn.Module):
         x, pad = lay._padded_input(x)
         bias = None if self.bias_f is None else self.bias_f.to(dt)
         y = F.conv2d(x, self.weight_q.to(dt), bias, lay.stride, pad, lay.dilation, lay.groups)
-        return y + F.conv2d(F.conv2d(x, self.a.to(dt), None, lay.stride, pad, lay.dilation), self.b.to(dt))
+        a, b = (_fake_int8(self.a), _fake_int8(self.b)) if lay.adapter_int8 else (self.a, self.b)
+        return y + F.conv2d(F.conv2d(x, a.to(dt), None, lay.stride, pad, lay.dilation), b.to(dt))
 
     def write_back(self) -> CoRaConv2d:
-        """Store the trained factors in the layer (its storage dtype) and return it."""
+        """Store the trained factors in the layer (its storage dtype; int8 rounds them again) and return it."""
         self.layer.set_adapter(self.a.detach(), self.b.detach())
         return self.layer
 
@@ -107,7 +123,7 @@ def tune_adapters(
         return TuneReport(loss, 0, len(names), math.nan, math.nan, 0.0)
 
     frozen = {p: p.requires_grad for p in model.parameters()}
-    untuned = {name: (model.get_submodule(name).adapter_a, model.get_submodule(name).adapter_b) for name in names}
+    untuned = {name: model.get_submodule(name).adapter_state() for name in names}
     wrappers: dict[str, _TrainableAdapterConv] = {}
     done, warning = False, None
     bar = progress_bar(iterations, "tune", progress)
@@ -146,9 +162,8 @@ def tune_adapters(
                 p.requires_grad_(flag)
         warning = _check_finite(model, names, images[: min(batch_size, n)])
         if warning is not None:
-            for name, (a, b) in untuned.items():
-                layer = model.get_submodule(name)
-                layer.adapter_a, layer.adapter_b = a, b
+            for name, state in untuned.items():
+                model.get_submodule(name).restore_adapter_state(state)
     return TuneReport(
         loss=loss,
         iterations=iterations,

@@ -2,7 +2,8 @@
 
 Modules (imports only torch and triton; no device work at import):
 
-* :mod:`.packing` -- the packed weight format (host side); :mod:`.packing_jit` its Triton unpackers;
+* :mod:`.packing` -- the packed weight format and the int8 adapter format (host side);
+  :mod:`.packing_jit` its Triton unpackers;
 * :mod:`.geometry` -- conv shapes and padding, validation of a layer call;
 * :mod:`.reference` -- the pure-torch ground truth;
 * :mod:`.conv_fused` -- the fused Triton kernel and its launcher :func:`cora_conv2d_triton`;
@@ -20,9 +21,11 @@ from .geometry import PADDING_MODES, conv_output_size, explicit_padding, pad_inp
 from .packing import (
     PACK_FORMAT_VERSION,
     SUPPORTED_BITS,
+    dequantize_adapter,
     from_gemm_layout,
     pack_codes,
     plane_bits,
+    quantize_adapter,
     to_gemm_layout,
     unpack_codes,
 )
@@ -35,6 +38,8 @@ __all__ = [
     "unpack_codes",
     "to_gemm_layout",
     "from_gemm_layout",
+    "quantize_adapter",
+    "dequantize_adapter",
     "PADDING_MODES",
     "conv_output_size",
     "explicit_padding",

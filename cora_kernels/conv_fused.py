@@ -26,6 +26,12 @@ Numerics (documented choice):
   rounded to the activation dtype before the ``B`` product.  (For bf16, splitting ``t``/``B``/``A``
   into bf16 hi + lo parts was tried and dropped: it spilled on sm_80 and the bf16 error is
   dominated by the rounding of the output itself, ~1.6e-3 relative.)
+* int8 adapters (``ADAPTER_Q``: ``a``/``b`` int8 with one fp32 scale per row, ``a_scale`` ``[r]``,
+  ``b_scale`` ``[C_out]``): the int8 tiles are cast to the activation dtype before the dots (exact:
+  |q| <= 127), ``t`` is scaled by ``a_scale`` in fp32 after the K loop (before its cast, so it
+  cannot overflow fp16), and the ``B`` product accumulates into ``acc`` divided by ``b_scale``,
+  which is multiplied back afterwards (see ``_int8_adapter_term``; an own tile for the adapter
+  term spilled on sm_90).  The scales are applied to fp32 tiles only, in the same pass.
 * Split-K (small M): each split writes ``scale * acc + t @ B^T`` of its K range to an fp32
   workspace (the adapter is linear, so each split applies B to its own partial t);
   ``_splitk_epilogue_kernel`` sums the splits and applies bias, BatchNorm, residual and ReLU.
@@ -92,6 +98,27 @@ def _cast(v, dt: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _int8_adapter_term(acc, t, bt, sa_ptr, sb_ptr, offs_r, r_mask, offs_n, n_mask,
+                       dt: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + sb[n] * ((t * sa[j]) @ qb^T)`` for int8 ``B`` codes ``bt`` ``[R_PAD, BLOCK_N]``.
+
+    ``sa`` scales the fp32 ``t`` before its cast (no fp16 overflow); the int8 tile is exact in the
+    activation dtype.  The product accumulates into ``acc`` itself, as ``sb * (acc / sb + t' @ qb)``:
+    a second fp32 [BLOCK_M, BLOCK_N] tile for the adapter term spilled on sm_90 (128x128 tiles),
+    and the division costs at most a few fp32 ulps of the main term.  A column whose ``|sb|`` is
+    below 1e-30 (zero rows of B, masked columns) has its adapter term dropped and is left as it is.
+    """
+    sa = tl.load(sa_ptr + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    sb = tl.load(sb_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    b_on = tl.abs(sb) >= 1e-30
+    sb = tl.where(b_on, sb, 1.0)
+    bt = tl.where(b_on[None, :], bt, 0)
+    acc = acc * (1.0 / sb)[None, :]
+    acc = _mma(_cast(t * sa[None, :], dt, UPCAST), _cast(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
+    return acc * sb[None, :]
+
+
+@triton.jit
 def _epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
                     bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
                     son, soh, sow, soc, srn, srh, srw, src,
@@ -122,7 +149,7 @@ def _epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
 
 @triton.jit
 def _cora_conv2d_kernel(
-    x_ptr, w0_ptr, w1_ptr, scale_ptr, zero_ptr, a_ptr, b_ptr,
+    x_ptr, w0_ptr, w1_ptr, scale_ptr, zero_ptr, a_ptr, b_ptr, sa_ptr, sb_ptr,
     bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr, ws_ptr,
     M, C_in, H, W, C_out, OH, OW, KW, R,
     n_cblk, total_steps, steps_per_split,
@@ -131,7 +158,7 @@ def _cora_conv2d_kernel(
     sar, sak, sbn, sbr,
     son, soh, sow, soc,
     srn, srh, srw, src,
-    BITS: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr,
+    BITS: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, ADAPTER_Q: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -203,7 +230,7 @@ def _cora_conv2d_kernel(
         acc = _mma(xt, wt, acc, DOT_PREC, UPCAST)
         if R_PAD > 0:
             at = tl.load(a_ptr + offs_r[None, :] * sar + kk[:, None] * sak,
-                         mask=c_ok[:, None] & r_mask[None, :], other=0.0)
+                         mask=c_ok[:, None] & r_mask[None, :], other=0)
             t = _mma(xt, _cast(at, dt, UPCAST), t, DOT_PREC, UPCAST)
 
     if BITS != 16:
@@ -211,8 +238,11 @@ def _cora_conv2d_kernel(
         acc = acc * sc[None, :]
     if R_PAD > 0:
         bt = tl.load(b_ptr + offs_n[None, :] * sbn + offs_r[:, None] * sbr,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(_cast(t, dt, UPCAST), _cast(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
+                     mask=r_mask[:, None] & n_mask[None, :], other=0)
+        if ADAPTER_Q:
+            acc = _int8_adapter_term(acc, t, bt, sa_ptr, sb_ptr, offs_r, r_mask, offs_n, n_mask, dt, DOT_PREC, UPCAST)
+        else:
+            acc = _mma(_cast(t, dt, UPCAST), _cast(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
 
     if SPLIT_K == 1:
         _epilogue_store(acc, offs_m, offs_n, m_mask, n_mask, OH, OW,
@@ -281,8 +311,10 @@ class _Prepared:
     w1: torch.Tensor              # second plane (bits 3), else w0
     scale: torch.Tensor           # [C_out]
     zero: torch.Tensor            # [C_out]
-    a: torch.Tensor               # [r, K] or out
-    b: torch.Tensor               # [C_out, r] or out
+    a: torch.Tensor               # [r, K] or out (float, or int8 with a_scale)
+    b: torch.Tensor               # [C_out, r] or out (float, or int8 with b_scale)
+    a_scale: torch.Tensor         # [r] fp32 (int8 adapters) or out
+    b_scale: torch.Tensor         # [C_out] fp32 (int8 adapters) or out
     bias: torch.Tensor            # [C_out] or out
     out_scale: torch.Tensor       # [C_out] or out
     out_shift: torch.Tensor       # [C_out] or out
@@ -295,6 +327,7 @@ class _Prepared:
     bits: int                     # 2, 3, 4, 8, or 16 for the dense-weight control
     codes_per_word: int           # most codes per int32 word over the planes (1 for dense)
     r_pad: int                    # adapter rank padded for tl.dot (0: no adapter)
+    adapter_q: bool               # int8 adapters with per-row scales
     has_bias: bool
     has_bn: bool
     has_res: bool
@@ -305,7 +338,7 @@ class _Prepared:
 
 
 def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, relu,
-             g: ConvGeometry, bits: int, dense_weight) -> _Prepared:
+             g: ConvGeometry, bits: int, dense_weight, a_scale=None, b_scale=None) -> _Prepared:
     dev = x.device
     out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=dev, dtype=x.dtype,
                       memory_format=out_memory_format(x))
@@ -325,9 +358,11 @@ def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual
         w1 = qweight[1].contiguous() if len(qweight) > 1 else w0
         per = max(32 // pb for pb in plane_bits(bits))
     has_bn = out_scale is not None
+    adapter_q = r > 0 and a.dtype == torch.int8
     return _Prepared(
         g=g, out=out, x=xk, w0=w0, w1=w1, scale=scale.contiguous(), zero=zero.contiguous(),
         a=a if r > 0 else out, b=b if r > 0 else out,
+        a_scale=a_scale.contiguous() if adapter_q else out, b_scale=b_scale.contiguous() if adapter_q else out,
         bias=bias if bias is not None else out,
         out_scale=out_scale if has_bn else out, out_shift=out_shift if has_bn else out,
         residual=residual if residual is not None else out,
@@ -336,7 +371,7 @@ def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual
         b_strides=(b.stride(0), b.stride(1)) if r > 0 else (0, 0),
         out_strides=_nhwc_strides(out),
         res_strides=_nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
-        bits=kbits, codes_per_word=per, r_pad=rank_pad(r),
+        bits=kbits, codes_per_word=per, r_pad=rank_pad(r), adapter_q=adapter_q,
         has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, relu=bool(relu),
         # fp32: 3xTF32 on the GPU (tensor cores, ~fp32 accuracy); the interpreter computes in fp32 anyway
         dot_prec=("ieee" if is_interpreting() else "tf32x3") if x.dtype == torch.float32 else "tf32",
@@ -362,14 +397,14 @@ def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
     srn, srh, srw, src = p.res_strides
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
     _cora_conv2d_kernel[grid](
-        p.x, p.w0, p.w1, p.scale, p.zero, p.a, p.b,
+        p.x, p.w0, p.w1, p.scale, p.zero, p.a, p.b, p.a_scale, p.b_scale,
         p.bias, p.out_scale, p.out_shift, p.residual, p.out, ws,
         M, g.C_in, g.H, g.W, g.C_out, g.OH, g.OW, g.KW, g.rank,
         n_cblk, total, per_split,
         g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
         *p.x_strides, *p.a_strides, *p.b_strides,
         son, soh, sow, soc, srn, srh, srw, src,
-        BITS=p.bits, ALIGNED=aligned, R_PAD=p.r_pad, SPLIT_K=split, DOT_PREC=p.dot_prec, UPCAST=p.upcast,
+        BITS=p.bits, ALIGNED=aligned, R_PAD=p.r_pad, ADAPTER_Q=p.adapter_q, SPLIT_K=split, DOT_PREC=p.dot_prec, UPCAST=p.upcast,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # with split-K the epilogue runs in the reduction kernel, after the splits are summed
@@ -389,12 +424,14 @@ def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
 
 def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,
                        padding=0, dilation=1, out_scale=None, out_shift=None, residual=None, relu=False,
-                       groups=1, in_channels=None, dense_weight=None, config=None, split_k=None):
+                       groups=1, in_channels=None, dense_weight=None, config=None, split_k=None, a_scale=None,
+                       b_scale=None):
     """Fused CoRa conv through the Triton kernel (see the module docstring).
 
     Shapes: x ``[N, C_in, H, W]`` (fp32/fp16/bf16, NCHW or channels_last); ``qweight`` the packed
     planes of codes ``[C_out, K]`` (:func:`cora_kernels.packing.pack_codes`); ``scale``, ``zero``
-    ``[C_out]``; ``a`` ``[r, K]``, ``b`` ``[C_out, r]`` or None; ``bias``, ``out_scale``,
+    ``[C_out]``; ``a`` ``[r, K]``, ``b`` ``[C_out, r]`` or None (floating, or int8 with ``a_scale``
+    ``[r]`` and ``b_scale`` ``[C_out]``: one symmetric scale per row); ``bias``, ``out_scale``,
     ``out_shift`` ``[C_out]`` or None; ``residual`` ``[N, C_out, OH, OW]`` or None.
     Returns ``[N, C_out, OH, OW]`` in x's dtype and memory format.
 
@@ -404,17 +441,19 @@ def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bi
     """
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                         padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
-                        residual=residual, groups=groups, in_channels=in_channels)
+                        residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale,
+                        b_scale=b_scale)
     if g.groups != 1:
         raise NotImplementedError("the fused kernel supports groups == 1 only; use the reference path")
     prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, relu, g, bits,
-                    dense_weight)
+                    dense_weight, a_scale, b_scale)
     if config is None:
         key = tuning.TuneKey(
             C_in=g.C_in, C_out=g.C_out, KH=g.KH, KW=g.KW, stride=g.stride, dilation=g.dilation,
             padding=g.padding, bits=prep.bits, r_pad=prep.r_pad, dtype=str(x.dtype).removeprefix("torch."),
             m_bucket=triton.next_power_of_2(g.M), has_residual=prep.has_res,
-            device=tuning.device_name(x.device), aligned=g.C_in % prep.codes_per_word == 0)
+            device=tuning.device_name(x.device), aligned=g.C_in % prep.codes_per_word == 0,
+            int8_adapter=prep.adapter_q)
         choice = tuning.select_config(key, g, prep.r_pad, x.element_size(),
                                       lambda cfg, split: _launch(prep, cfg, split), x.device)
         config = choice.config

@@ -151,9 +151,29 @@ class ConvGeometry:
         return self.N * self.OH * self.OW
 
 
+def _check_adapter_dtypes(a, b, a_scale, b_scale, rank: int, C_out: int, on_dev) -> None:
+    """Float adapters (a dtype of :data:`ACT_DTYPES`, no scales) or int8 ones with their scales:
+    ``a_scale`` ``[r]`` and ``b_scale`` ``[C_out]``, floating."""
+    quantized = a.dtype == torch.int8
+    for t, name in ((a, "a"), (b, "b")):
+        if t.dtype not in ACT_DTYPES + (torch.int8,):
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}")
+        if (t.dtype == torch.int8) != quantized:
+            raise TypeError(f"a and b must both be int8 or both floating, got {a.dtype} and {b.dtype}")
+    if not quantized:
+        if a_scale is not None or b_scale is not None:
+            raise ValueError("a_scale / b_scale are only for int8 adapters")
+        return
+    for t, name, n in ((a_scale, "a_scale", rank), (b_scale, "b_scale", C_out)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or not t.is_floating_point():
+            raise ValueError(f"int8 adapters need {name} as a floating tensor [{n}], got "
+                             f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+        on_dev(t, name)
+
+
 def check_conv_args(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, stride, padding,
                     dilation, out_scale=None, out_shift=None, residual=None, groups=1,
-                    in_channels=None) -> ConvGeometry:
+                    in_channels=None, a_scale=None, b_scale=None) -> ConvGeometry:
     """Validate a ``cora_conv2d`` call (see :func:`cora_kernels.ops.cora_conv2d` for the
     arguments); returns the normalised geometry."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -222,11 +242,11 @@ def check_conv_args(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, s
             raise ValueError(f"a has K={a.shape[1]} but x with C_in={C_in} and kernel {kh}x{kw} gives K={K}")
         if tuple(b.shape) != (C_out, rank):
             raise ValueError(f"b must be [C_out={C_out}, r={rank}], got {tuple(b.shape)}")
-        for t, name in ((a, "a"), (b, "b")):
-            if t.dtype not in ACT_DTYPES:
-                raise TypeError(f"{name} has unsupported dtype {t.dtype}")
+        _check_adapter_dtypes(a, b, a_scale, b_scale, rank, C_out, _on_dev)
         if rank > 0 and groups > 1:
             raise ValueError("low-rank adapters are not supported with groups > 1")
+    elif a_scale is not None or b_scale is not None:
+        raise ValueError("a_scale / b_scale given without an adapter")
     for t, name in ((bias, "bias"), (out_scale, "out_scale"), (out_shift, "out_shift")):
         if t is not None:
             _on_dev(t, name)

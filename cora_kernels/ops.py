@@ -99,11 +99,14 @@ def _cora_conv2d_op(
     relu: bool,
     groups: int,
     backend: Optional[str],
+    a_scale: Optional[torch.Tensor] = None,
+    b_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    # backend: a Backend value, or None for CORA_BACKEND read here, when the op runs
+    # backend: a Backend value, or None for CORA_BACKEND read here, when the op runs.
+    # a_scale / b_scale (int8 adapters) come last with defaults: callers of the float-adapter schema keep working.
     kw = dict(bits=bits, kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
               dilation=tuple(dilation), out_scale=out_scale, out_shift=out_shift, residual=residual,
-              relu=relu, groups=groups)
+              relu=relu, groups=groups, a_scale=a_scale, b_scale=b_scale)
     if resolve_backend(backend, x, groups=groups) is Backend.TRITON:
         from . import conv_fused  # imports triton on first use only
 
@@ -115,7 +118,7 @@ def _cora_conv2d_op(
 
 @_cora_conv2d_op.register_fake
 def _cora_conv2d_fake(x, qweight, scale, zero, a, b, bias, bits, kernel_size, stride, padding, dilation,
-                      out_scale, out_shift, residual, relu, groups, backend):
+                      out_scale, out_shift, residual, relu, groups, backend, a_scale=None, b_scale=None):
     n, _, h, w = x.shape
     oh, ow = conv_output_size(h, w, kernel_size, stride, padding, dilation)
     return torch.empty((n, scale.shape[0], oh, ow), dtype=x.dtype, device=x.device,
@@ -124,7 +127,7 @@ def _cora_conv2d_fake(x, qweight, scale, zero, a, b, bias, bits, kernel_size, st
 
 def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1, padding=0,
                 dilation=1, out_scale=None, out_shift=None, residual=None, relu=False, groups=1,
-                in_channels=None, backend=None):
+                in_channels=None, backend=None, a_scale=None, b_scale=None):
     """One CoRa layer: ``relu((conv(x; scale*(q-zero)) + conv1x1(conv_kxk(x; A); B) + bias) * out_scale
     + out_shift + residual)``, each optional step skipped when its argument is None / False.
 
@@ -133,7 +136,8 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
         qweight: packed planes of the codes ``[C_out, K]`` (``K = kh*kw*C_in`` in (kh, kw, C_in)
             order), from :func:`cora_kernels.packing.pack_codes`.
         scale, zero: ``[C_out]``; the weight is ``scale * (q - zero)``.
-        a, b: adapter ``[r, K]`` (same K order) and ``[C_out, r]``, or None (rank 0).
+        a, b: adapter ``[r, K]`` (same K order) and ``[C_out, r]``, or None (rank 0); floating, or
+            int8 with ``a_scale``/``b_scale``.
         bias, out_scale, out_shift: ``[C_out]`` or None (out_scale/out_shift: folded BatchNorm).
         residual: ``[N, C_out, OH, OW]`` or None, added after the BatchNorm step.
         relu: applied last.
@@ -142,17 +146,21 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
         groups: > 1 runs the reference (no adapter allowed).
         in_channels: optional, checked against x (the packed planes alone cannot always tell).
         backend: a :class:`Backend` or its value; None (default) follows ``CORA_BACKEND``.
+        a_scale, b_scale: only with int8 ``a``/``b``: one symmetric scale per row, ``[r]`` and
+            ``[C_out]`` (floating, fp32 as stored by ``CoRaConv2d``); ``A = a_scale[:, None] * a``,
+            ``B = b_scale[:, None] * b``.
 
     Returns ``[N, C_out, OH, OW]`` in x's dtype and memory format.
     """
     check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                     padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
-                    residual=residual, groups=groups, in_channels=in_channels)
+                    residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale, b_scale=b_scale)
     backend = None if backend is None else _as_backend(backend).value
     if a is not None and a.shape[0] == 0:
-        a = b = None
+        a = b = a_scale = b_scale = None
     return torch.ops.cora.conv2d(
         x, list(qweight), scale, zero, a, b, bias, bits,
         list(pair(kernel_size, "kernel_size")), list(pair(stride, "stride")), list(pair(padding, "padding")),
         list(pair(dilation, "dilation")), out_scale, out_shift, residual, bool(relu), int(groups), backend,
+        a_scale, b_scale,
     )

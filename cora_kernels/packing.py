@@ -16,6 +16,10 @@ Layout, shared by the host code here and the Triton kernels:
   always passed to :func:`unpack_codes` so nothing is truncated or invented.
 
 The format is versioned by :data:`PACK_FORMAT_VERSION`; saved states record it.
+
+int8 adapter factors (``A`` ``[r, K]`` in the same GEMM order, ``B`` ``[C_out, r]``) are stored as
+int8 codes in ``[-127, 127]`` with one symmetric fp32 scale per row: ``A = scale[:, None] * q``
+(:func:`quantize_adapter` rounds to nearest, :func:`dequantize_adapter` inverts it).
 """
 from __future__ import annotations
 
@@ -29,10 +33,14 @@ __all__ = [
     "from_gemm_layout",
     "pack_codes",
     "unpack_codes",
+    "ADAPTER_QMAX",
+    "quantize_adapter",
+    "dequantize_adapter",
 ]
 
 PACK_FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
+ADAPTER_QMAX = 127  # symmetric int8: -128 is never used, so -q is always representable
 
 
 def plane_bits(bits: int) -> tuple[int, ...]:
@@ -116,3 +124,28 @@ def unpack_codes(planes: list[torch.Tensor] | tuple[torch.Tensor, ...], bits: in
         hi = _unpack_plane(planes[1], 1, k)
         return (lo | (hi << 2)).to(torch.uint8)
     return _unpack_plane(planes[0], pbits[0], k).to(torch.uint8)
+
+
+def quantize_adapter(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round an adapter factor ``[rows, cols]`` to int8, one symmetric scale per row.
+
+    Returns ``(q, scale)``: ``q`` int8 ``[rows, cols]`` in ``[-127, 127]``, ``scale`` float32
+    ``[rows]`` = ``max_j |t[i, j]| / 127`` (0 for an all-zero row, whose codes are 0); ``q`` is
+    ``t / scale`` rounded to nearest (ties to even), computed in float32 on ``t``'s device.  A
+    non-finite row gives a non-finite scale, so the dequantized factor is non-finite too.
+    """
+    t = t.detach().float()
+    scale = t.abs().amax(dim=1) / ADAPTER_QMAX if t.shape[1] else t.new_zeros(t.shape[0])
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero rows: codes 0, no 0/0
+    q = torch.round(t / safe[:, None]).clamp_(-ADAPTER_QMAX, ADAPTER_QMAX)
+    return torch.nan_to_num(q).to(torch.int8), scale
+
+
+def dequantize_adapter(q: torch.Tensor, scale: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
+    """An adapter factor as floats in ``dtype``: ``scale[:, None] * q`` for int8 ``q`` ``[rows, cols]``
+    with one scale per row (``[rows]``), computed in fp32 (fp64 when asked for); a float ``q`` with
+    ``scale`` None is only cast."""
+    if scale is None:
+        return q.to(dtype)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    return (scale.to(cdt)[:, None] * q.to(cdt)).to(dtype)

@@ -11,6 +11,11 @@ adapter ``a`` ``[r, K]`` / ``b`` ``[C_out, r]``, ...) and computes, with ``F.con
     y = relu(y)                          (optional)
 
 and returns ``y`` in x's dtype (or ``out_dtype``, tests ask for float64) and memory format.
+
+int8 adapters (``a``/``b`` int8 with ``a_scale`` ``[r]`` and ``b_scale`` ``[C_out]``) are dequantized
+first, ``A = a_scale[:, None] * a`` and ``B = b_scale[:, None] * b`` in ``compute_dtype``
+(:func:`cora_kernels.packing.dequantize_adapter`); mathematically the same as the kernel, which applies ``a_scale`` to the
+fp32 ``t`` tile and ``b_scale`` to the fp32 adapter term.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import check_conv_args, out_memory_format
-from .packing import from_gemm_layout, unpack_codes
+from .packing import dequantize_adapter, from_gemm_layout, unpack_codes
 
 __all__ = ["dequantize_gemm", "dequantize_weight", "cora_conv2d_reference"]
 
@@ -38,10 +43,12 @@ def dequantize_weight(qweight, scale, zero, bits: int, shape, dtype=torch.float3
 
 def cora_conv2d_reference(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, stride=1, padding=0,
                           dilation=1, out_scale=None, out_shift=None, residual=None, relu=False, groups=1,
-                          in_channels=None, compute_dtype=torch.float32, out_dtype=None):
+                          in_channels=None, a_scale=None, b_scale=None, compute_dtype=torch.float32,
+                          out_dtype=None):
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                         padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
-                        residual=residual, groups=groups, in_channels=in_channels)
+                        residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale,
+                        b_scale=b_scale)
     cdt = compute_dtype
     xc = x.to(cdt)
     shape = (g.C_out, g.C_in // g.groups, g.KH, g.KW)
@@ -49,9 +56,9 @@ def cora_conv2d_reference(x, qweight, scale, zero, a, b, bias, *, bits, kernel_s
     conv = dict(stride=g.stride, padding=g.padding, dilation=g.dilation)
     y = F.conv2d(xc, w, None, groups=g.groups, **conv)
     if g.rank > 0:
-        a4 = from_gemm_layout(a.to(cdt), (g.rank, g.C_in, g.KH, g.KW))
+        a4 = from_gemm_layout(dequantize_adapter(a, a_scale, cdt), (g.rank, g.C_in, g.KH, g.KW))
         t = F.conv2d(xc, a4, None, **conv)
-        y = y + F.conv2d(t, b.to(cdt)[:, :, None, None])
+        y = y + F.conv2d(t, dequantize_adapter(b, b_scale, cdt)[:, :, None, None])
     if bias is not None:
         y = y + bias.to(cdt)[None, :, None, None]
     if out_scale is not None:

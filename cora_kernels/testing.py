@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .geometry import conv_output_size
-from .packing import pack_codes
+from .packing import pack_codes, quantize_adapter
 
 __all__ = ["rel_err", "PackedWeights", "random_packed_weights", "Case", "random_layer", "DEFAULT_DEVICE"]
 
@@ -87,6 +87,7 @@ class Case:
     relu: bool = False
     channels_last: bool = False
     split_k: int | None = None
+    adapter: str = "float"  # "float" (float32 A/B) or "int8" (int8 A/B plus a_scale/b_scale)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -104,7 +105,7 @@ class Case:
         return (f"N{self.N} C{self.C_in}->{self.C_out} {self.H}x{self.W} k{self.k} s{self.stride} p{self.padding} "
                 f"d{self.dilation} b{self.bits} r{self.r()} {str(self.dtype)[6:]} bias{int(self.bias)} "
                 f"bn{int(self.bn)} res{int(self.res)} relu{int(self.relu)} cl{int(self.channels_last)} "
-                f"sk{self.split_k}")
+                f"sk{self.split_k}" + (f" {self.adapter}" if self.adapter != "float" else ""))
 
 
 def random_layer(c: Case, seed: int | None = None, device=DEFAULT_DEVICE):
@@ -112,7 +113,9 @@ def random_layer(c: Case, seed: int | None = None, device=DEFAULT_DEVICE):
     ``cora_conv2d_reference`` (``args = (x, planes, scale, zero, a, b, bias)``).
 
     ``seed`` None draws a new seed from torch's global generator.  Values: weights from
-    :func:`random_packed_weights`, ``x`` standard normal, ``bias`` / BatchNorm shift ~0.1, BatchNorm
+    :func:`random_packed_weights` (for ``c.adapter == "int8"`` the adapter is rounded with
+    :func:`cora_kernels.packing.quantize_adapter` and ``kwargs`` carries ``a_scale``/``b_scale``),
+    ``x`` standard normal, ``bias`` / BatchNorm shift ~0.1, BatchNorm
     scale in [0.5, 1.5), ``residual`` standard normal.
     """
     g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
@@ -128,6 +131,11 @@ def random_layer(c: Case, seed: int | None = None, device=DEFAULT_DEVICE):
         kw["out_shift"] = torch.randn(c.C_out, generator=g) * 0.1
     if c.res:
         kw["residual"] = torch.randn(c.N, c.C_out, oh, ow, generator=g).to(c.dtype)
+    if c.adapter == "int8" and a is not None:
+        a, kw["a_scale"] = quantize_adapter(a)
+        b, kw["b_scale"] = quantize_adapter(b)
+    elif c.adapter not in ("float", "int8"):
+        raise ValueError(f"Case.adapter must be 'float' or 'int8', got {c.adapter!r}")
     mv = lambda t: t.to(device) if t is not None else None  # noqa: E731
     args = (mv(x), [mv(p) for p in planes], mv(scale), mv(zero), mv(a), mv(b), mv(bias))
     kw = {k: (mv(v) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}

@@ -160,18 +160,26 @@ def _smem_bytes(cfg: ConvConfig, elem: int, r_pad: int) -> int:
     return per_stage * max(1, cfg.num_stages - 1)
 
 
+# int8 adapters (their fp32 row scales in the epilogue) tip these over the register limit: 8 B of stack
+# (triton 3.8: small_m on sm_80 at int4/int2, large_m_large_n on sm_90 at int3/int2); never chosen then.
+INT8_ADAPTER_SPILLS = ("small_m", "large_m_large_n")
+
+
 def prune_configs(configs, *, M: int, C_in: int, C_out: int, r_pad: int, elem_bytes: int = 2,
-                  capability_major: int = 8, aligned: bool = True) -> list[ConvConfig]:
+                  capability_major: int = 8, aligned: bool = True, int8_adapter: bool = False) -> list[ConvConfig]:
     """Configs worth timing for this shape (never empty).
 
     ``aligned=False`` (C_in not a multiple of the codes per word: the gather unpack path, which
     stages 32 bits per code) drops BLOCK_K > 64: 32x64x128 spills there (sm_80, bf16, r 32).
+    ``int8_adapter`` drops :data:`INT8_ADAPTER_SPILLS`.
     """
     if elem_bytes == 4:
         return list(FP32_CONFIGS)
     out = []
     limit = _SMEM_LIMIT.get(capability_major, _SMEM_LIMIT[8])
     for cfg in configs:
+        if int8_adapter and cfg.name in INT8_ADAPTER_SPILLS:
+            continue
         if cfg.BLOCK_M > max(32, 2 * _next_pow2(M)):
             continue
         if cfg.BLOCK_N > max(32, 2 * _next_pow2(C_out)):
@@ -188,21 +196,22 @@ def prune_configs(configs, *, M: int, C_in: int, C_out: int, r_pad: int, elem_by
             continue
         out.append(cfg)
     if not out:
-        out = [untimed_config(M=M, C_in=C_in, C_out=C_out, r_pad=r_pad)]
+        out = [untimed_config(M=M, C_in=C_in, C_out=C_out, r_pad=r_pad, int8_adapter=int8_adapter)]
     return out
 
 
-def untimed_config(*, M: int, C_in: int, C_out: int, r_pad: int = 0, elem_bytes: int = 2) -> ConvConfig:
+def untimed_config(*, M: int, C_in: int, C_out: int, r_pad: int = 0, elem_bytes: int = 2,
+                   int8_adapter: bool = False) -> ConvConfig:
     """A reasonable config without timing (CUDA-graph capture, or tuning disabled)."""
     if r_pad >= 128 or elem_bytes == 4:
         return FALLBACK_CONFIG
     if C_in < 32:
         return config_named("tiny_cin")
     if M <= 1024:
-        return config_named("small_m" if r_pad <= 16 else "small_m_wide_rank")
+        return config_named("small_m" if r_pad <= 16 and not int8_adapter else "small_m_wide_rank")
     if C_out <= 64:
         return config_named("large_m_64n")
-    return config_named("large_m_large_n")
+    return config_named("mid_m_large_n" if int8_adapter else "large_m_large_n")
 
 
 def choose_split_k(*, M: int, C_out: int, steps: int, cfg: ConvConfig, n_sm: int) -> int:
@@ -245,7 +254,8 @@ class TuneKey:
     (0: none); ``dtype`` the activation dtype's name (``"float16"``); ``m_bucket`` the GEMM rows
     ``N*OH*OW`` rounded up to a power of two; ``device`` the GPU model (:func:`device_name`);
     ``aligned`` whether C_in is a multiple of the codes per int32 word (the aligned unpack path
-    can apply).
+    can apply); ``int8_adapter`` whether the adapter is stored in int8 (other configs: see
+    :func:`prune_configs`; absent from caches saved before it existed, read as False).
     """
 
     C_in: int
@@ -262,6 +272,7 @@ class TuneKey:
     has_residual: bool
     device: str
     aligned: bool
+    int8_adapter: bool = False
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -272,6 +283,7 @@ class TuneKey:
         if not isinstance(d, dict):
             raise ValueError(f"a key must be a JSON object, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
+        d = {"int8_adapter": False, **d}  # caches saved before the field existed
         missing = [n for n in names if n not in d]
         extra = [n for n in d if n not in names]
         if missing or extra:
@@ -284,7 +296,7 @@ class TuneKey:
                 v = tuple(v) if ok else v
             elif f.name in ("dtype", "device"):
                 ok = isinstance(v, str)
-            elif f.name in ("has_residual", "aligned"):
+            elif f.name in ("has_residual", "aligned", "int8_adapter"):
                 ok = isinstance(v, bool)
             else:
                 ok = _is_int(v)
@@ -432,13 +444,15 @@ def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
         return choose_split_k(M=g.M, C_out=g.C_out, steps=steps, cfg=cfg, n_sm=n_sm)
 
     if torch.cuda.is_current_stream_capturing() or not autotune_enabled():
-        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes)
+        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes,
+                             int8_adapter=key.int8_adapter)
         return TuneChoice(cfg, split_for(cfg))
 
     import triton.testing
 
     cands = prune_configs(CONV_CONFIGS, M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad,
-                          elem_bytes=elem_bytes, capability_major=major, aligned=key.aligned)
+                          elem_bytes=elem_bytes, capability_major=major, aligned=key.aligned,
+                          int8_adapter=key.int8_adapter)
     best, best_t = None, float("inf")
     for cfg in cands:
         for split in sorted({1, split_for(cfg)}):
@@ -449,7 +463,8 @@ def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
             if ms < best_t:
                 best, best_t = TuneChoice(cfg, split), ms
     if best is None:
-        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes)
+        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes,
+                             int8_adapter=key.int8_adapter)
         best = TuneChoice(cfg, 1)
     TUNING_CACHE.put(key, best)
     return best

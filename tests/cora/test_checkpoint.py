@@ -724,18 +724,31 @@ def test_preprocessing_edits_are_refused_and_old_files_read_as_null(saved, tmp_p
     assert read_metadata(old)["preprocessing"] is None and load(old).cora_preprocessing is None
 
 
-def test_w2_round_trip_and_deploy(tmp_path):
-    """2-bit weights (16 codes per int32 word) through convert, save, load and deploy."""
+@pytest.mark.parametrize("adapter_dtype, tune", [("float16", 0), ("int8", 3)])
+def test_w2_round_trip_and_deploy(tmp_path, adapter_dtype, tune):
+    """2-bit weights (16 codes per int32 word) through convert, save, load and deploy; int8 adapters
+    (with their scales, after tuning) too, counted at 8 bits plus their fp32 scales."""
     from cora.deploy import deploy
     from tests.tolerances import assert_close_rel
 
     torch.manual_seed(0)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     q = convert(cifar_resnet(8).eval(), x, CoRaConfig(bits=2, method="uniform", rounding="nearest", factorization="weight",
-                                                      calib_images=16, tune_iterations=0, progress=False))
+                                                      calib_images=16, tune_iterations=tune, tune_loss="kl", progress=False,
+                                                      adapter_dtype=adapter_dtype))
     assert q.conv1.bits == 2 and q.cora_report.bits == 2 and 2 < q.cora_report.equiv_bits < 4
+    convs = [m for m in q.modules() if isinstance(m, CoRaConv2d) and m.rank]
+    assert convs and all(m.adapter_int8 == (adapter_dtype == "int8") for m in convs)
+    wide = 16 if adapter_dtype == "float16" else 8
+    adapter_bits = sum(wide * m.adapter_params + (32 * (m.rank + m.out_channels) if wide == 8 else 0) for m in convs)
+    assert adapter_bits == sum(m.adapter_bits() for m in convs)
     q.cora_architecture = {"name": "cifar_resnet8"}
-    back = load(save(q, tmp_path / "w2.safetensors"))
+    path = save(q, tmp_path / "w2.safetensors")
+    assert {s["adapter_dtype"] for s in read_metadata(path)["layers"].values() if s["type"] == "CoRaConv2d"} == {adapter_dtype}
+    back = load(path)
+    for k, v in q.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert back.state_dict()[k].dtype == v.dtype and torch.equal(back.state_dict()[k], v), k
     with torch.no_grad():
         want = q(_x())
         assert torch.equal(back(_x()), want)

@@ -258,8 +258,10 @@ def test_layer_argument_checks():
     conv = nn.Conv2d(3, 4, 3)
     with pytest.raises(TypeError, match="rank must be an int"):
         CoRaConv2d.from_conv(conv, 4, rank=2.0)
-    with pytest.raises(ValueError, match="adapter_dtype='int8' not supported"):
-        CoRaConv2d(3, 4, 3, adapter_dtype="int8")
+    with pytest.raises(ValueError, match="adapter_dtype='int4' not supported"):
+        CoRaConv2d(3, 4, 3, adapter_dtype="int4")
+    with pytest.raises(ValueError, match="adapter_dtype=torch.uint8 not supported"):
+        CoRaConv2d(3, 4, 3, adapter_dtype=torch.uint8)
     with pytest.raises(TypeError, match="in_channels must be an int"):
         CoRaConv2d(3.0, 4, 3)
     with pytest.raises(TypeError, match="bias must be True or False"):

@@ -31,14 +31,15 @@ def resnet8():
     return conv
 
 
-def _swap_convs(module: nn.Module, bits: int, rank: int, seed: int) -> nn.Module:
-    """Replace every nn.Conv2d by a CoRaConv2d with a rank-``rank`` adapter."""
+def _swap_convs(module: nn.Module, bits: int, rank: int, seed: int, adapter_dtype: str = "float16") -> nn.Module:
+    """Replace every nn.Conv2d by a CoRaConv2d with a rank-``rank`` adapter stored in ``adapter_dtype``."""
     torch.manual_seed(seed)
     for name, m in list(module.named_modules()):
         if type(m) is nn.Conv2d:
             r = min(rank, m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
             parent, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, child, cora.CoRaConv2d.from_conv(m, bits, r))
+            new = cora.CoRaConv2d.from_conv(m, bits, r, adapter_dtype=adapter_dtype)
+            setattr(module.get_submodule(parent) if parent else module, child, new)
     return module
 
 
@@ -158,11 +159,13 @@ def test_block_with_a_float_conv_stays_unfused(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"),
                     reason="CPU tensors need the Triton interpreter; on a GPU tests/cora_kernels covers the kernel")
-def test_one_fused_block_through_the_triton_interpreter(monkeypatch):
+@pytest.mark.parametrize("adapter_dtype", ["float16", "int8"])
+def test_one_fused_block_through_the_triton_interpreter(monkeypatch, adapter_dtype):
     monkeypatch.delenv("CORA_BACKEND", raising=False)
     torch.manual_seed(14)
     block = randomise_bn(CifarBasicBlock(4, 8, stride=2), 15)  # option-A shortcut, stride 2
-    block = _swap_convs(block, bits=4, rank=2, seed=16)
+    block = _swap_convs(block, bits=4 if adapter_dtype == "float16" else 2, rank=2, seed=16, adapter_dtype=adapter_dtype)
+    stored = copy.deepcopy(block.conv2.adapter_state())
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         want = block(x)  # reference path (CPU default)
@@ -178,7 +181,28 @@ def test_one_fused_block_through_the_triton_interpreter(monkeypatch):
     # two launches: conv1 (+BN1+ReLU) and conv2 (+BN2 + option-A shortcut + ReLU)
     assert [(k["relu"], k["out_scale"] is not None, k["residual"] is not None) for k in launches] == [
         (True, True, False), (True, True, True)]
+    # int8 adapters reach the kernel as stored: codes and scales, BatchNorm in the fp32 epilogue
+    assert all((k["a_scale"] is not None) == (adapter_dtype == "int8") for k in launches)
+    for key, t in dep[0].conv2.conv.adapter_state().items():
+        assert (t is None and stored[key] is None) or torch.equal(t, stored[key]), key
     assert_close_rel(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int8_adapter_resnet_deploy_matches(bits, monkeypatch):
+    """A ResNet whose convs store int8 adapters: deploy (reference op) matches the layer by layer model."""
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    model = _swap_convs(randomise_bn(cifar_resnet(8), seed=20 + bits), bits=bits, rank=3, seed=bits, adapter_dtype="int8")
+    model.eval()
+    assert all(m.adapter_int8 for m in model.modules() if isinstance(m, cora.CoRaConv2d))
+    dep = deploy(model)
+    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(dep(x), model(x), torch.float32)
+    wb = weight_bytes(model)
+    convs = [m for m in model.modules() if isinstance(m, cora.CoRaConv2d)]
+    assert wb["adapters"] == sum(m.adapter_params + 4 * (m.rank + m.out_channels) for m in convs)
 
 
 def test_torch_compile_fullgraph_one_op_per_conv(resnet8, monkeypatch):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cora.modules import CoRaConv2d, QuantLinear
 from cora.quantizer import compute_qparams, dequantize, quantize
 from cora.residual import adapter_from_factors, factorize_residual, full_rank
-from cora_kernels.packing import pack_codes, plane_bits, to_gemm_layout
+from cora_kernels.packing import dequantize_adapter, pack_codes, plane_bits, quantize_adapter, to_gemm_layout
 from tests.tolerances import rel_err, tol_for
 
 torch.set_num_threads(1)
@@ -200,6 +200,63 @@ def test_state_dict_round_trip_into_fresh_module(bits, init_rank):
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
         assert torch.equal(fresh(x), m(x))
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_int8_adapters_storage_bits_and_forward(bits):
+    """adapter_dtype="int8": per-row rounding of the float factors, bits counted at their real size,
+    forward (reference and the op's reference) = the conv with Q(W) + B_q A_q."""
+    conv = _conv(60 + bits, 5, 7, 3, 1, 1, 1, True, "zeros", 1)
+    r, K, c_out = 3, 45, 7
+    m16 = CoRaConv2d.from_conv(conv, bits, r)
+    m8 = CoRaConv2d.from_conv(conv, bits, r, adapter_dtype="int8")
+    A, B = adapter_from_factors(factorize_residual(conv.weight.detach() - m8.dequantized_weight()), r)
+    qa, sa = quantize_adapter(to_gemm_layout(A))
+    qb, sb = quantize_adapter(B)
+    assert m8.adapter_int8 and not m16.adapter_int8 and m16.adapter_a_scale is None
+    assert m8.adapter_a.dtype == m8.adapter_b.dtype == torch.int8
+    assert m8.adapter_a_scale.dtype == m8.adapter_b_scale.dtype == torch.float32
+    assert torch.equal(m8.adapter_a, qa) and torch.equal(m8.adapter_b, qb)
+    assert torch.equal(m8.adapter_a_scale, sa) and torch.equal(m8.adapter_b_scale, sb)
+    assert (m8.adapter_a.abs().amax(1) == 127).all() and (m8.adapter_b.abs().amax(1) == 127).all()
+    # round to nearest: every code within half a step of the float factor
+    assert ((dequantize_adapter(qa, sa) - to_gemm_layout(A)).abs() <= 0.5001 * sa[:, None]).all()
+    # 8 bits per adapter weight plus 32 per scale (r + C_out of them); the fp16 layer 16 per weight
+    base = bits * conv.weight.numel() + (16 + bits) * c_out
+    assert m8.adapter_params == m16.adapter_params == r * K + c_out * r
+    assert m8.storage_bits() == base + 8 * (r * K + c_out * r) + 32 * (r + c_out)
+    assert m16.storage_bits() == base + 16 * (r * K + c_out * r)
+    assert CoRaConv2d.from_conv(conv, bits, 0, adapter_dtype="int8").storage_bits() == base  # rank 0: no scales
+    # the stored adapter is the float one up to int8 rounding (~1/127 per row), and the forward uses exactly it
+    ba = B @ A.reshape(r, -1)
+    ba8 = (m8.effective_weight() - m8.dequantized_weight()).reshape(c_out, -1)
+    assert 0 < rel_err(ba8, ba) < 2e-2
+    x = torch.randn(2, 5, 8, 8)
+    y_ref = _ref_conv(conv, m8.effective_weight())(x)
+    with torch.no_grad():
+        assert rel_err(m8(x), y_ref) <= 1e-4
+        assert rel_err(m8.op_forward(x, backend="reference"), y_ref) <= 1e-4
+        assert rel_err(m8(x.half()), y_ref) <= tol_for(torch.float16)
+
+
+def test_int8_adapter_state_dict_round_trip():
+    """Scales travel with the codes, the rank comes from the checkpoint; float and int8 states do not mix."""
+    conv = _conv(70, 4, 8, 3, 2, 1, 1, True, "zeros", 1)
+    m = CoRaConv2d.from_conv(conv, 2, 5, adapter_dtype="int8")
+    sd = m.state_dict()
+    assert {"adapter_a_scale", "adapter_b_scale"} <= set(sd)
+    assert "adapter_a_scale" not in CoRaConv2d.from_conv(conv, 2, 5).state_dict()
+    fresh = CoRaConv2d(4, 8, 3, 2, 1, bits=2, rank=1, adapter_dtype="int8")
+    fresh.load_state_dict(sd)
+    assert fresh.rank == 5 and fresh.adapter_a_scale.shape == (5,)
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(fresh.state_dict()[k], v) and fresh.state_dict()[k].dtype == v.dtype, k
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), m(x))
+    with pytest.raises(RuntimeError, match="adapter_a_scale"):
+        CoRaConv2d(4, 8, 3, 2, 1, bits=2, rank=5).load_state_dict(sd)
 
 
 def test_state_dict_round_trip_rank_zero_and_grouped():

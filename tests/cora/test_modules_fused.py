@@ -21,12 +21,15 @@ CASES = [
     (dict(in_channels=4, out_channels=6, kernel_size=(3, 5), padding="same", dilation=2), 4, 6),
     (dict(in_channels=3, out_channels=8, kernel_size=1), 3, 0),
     (dict(in_channels=5, out_channels=5, kernel_size=3, padding=2, padding_mode="reflect"), 4, 2),
+    # int8 adapters (per-row fp32 scales)
+    (dict(in_channels=6, out_channels=7, kernel_size=3, stride=2, padding=1), 2, 3, "int8"),
+    (dict(in_channels=4, out_channels=6, kernel_size=(3, 5), padding="same", dilation=2), 3, 2, "int8"),
 ]
 
 
-def _layer(kwargs, bits, rank, seed):
+def _layer(kwargs, bits, rank, seed, adapter_dtype="float16"):
     torch.manual_seed(seed)
-    return CoRaConv2d.from_conv(nn.Conv2d(**kwargs), bits=bits, rank=rank)
+    return CoRaConv2d.from_conv(nn.Conv2d(**kwargs), bits=bits, rank=rank, adapter_dtype=adapter_dtype)
 
 
 def _expected(m: CoRaConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +47,9 @@ def _expected(m: CoRaConv2d, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_triton_backend_matches_effective_weight(case, dtype, monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "triton")
-    kwargs, bits, rank = CASES[case]
-    m = _layer(kwargs, bits, rank, seed=case).to(DEVICE)
+    kwargs, bits, rank, *adapter_dtype = CASES[case]
+    m = _layer(kwargs, bits, rank, seed=case, adapter_dtype=(adapter_dtype or ["float16"])[0]).to(DEVICE)
+    assert m.adapter_int8 == (adapter_dtype == ["int8"])
     x = torch.randn(2, kwargs["in_channels"], 9, 8).to(DEVICE, dtype)
     with torch.no_grad():
         y = m(x)

@@ -153,3 +153,41 @@ def test_bad_input_raises(untuned, data):
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match="invalid CoRaConfig"):
         CoRaConfig(**{field: value})
+
+
+def test_int8_adapters_train_through_their_rounding_and_stay_int8():
+    """int8 layers: the trainable stand-in computes with the masters rounded as int8 storage rounds them
+    (straight-through gradients), and writing back stores exactly that: int8 codes and fp32 scales."""
+    from cora.tune import _TrainableAdapterConv
+    from tests.tolerances import assert_close_rel, rel_err, tol_for
+
+    torch.manual_seed(7)
+    layer = CoRaConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1), 2, 3, adapter_dtype="int8")
+    w = _TrainableAdapterConv(layer)
+    x = torch.randn(2, 4, 7, 7)
+    w(x).square().sum().backward()
+    assert w.a.grad is not None and w.a.grad.abs().sum() > 0 and w.b.grad.abs().sum() > 0
+    with torch.no_grad():
+        w.a.add_(0.05 * w.a.abs().mean() * torch.randn_like(w.a))  # a "trained" master, off the int8 grid
+        w.b.mul_(1.1)
+        y_train = w(x)
+        unrounded = F.conv2d(x, w.weight_q, w.bias_f, padding=1) + F.conv2d(F.conv2d(x, w.a, padding=1), w.b)
+        assert rel_err(unrounded, y_train) > tol_for(torch.float32)  # the rounding is really in the forward
+        stored = w.write_back()
+        assert stored is layer and layer.adapter_int8 and layer.adapter_a_scale.dtype == torch.float32
+        assert (layer.adapter_a.abs().amax(1) == 127).all() and (layer.adapter_b.abs().amax(1) == 127).all()
+        assert_close_rel(layer(x), y_train, torch.float32)
+
+
+def test_int8_tuning_through_convert(model, data):
+    x, _ = data
+    base = convert(model, x, _cfg(tune_iterations=0, adapter_dtype="int8"))
+    q = convert(model, x, _cfg(tune_iterations=40, tune_loss="kl", tune_lr=3e-3, adapter_dtype="int8"))
+    teacher = model_logits(model, x)
+    assert _kl(q, teacher, x) < 0.9 * _kl(base, teacher, x)
+    tuned_sd, base_sd = q.state_dict(), base.state_dict()
+    moved = {k for k in base_sd if not _same(tuned_sd[k], base_sd[k])}
+    assert moved and all(k.rsplit(".", 1)[1].startswith("adapter_") for k in moved), sorted(moved)
+    for k in moved:
+        assert tuned_sd[k].dtype == base_sd[k].dtype and tuned_sd[k].shape == base_sd[k].shape
+    assert all(m.adapter_int8 for m in q.modules() if isinstance(m, CoRaConv2d))

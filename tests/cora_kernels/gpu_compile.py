@@ -81,12 +81,15 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def compile_conv(cfg: tuning.ConvConfig, *, cc: int, bits: int = 4, dtype: str = "fp16", r_pad: int = 16,
-                 split_k: int = 1, aligned: bool = True, epilogue: bool = True) -> CompileResult:
+                 split_k: int = 1, aligned: bool = True, epilogue: bool = True, adapter: str = "fp16") -> CompileResult:
     """Compile ``_cora_conv2d_kernel`` for one config, specialised like a ResNet layer at run time
-    (channels_last activations: unit channel stride; C_in, C_out and strides divisible by 16)."""
+    (channels_last activations: unit channel stride; C_in, C_out and strides divisible by 16).
+    ``adapter``: ``"fp16"`` adapters, or ``"int8"`` ones with fp32 per-row scales."""
     dt = _DT[dtype]
+    ad = "i8" if adapter == "int8" else "fp16"
     ptr = {"x_ptr": f"*{dt}", "w0_ptr": "*i32" if bits != 16 else f"*{dt}", "w1_ptr": "*i32" if bits != 16 else f"*{dt}",
-           "scale_ptr": "*fp32", "zero_ptr": "*fp32", "a_ptr": "*fp16", "b_ptr": "*fp16",
+           "scale_ptr": "*fp32", "zero_ptr": "*fp32", "a_ptr": f"*{ad}", "b_ptr": f"*{ad}",
+           "sa_ptr": "*fp32", "sb_ptr": "*fp32",
            "bias_ptr": "*fp32", "oscale_ptr": "*fp32", "oshift_ptr": "*fp32", "res_ptr": f"*{dt}",
            "out_ptr": f"*{dt}", "ws_ptr": "*fp32"}
     ints = ["M", "C_in", "H", "W", "C_out", "OH", "OW", "KW", "R", "n_cblk", "total_steps", "steps_per_split",
@@ -95,7 +98,8 @@ def compile_conv(cfg: tuning.ConvConfig, *, cc: int, bits: int = 4, dtype: str =
     sig = dict(ptr)
     sig.update({n: "i32" for n in ints})
     consts = dict(sxc=1, sak=1, sbr=1, soc=1, src=1,
-                  BITS=bits, ALIGNED=aligned and bits != 16, R_PAD=r_pad, HAS_BIAS=epilogue, HAS_BN=epilogue,
+                  BITS=bits, ALIGNED=aligned and bits != 16, R_PAD=r_pad, ADAPTER_Q=adapter == "int8",
+                  HAS_BIAS=epilogue, HAS_BN=epilogue,
                   HAS_RES=epilogue, RELU=epilogue, SPLIT_K=split_k,
                   DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
                   BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
@@ -103,7 +107,8 @@ def compile_conv(cfg: tuning.ConvConfig, *, cc: int, bits: int = 4, dtype: str =
     k = _compile(_cora_conv2d_kernel, sig, consts, div16, cc, cfg.num_warps, cfg.num_stages)
     use = resource_usage(k.asm["cubin"])
     ptx = k.asm["ptx"]
-    name = f"conv {cfg} b{bits} {dtype} r{r_pad} sk{split_k}{'' if aligned else ' gather'}"
+    name = (f"conv {cfg} b{bits} {dtype} r{r_pad} sk{split_k}{'' if aligned else ' gather'}"
+            f"{' int8-adapter' if adapter == 'int8' else ''}")
     return CompileResult(name, cc, use["REG"], use["STACK"], use["SHARED"], k.metadata.shared,
                          bool(re.search(r"\bmma\.sync", ptx)), "wgmma" in ptx)
 

@@ -35,6 +35,7 @@ def _conv(cc, cfg, **kw):
 
 def _default_jobs():
     jobs = [_conv(cc, cfg, bits=bits) for cc in TARGETS for cfg in CONFIGS for bits in (4, 3, 2, 16)]
+    jobs += [_conv(cc, cfg, bits=bits, adapter="int8") for cc in TARGETS for cfg in CONFIGS for bits in (4, 3, 2)]
     jobs += [{"kind": "reduce", "cc": cc} for cc in TARGETS]
     for cc in TARGETS:
         jobs += _variant_jobs(cc)
@@ -44,7 +45,8 @@ def _default_jobs():
 def _variant_jobs(cc):
     cfg = tuning.config_named("mid_m_64n")
     return [_conv(cc, cfg, bits=4, dtype="bf16"), _conv(cc, cfg, bits=3, split_k=4),
-            _conv(cc, cfg, bits=3, aligned=False), _conv(cc, cfg, bits=4, r_pad=0, epilogue=False)]
+            _conv(cc, cfg, bits=3, aligned=False), _conv(cc, cfg, bits=4, r_pad=0, epilogue=False),
+            _conv(cc, cfg, bits=4, dtype="bf16", adapter="int8"), _conv(cc, cfg, bits=3, split_k=4, adapter="int8")]
 
 
 def _slow_jobs():
@@ -52,8 +54,8 @@ def _slow_jobs():
     # and BLOCK_K <= 64 whenever r_pad > 16
     jobs = [_conv(cc, cfg, bits=4, dtype="bf16", r_pad=16 if cfg.BLOCK_K > 64 else 32, aligned=cfg.BLOCK_K > 64)
             for cc in TARGETS for cfg in CONFIGS]
-    jobs += [_conv(cc, cfg, bits=b, dtype="fp32", r_pad=16, aligned=False)
-             for cc in TARGETS for cfg in tuning.FP32_CONFIGS for b in (3, 4)]
+    jobs += [_conv(cc, cfg, bits=b, dtype="fp32", r_pad=16, aligned=False, **ad)
+             for cc in TARGETS for cfg in tuning.FP32_CONFIGS for b in (3, 4) for ad in ({}, {"adapter": "int8"})]
     return jobs
 
 
@@ -114,6 +116,18 @@ def test_conv_config_compiles(cc, cfg, bits, record_property):
     _check(_result(_conv(cc, cfg, bits=bits), _default_jobs), record_property)
 
 
+INT8_CONFIGS = [c for c in CONFIGS if c.name not in tuning.INT8_ADAPTER_SPILLS]  # what the launcher may pick for int8
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2], ids=["int4", "int3", "int2"])
+@pytest.mark.parametrize("cfg", INT8_CONFIGS, ids=str)
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_conv_config_compiles_int8_adapter(cc, cfg, bits, record_property):
+    """int8 adapters with fp32 per-row scales (the scales applied to the fp32 t and adapter tiles), for
+    every config the tuner may choose for them (tuning.INT8_ADAPTER_SPILLS are pruned: they spill)."""
+    _check(_result(_conv(cc, cfg, bits=bits, adapter="int8"), _default_jobs), record_property)
+
+
 @pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
 def test_splitk_epilogue_compiles(cc, record_property):
     _check(_result({"kind": "reduce", "cc": cc}, _default_jobs), record_property, need_mma=False)
@@ -121,7 +135,8 @@ def test_splitk_epilogue_compiles(cc, record_property):
 
 @pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
 def test_variants_compile(cc, record_property):
-    """One config per variant: bf16, split-K partials, the unaligned (gather) unpack path, rank 0."""
+    """One config per variant: bf16, split-K partials, the unaligned (gather) unpack path, rank 0, and
+    int8 adapters with bf16 and split-K."""
     for job in _variant_jobs(cc):
         _check(_result(job, _default_jobs), record_property)
 

@@ -1,11 +1,13 @@
 """Numerics of the fused kernel (through the Triton interpreter on CPU) against the reference."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cora_kernels.conv_fused import cora_conv2d_triton, dense_gemm_weight
+from cora_kernels.packing import from_gemm_layout
 from cora_kernels.reference import cora_conv2d_reference, dequantize_weight
 from cora_kernels.testing import Case, random_layer
-from tests.tolerances import assert_close_rel
+from tests.tolerances import assert_close_rel, rel_err, tol_for
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -36,6 +38,14 @@ CASES = [
     Case(N=1, C_in=33, C_out=17, H=5, W=5, k=(3, 3), bits=2, rank=1, dtype=F16, bias=True, bn=True, res=True,
          relu=True),
     Case(N=1, C_in=64, C_out=24, H=5, W=5, k=(3, 3), bits=2, rank="odd", dtype=BF16, split_k=2, channels_last=True),
+    # int8 adapters with per-row fp32 scales: int2/3/4, every activation dtype, split-K, aligned path, r_pad 32
+    Case(N=2, C_in=5, C_out=7, k=(3, 3), bits=2, rank="odd", bias=True, adapter="int8"),
+    Case(N=1, C_in=33, C_out=17, H=5, W=5, k=(3, 3), bits=3, rank=1, dtype=F16, bias=True, bn=True, res=True,
+         relu=True, channels_last=True, adapter="int8"),
+    Case(N=1, C_in=64, C_out=24, H=4, W=4, k=(1, 1), padding=(0, 0), bits=4, rank="full", dtype=F16,
+         adapter="int8"),  # aligned, r 24 -> r_pad 32
+    Case(N=1, C_in=32, C_out=9, H=6, W=6, k=(3, 3), bits=4, rank="odd", dtype=BF16, split_k=4, bias=True,
+         adapter="int8"),
 ]
 
 
@@ -100,6 +110,39 @@ def test_dense_weight_control_variant(dtype):
     y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
     tol_dtype = dtype
     assert_close_rel(y, y_ref, tol_dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int8_adapter_reference_matches_direct_fp64(bits):
+    """The reference with int8 adapters is the conv with ``Q(W) + (sb*qb)(sa*qa)`` (fp64, dequantized by hand);
+    reading the codes without their scales would be far off (the check can fail)."""
+    c = Case(N=2, C_in=6, C_out=8, H=6, W=5, k=(3, 3), bits=bits, rank="odd", bias=True, adapter="int8")
+    args, kw = random_layer(c)
+    x, planes, scale, zero, qa, qb, bias = args
+    assert qa.dtype == qb.dtype == torch.int8 and kw["a_scale"].dtype == kw["b_scale"].dtype == torch.float32
+    a = kw["a_scale"].double()[:, None] * qa.double()
+    b = kw["b_scale"].double()[:, None] * qb.double()
+    shape = (c.C_out, c.C_in, *c.k)
+    w = dequantize_weight(planes, scale, zero, bits, shape, dtype=torch.float64) + from_gemm_layout(b @ a, shape)
+    direct = F.conv2d(x.double(), w, bias.double(), padding=c.padding)
+    conv = {k: v for k, v in kw.items() if k not in ("a_scale", "b_scale")}
+    assert_close_rel(cora_conv2d_reference(*args, **kw), direct, torch.float32)
+    assert_close_rel(cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64),
+                     direct, torch.float32)
+    unscaled = cora_conv2d_reference(x, planes, scale, zero, qa.float(), qb.float(), bias, **conv)
+    assert rel_err(unscaled, direct) > 100 * tol_for(torch.float32)
+
+
+def test_int8_adapter_zero_rows_of_b():
+    """A row of B with scale 0 is zero whatever its codes (the kernel divides by b_scale: no 0/0)."""
+    c = Case(N=1, C_in=8, C_out=6, H=5, W=5, k=(3, 3), bits=4, rank=2, bias=True, adapter="int8")
+    args, kw = random_layer(c)
+    assert (args[5][1] != 0).any()
+    kw["b_scale"] = kw["b_scale"].clone()
+    kw["b_scale"][1] = 0.0
+    y = cora_conv2d_triton(*args, **kw)
+    y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    assert_close_rel(y, y_ref, torch.float32)
 
 
 def test_nchw_and_channels_last_agree():

@@ -14,10 +14,14 @@ def make_layer(c, device="cpu"):  # the op tests run on CPU (reference dispatch,
 
 
 def _op_args(c: Case, backend=None):
+    """The op's positional arguments; int8 adapters add ``a_scale, b_scale`` at the end (the float
+    schema's 18 arguments stay valid on their own)."""
     args, kw = make_layer(c)
     x, planes, scale, zero, a, b, bias = args
+    scales = (kw["a_scale"], kw["b_scale"]) if "a_scale" in kw else ()
     return (x, planes, scale, zero, a, b, bias, c.bits, list(c.k), list(c.stride), list(c.padding),
-            list(c.dilation), kw.get("out_scale"), kw.get("out_shift"), kw.get("residual"), c.relu, 1, backend)
+            list(c.dilation), kw.get("out_scale"), kw.get("out_shift"), kw.get("residual"), c.relu, 1, backend,
+            *scales)
 
 
 def test_import_is_light():
@@ -35,7 +39,8 @@ def test_import_is_light():
 @pytest.mark.parametrize("case", [
     Case(N=2, C_in=3, C_out=4, H=5, W=5, rank="odd", bias=True, bn=True, res=True, relu=True),
     Case(N=1, C_in=4, C_out=3, H=5, W=4, k=(1, 1), padding=(0, 0), rank=0, channels_last=True),
-], ids=["full_epilogue", "rank0_cl"])
+    Case(N=2, C_in=3, C_out=4, H=5, W=5, bits=2, rank="odd", bias=True, bn=True, relu=True, adapter="int8"),
+], ids=["full_epilogue", "rank0_cl", "int8_adapter"])
 def test_opcheck(case, monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "reference")
     torch.library.opcheck(torch.ops.cora.conv2d.default, _op_args(case))
@@ -215,6 +220,24 @@ def test_backend_argument_of_the_wrapper(monkeypatch):
         assert_close_rel(y_tri, y64, torch.float32)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int8_adapters_through_the_op(bits, monkeypatch):
+    """int8 adapters with their scales: the op (reference, and the kernel through the interpreter on CPU)
+    against the fp64 reference; rank 0 drops the scales with the adapter."""
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    c = Case(N=1, C_in=5, C_out=6, H=5, W=5, bits=bits, rank=2, bias=True, adapter="int8")
+    args, kw = make_layer(c)
+    y64 = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    assert_close_rel(cora_kernels.cora_conv2d(*args, **kw, backend="reference"), y64, torch.float32)
+    if not torch.cuda.is_available() and bits == 2:  # one interpreter run is enough here
+        assert_close_rel(cora_kernels.cora_conv2d(*args, **kw, backend="triton"), y64, torch.float32)
+    x, planes, scale, zero, a, b, bias = args
+    y0 = cora_kernels.cora_conv2d(x, planes, scale, zero, a[:0], b[:, :0], bias, **dict(
+        kw, a_scale=kw["a_scale"][:0]))
+    torch.testing.assert_close(y0, cora_kernels.cora_conv2d(x, planes, scale, zero, None, None, bias, **{
+        k: v for k, v in kw.items() if k not in ("a_scale", "b_scale")}), rtol=0, atol=0)
+
+
 def test_torch_compile_explicit_backend_and_env_at_run_time(monkeypatch):
     """An explicit backend compiles to the same single op; CORA_BACKEND is read when the op runs,
     so changing it after compilation still takes effect."""
@@ -335,3 +358,26 @@ def test_bad_shapes(layer):
     with pytest.raises(ValueError, match="empty"):
         _call(args, kw, kernel_size=9, x=torch.randn(1, 5, 3, 3), a=None, b=None)
     assert a.shape[0] == 2
+
+
+def test_bad_int8_adapters(layer):
+    """int8 adapters need both scales, of the right shapes; float adapters take none; no mixing."""
+    args, kw = layer
+    a, b = args[4], args[5]
+    qa, qb = a.to(torch.int8), b.to(torch.int8)
+    sa, sb = torch.rand(2) + 0.1, torch.rand(6) + 0.1
+    assert _call(args, kw, a=qa, b=qb, a_scale=sa, b_scale=sb).shape == (1, 6, 5, 5)
+    with pytest.raises(ValueError, match="a_scale"):
+        _call(args, kw, a=qa, b=qb, b_scale=sb)
+    with pytest.raises(ValueError, match="b_scale"):
+        _call(args, kw, a=qa, b=qb, a_scale=sa, b_scale=sb[:3])
+    with pytest.raises(ValueError, match="a_scale"):
+        _call(args, kw, a=qa, b=qb, a_scale=sa.to(torch.int32), b_scale=sb)
+    with pytest.raises(ValueError, match="only for int8"):
+        _call(args, kw, a_scale=sa, b_scale=sb)
+    with pytest.raises(TypeError, match="both be int8"):
+        _call(args, kw, a=qa, a_scale=sa, b_scale=sb)
+    with pytest.raises(ValueError, match="without an adapter"):
+        _call(args, kw, a=None, b=None, a_scale=sa)
+    with pytest.raises(TypeError, match="dtype"):
+        _call(args, kw, a=a.to(torch.int16), b=b.to(torch.int16))

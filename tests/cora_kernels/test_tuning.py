@@ -96,6 +96,23 @@ def test_prune_configs_never_empty():
     assert unaligned and all(c.BLOCK_K <= 64 for c in unaligned)
 
 
+@pytest.mark.parametrize("M, c_out", [(49, 512), (1024, 64), (65536, 512), (65536, 64)])
+def test_int8_adapters_never_get_a_spilling_config(M, c_out):
+    kw = dict(M=M, C_in=256, C_out=c_out, r_pad=16, int8_adapter=True)
+    assert not {c.name for c in prune_configs(CONV_CONFIGS, **kw)} & set(tuning.INT8_ADAPTER_SPILLS)
+    assert untimed_config(**kw).name not in tuning.INT8_ADAPTER_SPILLS
+    float_names = {c.name for c in prune_configs(CONV_CONFIGS, **{**kw, "int8_adapter": False})}
+    assert {c.name for c in prune_configs(CONV_CONFIGS, **kw)} == float_names - set(tuning.INT8_ADAPTER_SPILLS) or \
+        float_names <= set(tuning.INT8_ADAPTER_SPILLS)
+
+
+def test_key_without_int8_field_reads_as_float_adapter():
+    key = _random_key(random.Random(int(torch.randint(0, 2**31 - 1, ()))))
+    doc = key.to_json()
+    del doc["int8_adapter"]  # a cache saved before the field existed
+    assert TuneKey.from_json(doc) == replace(key, int8_adapter=False)
+
+
 # --- the cache and its files ---------------------------------------------------------------------
 
 def _random_key(rng: random.Random) -> TuneKey:
@@ -105,7 +122,7 @@ def _random_key(rng: random.Random) -> TuneKey:
                    r_pad=rng.choice([0, 16, 32, 64, 128]), dtype=rng.choice(["float16", "bfloat16", "float32"]),
                    m_bucket=2 ** rng.randint(0, 20), has_residual=rng.random() < 0.5,
                    device=rng.choice(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA H200"]),
-                   aligned=rng.random() < 0.5)
+                   aligned=rng.random() < 0.5, int8_adapter=rng.random() < 0.5)
 
 
 def _random_choices(n):
