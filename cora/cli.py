@@ -146,7 +146,7 @@ def _method_type(notes: list[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import FACTORIZATIONS, LOSSES, METHODS, RANGES, ROUNDINGS, SUPPORTED_BITS
+    from .config import ADAPTER_DTYPES, FACTORIZATIONS, LOSSES, METHODS, RANGES, ROUNDINGS, SUPPORTED_BITS, TUNE_LOSSES
 
     notes: list[str] = []
     p = _Parser(prog="python -m cora", description="CoRa: low-bit ConvNets with searched low-rank residual adapters.",
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--loss", choices=("auto",) + LOSSES, default=None,
                    help="search loss (default auto: ce with labels, else kl; paper: ce)")
     q.add_argument("--factorization", choices=FACTORIZATIONS, default=None)
+    q.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default=None,
+                   help="how adapters are stored (default float16; int8: per-row float32 scales, counted in the "
+                        "equivalent bits; the budget counts parameters either way)")
     q.add_argument("--rounding", choices=ROUNDINGS, default=None)
     q.add_argument("--range", dest="range_method", choices=RANGES, default=None)
     q.add_argument("--calib", type=_positive_int, default=1600,
@@ -196,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=_positive_int, default=250, help="search iterations (default 250)")
     q.add_argument("--tune-iters", type=_nonnegative_int, default=None,
                    help="adapter tuning iterations after the ranks are fixed (default 250; 0: off; --paper: 0)")
-    q.add_argument("--tune-loss", choices=("auto",) + LOSSES, default=None,
-                   help="adapter tuning loss (default auto: ce with the calibration labels, no tuning without)")
+    q.add_argument("--tune-loss", choices=("auto",) + TUNE_LOSSES, default=None,
+                   help="adapter tuning loss (default auto: ce with the calibration labels; without them blocks,"
+                        " the label-free block reconstruction, at 2 bits and no tuning above)")
     q.add_argument("--bn-reestimate", action="store_true",
                    help="re-estimate BatchNorm statistics on the calibration images (default: keep the float model's)")
     q.add_argument("--seed", type=_seed, default=0)
@@ -309,7 +313,7 @@ def _config(args):
     )
     if args.tune_iters is not None:
         overrides["tune_iterations"] = args.tune_iters
-    for key in ("method", "loss", "factorization", "rounding", "range_method", "tune_loss"):
+    for key in ("method", "loss", "factorization", "rounding", "range_method", "tune_loss", "adapter_dtype"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.per_tensor:

@@ -9,7 +9,8 @@
       2. choose_ranks    uniform ranks, or the Butterworth search (search.py), under the budget (budget.py)
       3. build_layers    CoRaConv2d / QuantLinear in place of every chosen layer; with ``refine``, each
                          adapter re-fitted on the inputs it really sees
-      4. tune_layers     all adapters trained jointly, end to end (tune.py), when the config asks for it
+      4. tune_layers     the adapters trained jointly, end to end (tune.py), or block by block against the
+                         float model's block outputs (reconstruct.py), when the config asks for it
       5. make_report     ranks, adapter fraction, equivalent bits, timings -> ``model.cora_report``
 
 The model copies involved are named by role: ``float_model`` (the caller's, only read),
@@ -34,6 +35,7 @@ from .modules import CoRaConv2d, QuantLinear
 from .progress import progress_bar
 from .quantizer import compute_qparams, dequantize, gptq_quantize, quantize
 from .residual import adapter_from_factors, factorize_residual, regression_residual
+from .reconstruct import reconstruct_blocks
 from .search import search_ranks
 from .graph import StageChain, trace_stages
 from .statistics import LayerInputs, execution_order, layer_moments, paired_moments_of, reestimate_batchnorm
@@ -387,26 +389,41 @@ def build_layers(
 
 
 def tune_layers(
-    output: nn.Module, ranks: RankChoice, data: CalibrationSet, config: CoRaConfig, float_logits: _FloatLogits
+    float_model: nn.Module, output: nn.Module, base: BaseQuantization, ranks: RankChoice, data: CalibrationSet,
+    config: CoRaConfig, float_logits: _FloatLogits,
 ) -> TuneOutcome:
-    """Phase 4: joint, end-to-end tuning of the adapters of ``output`` (a resolved config decides if it runs).
+    """Phase 4: tuning of the adapters of ``output`` (a resolved config decides if it runs and how).
 
-    When the tuning diverges or its adapters are not finite, the untuned adapters stay and the outcome
-    carries a warning (the conversion itself does not fail).
+    ``ce`` / ``kl``: all adapters jointly, end to end (:mod:`cora.tune`). ``blocks``: block by block
+    against ``float_model``'s block outputs (:mod:`cora.reconstruct`); a model ``torch.fx`` cannot
+    trace exactly is tuned end to end with ``kl`` instead, with a warning. When the tuning diverges or
+    its adapters are not finite, the untuned adapters stay and the outcome carries a warning (the
+    conversion itself does not fail).
     """
     t = config.tune
     if config.method == "none" or not t.iterations or not any(ranks.ranks.values()):
         return TuneOutcome()
+    loss, note = t.loss, None
+    if loss == "blocks":
+        chain = base.chain or trace_stages(float_model, list(base.weights), data.images[:2])
+        if chain is not None:
+            rep = reconstruct_blocks(
+                output, float_model, chain, data.images, iterations=t.iterations, lr=t.lr, batch_size=t.batch_size,
+                seed=config.seed, progress=config.progress,
+            )
+            return TuneOutcome("blocks", rep.iterations, rep.seconds)
+        loss = "kl"
+        note = "block reconstruction needs a model torch.fx can trace exactly; the adapters were tuned end to end (kl)"
     try:
         rep = tune_adapters(
-            output, data.images, float_logits.objective(t.loss), iterations=t.iterations, lr=t.lr,
+            output, data.images, float_logits.objective(loss), iterations=t.iterations, lr=t.lr,
             batch_size=t.batch_size, seed=config.seed, progress=config.progress,
         )
     except FloatingPointError as exc:
         return TuneOutcome(warning=f"{exc}; the untuned adapters are kept")
     if rep.warning is not None:
         return TuneOutcome(None, 0, rep.seconds, rep.warning)
-    return TuneOutcome(t.loss, rep.iterations, rep.seconds)
+    return TuneOutcome(loss, rep.iterations, rep.seconds, note)
 
 
 def make_report(
@@ -490,7 +507,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         base = quantize_base(float_model, output, layers, data, config)
         ranks = choose_ranks(float_model, base, data, config, float_logits, conv_params)
         storage = build_layers(float_model, output, layers, base, ranks, data, config)
-        tuning = tune_layers(output, ranks, data, config, float_logits)
+        tuning = tune_layers(float_model, output, base, ranks, data, config, float_logits)
     for name, p in model.named_parameters():
         p.requires_grad_(grads[name])
     if dtype != torch.float32:

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cora import AdapterConfig, CoRaConfig, QuantizerConfig, SearchConfig, TuneConfig
-from cora.config import CONFIG_VERSION, DEPRECATED_METHODS, FLAT_FIELDS, LAYER_DEFAULTS, METHODS, SUPPORTED_BITS
+from cora.config import (
+    CONFIG_VERSION, DEPRECATED_METHODS, FLAT_FIELDS, LABEL_FREE_BLOCKS_MAX_BITS, LAYER_DEFAULTS, METHODS, SUPPORTED_BITS,
+)
 from cora_kernels.packing import SUPPORTED_BITS as PACKED_BITS
 
 
@@ -25,7 +27,7 @@ def test_bad_budget_raises(budget):
     ("bits", 5), ("bits", True), ("method", "svd"), ("loss", "mse"), ("iterations", 0), ("iterations", 2.0),
     ("calib_images", 0), ("layer_bits", (("conv1", 6),)), ("order", 0), ("gamma", float("nan")),
     ("grad_clip", float("nan")), ("gptq_damp", -1.0), ("rho_init", 1.5), ("refine", "no"), ("progress", 1),
-    ("adapter_dtype", "int8"), ("tune_iterations", -1), ("tune_lr", 0.0), ("version", 1),
+    ("adapter_dtype", "int4"), ("adapter_dtype", "float8"), ("tune_iterations", -1), ("tune_lr", 0.0), ("version", 1),
 ])
 def test_bad_config_raises(field, value):
     with pytest.raises(ValueError, match="invalid CoRaConfig"):
@@ -130,6 +132,10 @@ def test_resolved_choices_and_label_checks():
     assert (c.resolved(True).method, c.resolved(True).search.loss, c.resolved(True).tune.loss) == ("search", "ce", "ce")
     r = c.resolved(False)
     assert (r.method, r.search.loss, r.tune.loss, r.tune.iterations) == ("uniform", "kl", "kl", 0)
+    for bits in SUPPORTED_BITS:  # label-free: block reconstruction at 2 bits only (what the held-back images chose)
+        r = CoRaConfig(bits=bits).resolved(False)
+        want = ("blocks", 250) if bits <= LABEL_FREE_BLOCKS_MAX_BITS else ("kl", 0)
+        assert (r.tune.loss, r.tune.iterations) == want, bits
     with pytest.raises(ValueError, match="loss='ce' needs labelled"):
         CoRaConfig(method="search", loss="ce").resolved(False)
     with pytest.raises(ValueError, match="tune_loss='ce' needs labelled"):
@@ -154,7 +160,7 @@ configs = st.builds(
     tune_loss=st.sampled_from(["auto", "kl", "ce"]),
     tune_lr=st.floats(1e-6, 1.0),
     range_method=st.sampled_from(["mse", "minmax", "std"]),
-    adapter_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+    adapter_dtype=st.sampled_from(["float16", "bfloat16", "float32", "int8"]),
 )
 
 

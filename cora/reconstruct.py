@@ -1,0 +1,166 @@
+"""Label-free block reconstruction of the adapters: each block fitted to the float model's block output.
+
+After conversion every adapter is fitted layer by layer (closed form). Here the adapters are
+trained block by block, in execution order, without labels: a *block* is a stage of the model's
+:class:`cora.graph.StageChain` that holds adapted convs, together with the adapter-free stages after
+it (a residual block; the stem conv with its BatchNorm and ReLU; the last block with the head). Its
+adapters minimise ``‖block_q(x_q) - block_f(x_f)‖²`` (mean squared error), where ``x_f`` is the
+block's input in the float model and ``x_q`` its input in the quantized model, *as the blocks before
+it have already been fitted*, so each block also undoes the error that reaches it (the BRECQ idea,
+applied to the adapters; the integer codes are not touched). The blocks come from tracing the model,
+so any traceable architecture works; each block's nonlinearities and residual adds are part of what
+its adapters are fitted through, which a layer-wise fit cannot see.
+
+Only ``A`` and ``B`` move, ranks (hence the budget) stay, BatchNorm runs in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._modules_util import kept_modes, set_submodule
+from .graph import StageChain
+from .modules import CoRaConv2d
+from .progress import progress_bar
+from .tune import _TrainableAdapterConv
+
+__all__ = ["ReconstructReport", "reconstruct_blocks", "adapter_blocks"]
+
+
+@dataclass
+class ReconstructReport:
+    blocks: int  # blocks whose adapters were fitted
+    iterations: int  # optimizer steps in all
+    first_loss: float  # mean block loss (relative to the float block output's mean square) before fitting
+    last_loss: float  # the same after
+    seconds: float
+
+
+def adapter_blocks(chain: StageChain, adapted: set[str]) -> list[tuple[list[int], list[str]]]:
+    """Consecutive stages grouped into blocks: ``(stage indices, adapted layer names)``.
+
+    A block starts at a stage that calls an adapted layer and takes every following stage that calls
+    none. Stages before the first adapted layer form a block with no layers (they are only run).
+    """
+    by_stage: dict[int, list[str]] = {}
+    for name, k in chain.layer_stage.items():
+        if name in adapted:
+            by_stage.setdefault(k, []).append(name)
+    blocks: list[tuple[list[int], list[str]]] = []
+    for k in range(len(chain)):
+        if k in by_stage or not blocks:
+            blocks.append(([k], list(by_stage.get(k, []))))
+        else:
+            blocks[-1][0].append(k)
+    return blocks
+
+
+def _run(chain: StageChain, model: nn.Module, stages: list[int], x):
+    for k in stages:
+        x = chain.run(model, k, x)
+    return x
+
+
+@torch.no_grad()
+def _run_all(chain: StageChain, model: nn.Module, stages: list[int], xs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([_run(chain, model, stages, xs[i : i + batch_size]) for i in range(0, xs.shape[0], batch_size)])
+
+
+def reconstruct_blocks(
+    model: nn.Module,
+    float_model: nn.Module,
+    chain: StageChain,
+    images: torch.Tensor,
+    *,
+    iterations: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> ReconstructReport:
+    """Fit the adapters of ``model`` (a converted model) block by block to ``float_model``'s outputs, in place.
+
+    ``chain``: the stages of the float model (:func:`cora.graph.trace_stages`), run on both models by
+    module name. ``images``: ``[N, C, H, W]`` calibration images on the models' device (no labels);
+    both models' block inputs are kept for all of them. Per block, ``iterations`` Adam steps on
+    ``batch_size`` images drawn with ``seed`` (a private generator), cosine learning-rate decay. A
+    block whose loss ends higher than it started keeps its adapters as they were.
+    """
+    adapted = {n for n, m in model.named_modules() if isinstance(m, CoRaConv2d) and m.rank > 0}
+    blocks = adapter_blocks(chain, adapted)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    first, last, steps, fitted = [], [], 0, 0
+    x_f = x_q = images
+    eval_batch = max(batch_size, 100)
+    with kept_modes(model, float_model, train=False), progress_bar(len(blocks), "reconstruct", progress) as bar:
+        for stages, names in blocks:
+            target = _run_all(chain, float_model, stages, x_f, eval_batch)
+            if names:
+                before, after = _fit_block(model, chain, stages, names, x_q, target, iterations, lr, batch_size, gen)
+                first.append(before)
+                last.append(after)
+                steps += iterations
+                fitted += 1
+            x_q = _run_all(chain, model, stages, x_q, eval_batch)
+            x_f = target
+            bar.update(1)
+    mean = (lambda v: sum(v) / len(v)) if first else (lambda v: math.nan)
+    return ReconstructReport(fitted, steps, mean(first), mean(last), time.perf_counter() - t0)
+
+
+def _block_loss(chain, model, stages, x, target) -> torch.Tensor:
+    """Mean squared error relative to the target's mean square (comparable across blocks)."""
+    return F.mse_loss(_run(chain, model, stages, x), target) / target.pow(2).mean().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _loss_on_all(chain, model, stages, xs, target, batch_size: int = 100) -> float:
+    """:func:`_block_loss` over all images, in batches."""
+    err = ref = 0.0
+    for i in range(0, xs.shape[0], batch_size):
+        y, t = _run(chain, model, stages, xs[i : i + batch_size]), target[i : i + batch_size]
+        err += float((y - t).double().pow(2).sum())
+        ref += float(t.double().pow(2).sum())
+    return err / max(ref, 1e-300)
+
+
+def _fit_block(model, chain, stages, names, x_q, target, iterations, lr, batch_size, gen) -> tuple[float, float]:
+    """Train the adapters of ``names`` on one block; returns the block loss on all images before and after."""
+    n = x_q.shape[0]
+    before = _loss_on_all(chain, model, stages, x_q, target)
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    saved = {name: copy.deepcopy(model.get_submodule(name)) for name in names}  # small: codes and adapters
+    wrappers = {name: _TrainableAdapterConv(model.get_submodule(name)) for name in names}
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for name, w in wrappers.items():
+            set_submodule(model, name, w)
+        params = [p for w in wrappers.values() for p in (w.a, w.b)]
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iterations))
+        for _ in range(iterations):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(x_q.device)
+            loss = _block_loss(chain, model, stages, x_q[idx], target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        for name, w in wrappers.items():
+            set_submodule(model, name, w.write_back())
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    after = _loss_on_all(chain, model, stages, x_q, target)
+    if not math.isfinite(after) or after > before:  # never leave a block worse than it came
+        for name, layer in saved.items():
+            set_submodule(model, name, layer)
+        after = before
+    return before, after

@@ -1,0 +1,133 @@
+"""Label-free block reconstruction of the adapters (cora.reconstruct)."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cora
+from cora.graph import trace_stages
+from cora.reconstruct import adapter_blocks, reconstruct_blocks
+from tests.helpers import randomise_bn
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(12)
+        self.blocks = nn.Sequential(Block(12), Block(12))
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@functools.lru_cache(maxsize=1)
+def _converted_once():
+    torch.manual_seed(0)
+    model = randomise_bn(Net(), seed=1)
+    images = torch.randn(32, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+    # fast settings: the reconstruction, not the base, is under test
+    q = cora.convert(model, images, cora.CoRaConfig(bits=2, method="uniform", budget=0.2, calib_images=32, rounding="nearest",
+                                                    sequential=False, refine=False, progress=False))
+    return model, q, images
+
+
+def _converted():
+    model, q, images = _converted_once()
+    return model, copy.deepcopy(q), images
+
+
+def test_blocks_group_a_layer_with_the_stages_after_it():
+    model, q, images = _converted()
+    chain = trace_stages(model, list(q.cora_report.quantized), images[:2])
+    adapted = {n for n, r in q.cora_report.ranks.items() if r > 0}
+    blocks = adapter_blocks(chain, adapted)
+    assert sorted(n for _, names in blocks for n in names) == sorted(adapted)
+    assert [k for stages, _ in blocks for k in stages] == list(range(len(chain)))  # every stage once, in order
+    first_block = dict((n, i) for i, (_, names) in enumerate(blocks) for n in names)
+    assert first_block["blocks.0.conv1"] == first_block["blocks.0.conv2"]  # one residual block
+    stem_stages = blocks[first_block["stem"]][0]
+    assert len(stem_stages) > 1  # the stem conv takes its BatchNorm and ReLU along
+
+
+def test_reconstruction_reduces_the_block_error_and_moves_only_adapters():
+    model, q, images = _converted()
+    chain = trace_stages(model, list(q.cora_report.quantized), images[:2])
+    before = copy.deepcopy(q)
+    rep = reconstruct_blocks(q, model, chain, images, iterations=60, lr=3e-3, batch_size=16)
+    assert rep.blocks == 3 and rep.iterations == 180
+    assert rep.last_loss < rep.first_loss
+    x = torch.randn(16, 3, 10, 10, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(x)
+        err_before = (before(x) - ref).norm() / ref.norm()
+        err_after = (q(x) - ref).norm() / ref.norm()
+    assert err_after < err_before  # fresh images: the model as a whole got closer to the float one
+    sd_before, sd_after = before.state_dict(), q.state_dict()
+    tensors = [k for k, v in sd_before.items() if isinstance(v, torch.Tensor)]
+    changed = {k for k in tensors if not torch.equal(sd_before[k], sd_after[k])}
+    assert changed and all(".adapter_" in k for k in changed), changed
+    for name, r in before.cora_report.ranks.items():
+        assert q.get_submodule(name).rank == r
+
+
+def test_a_block_that_does_not_improve_keeps_its_adapters():
+    model, q, images = _converted()
+    chain = trace_stages(model, list(q.cora_report.quantized), images[:2])
+    before = copy.deepcopy(q)
+    rep = reconstruct_blocks(q, model, chain, images, iterations=5, lr=10.0, batch_size=16)  # a wild step size
+    assert rep.last_loss <= rep.first_loss
+    sd_before, sd_after = before.state_dict(), q.state_dict()
+    kept = [k for k, v in sd_before.items() if ".adapter_" in k and isinstance(v, torch.Tensor) and torch.equal(v, sd_after[k])]
+    assert kept  # at least one block rejected its diverged fit
+
+
+def _fast(**kw) -> cora.CoRaConfig:
+    return cora.CoRaConfig(bits=2, method="uniform", budget=0.2, calib_images=32, rounding="nearest", sequential=False,
+                           refine=False, progress=False, **kw)
+
+
+def test_convert_runs_it_as_the_tuning_phase():
+    model, _, images = _converted_once()
+    rep = cora.convert(model, images, _fast(tune_loss="blocks", tune_iterations=4)).cora_report
+    assert rep.tune_loss == "blocks" and rep.tune_iterations == 3 * 4  # three blocks hold adapters
+    assert not rep.warnings
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > -1e9:  # control flow on a value: torch.fx cannot trace it
+            y = F.relu(y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_untraceable_model_falls_back_to_end_to_end_kl_with_a_warning():
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 8, 8)
+    rep = cora.convert(Untraceable().eval(), images, _fast(tune_loss="blocks", tune_iterations=3)).cora_report
+    assert rep.tune_loss == "kl" and rep.tune_iterations == 3
+    assert any("block reconstruction needs a model torch.fx can trace" in w for w in rep.warnings), rep.warnings
