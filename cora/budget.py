@@ -8,7 +8,9 @@ In the continuous form used by the search, a cutoff ``rho_l in [1/R_l, 1]`` cost
 
 :func:`allocate_ranks` turns any continuous demand into integer ranks that hold the budget
 (projection onto the budget, floor, then a largest-remainder fill); :func:`uniform_ranks` is the
-same fraction of the full rank at every layer.
+same fraction of the full rank at every layer. No layer can ever get more than
+``floor(budget·P_conv / cost)`` (:func:`affordable_rank`), so only that many singular triplets of its
+residual need to be computed and stored.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .residual import ResidualFactors
 
 __all__ = [
     "AdaptedLayer",
+    "affordable_rank",
     "conv_weight_count",
     "cutoff_weights",
     "project_onto_budget",
@@ -41,13 +44,30 @@ class AdaptedLayer:
 
     @property
     def full_rank(self) -> int:
-        return self.factors.rank
+        """``R = min(C_out, C_in·kh·kw)``, also when the factorization stores fewer triplets."""
+        return self.factors.full_rank
 
     @property
     def cost_per_rank(self) -> int:
         """Adapter parameters per unit of rank: ``C_in·kh·kw + C_out``."""
         shape = self.factors.weight_shape
         return math.prod(shape[1:]) + shape[0]
+
+
+def affordable_rank(weight_shape: tuple[int, ...], budget: float, conv_params: int, *, margin: float = 1.0) -> int:
+    """``min(R, floor(margin · budget·P_conv / cost))`` for a conv weight ``[C_out, C_in, kh, kw]``.
+
+    At ``margin = 1`` the largest rank the layer can get under ``budget`` even if it took all of it
+    (``cost = C_in·kh·kw + C_out`` parameters per rank, ``R = min(C_out, C_in·kh·kw)``); a larger
+    ``margin`` also keeps directions the rank search's soft mask still weights
+    (:func:`cora.search.mask_margin`). ``budget`` in ``[0, 1]``, ``conv_params`` > 0.
+    """
+    if conv_params <= 0 or budget < 0 or margin < 1.0:
+        raise ValueError(f"need conv_params > 0, budget >= 0, margin >= 1; got {conv_params}, {budget}, {margin}")
+    k = math.prod(weight_shape[1:])
+    R = min(weight_shape[0], k)
+    # the 1e-9 keeps an exactly affordable rank whose float product lands just below the integer
+    return min(R, int(math.floor(margin * budget * conv_params / (k + weight_shape[0]) + 1e-9)))
 
 
 def conv_weight_count(model: nn.Module) -> int:

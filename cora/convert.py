@@ -28,15 +28,15 @@ import torch
 import torch.nn as nn
 
 from ._modules_util import kept_modes, module_modes, set_submodule
-from .budget import AdaptedLayer, adapter_fraction, conv_weight_count, uniform_ranks
+from .budget import AdaptedLayer, adapter_fraction, affordable_rank, conv_weight_count, uniform_ranks
 from .calibration import CalibrationSet, Objective, model_logits
 from .config import CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
 from .progress import progress_bar
-from .quantizer import compute_qparams, dequantize, gptq_quantize, quantize
+from .quantizer import compute_qparams, dequantize, gptq_quantize, prepare_hessian, quantize
 from .residual import adapter_from_factors, factorize_residual, regression_residual
 from .reconstruct import reconstruct_blocks
-from .search import search_ranks
+from .search import mask_margin, search_ranks
 from .graph import StageChain, trace_stages
 from .statistics import LayerInputs, execution_order, layer_moments, paired_moments_of, reestimate_batchnorm
 from .tune import tune_adapters
@@ -239,6 +239,13 @@ def _uses_statistics(mod: nn.Module, config: CoRaConfig) -> bool:
     return isinstance(mod, nn.Conv2d) and config.method != "none" and config.adapter.factorization == "activation"
 
 
+def _stored_rank(shape, config: CoRaConfig, conv_params: int) -> int:
+    """How many singular triplets of a layer's residual to compute: the most rank it can afford under the
+    budget, times the margin beyond which the search's soft mask weighs a direction below 1e-3."""
+    margin = mask_margin(config.search.order) if config.method == "search" else 1.0
+    return affordable_rank(tuple(shape), config.budget, conv_params, margin=margin)
+
+
 def _layer_bits(name: str, config: CoRaConfig) -> int:
     for pattern, b in config.layer_bits:
         if _matches(name, (pattern,)):
@@ -249,11 +256,12 @@ def _layer_bits(name: str, config: CoRaConfig) -> int:
 # ---------------------------------------------------------------------------------------- phases
 def quantize_base(
     float_model: nn.Module, output: nn.Module, layers: dict[str, nn.Module], data: CalibrationSet,
-    config: CoRaConfig,
+    config: CoRaConfig, conv_params: int,
 ) -> BaseQuantization:
     """Phase 1: ranges and rounding of every chosen layer, in execution order, and the residual factors.
 
-    ``layers``: name -> float layer of ``float_model``. With sequential GPTQ each layer's statistics
+    ``layers``: name -> float layer of ``float_model``; ``conv_params``: what the budget is a fraction of
+    (only the singular directions a layer can ever afford are computed). With sequential GPTQ each layer's statistics
     come from the inputs the partly quantized model produces (every earlier layer already rounded).
     Grouped convs are quantized without an adapter (recorded in ``no_adapter``).
     """
@@ -286,7 +294,8 @@ def quantize_base(
                 h = paired_moments_of(float_inputs, quant_inputs, name, seed=config.seed)[0]
             elif name in wanted:
                 h = layer_moments(float_inputs, name, seed=config.seed)
-            h = h.cpu() if h is not None else None
+            # factored once, shared by GPTQ and the activation-aware factorization
+            h = prepare_hessian(h.cpu(), q.gptq_damp) if h is not None else None
             if q.rounding == "gptq" and h is not None:
                 codes = gptq_quantize(
                     w.reshape(w.shape[0], -1), h, scale, zero, bits, damp=q.gptq_damp, act_order=q.gptq_act_order
@@ -304,7 +313,9 @@ def quantize_base(
                 else:
                     # without input statistics (a layer the calibration data never reaches): weight-space SVD
                     method = config.adapter.factorization if h is not None else "weight"
-                    adapted.append(AdaptedLayer(name, qw, factorize_residual(w - qw, method=method, hessian=h)))
+                    max_rank = _stored_rank(w.shape, config, conv_params)
+                    factors = factorize_residual(w - qw, method=method, hessian=h, max_rank=max_rank)
+                    adapted.append(AdaptedLayer(name, qw, factors))
             bar.set_postfix_str(name, refresh=False)
             bar.update(1)
     return BaseQuantization(weights, adapted, stats_images, too_wide, no_adapter, chain)
@@ -366,8 +377,10 @@ def build_layers(
                     h_qq, h_fq = paired_moments_of(float_inputs, output_inputs, name, seed=config.seed)
                 if h_qq is not None:
                     w = mod.weight.detach().float().cpu()
-                    target = regression_residual(w, qw.dequantized(), h_qq.cpu(), h_fq.cpu())
-                    adapter = adapter_from_factors(factorize_residual(target, method="activation", hessian=h_qq.cpu()), r)
+                    h_qq = prepare_hessian(h_qq.cpu())  # one factorization for the regression and the SVD
+                    target = regression_residual(w, qw.dequantized(), h_qq, h_fq.cpu())
+                    refit = factorize_residual(target, method="activation", hessian=h_qq, max_rank=r)
+                    adapter = adapter_from_factors(refit, r)
                 elif r:
                     adapter = adapter_from_factors(factors[name], r)
                 new = CoRaConv2d.from_conv(
@@ -504,7 +517,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         conv_params = conv_weight_count(float_model)  # before anything is replaced (inplace=True)
         float_logits = _FloatLogits(float_model, data, config.output)
 
-        base = quantize_base(float_model, output, layers, data, config)
+        base = quantize_base(float_model, output, layers, data, config, conv_params)
         ranks = choose_ranks(float_model, base, data, config, float_logits, conv_params)
         storage = build_layers(float_model, output, layers, base, ranks, data, config)
         tuning = tune_layers(float_model, output, base, ranks, data, config, float_logits)

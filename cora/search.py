@@ -33,19 +33,36 @@ from .calibration import Objective
 from .config import SearchConfig
 from .progress import progress_bar
 
-__all__ = ["butterworth_mask", "SearchReport", "search_ranks"]
+__all__ = ["butterworth_mask", "mask_margin", "SearchReport", "search_ranks"]
 
 
-def butterworth_mask(rho: torch.Tensor, rank: int, order: int = 4) -> torch.Tensor:
-    """``T_i = 1 / sqrt(1 + ((i / R) / rho)^(2n))`` for ``i = 0..R-1`` (``[R]``, ``rho``'s dtype).
+def butterworth_mask(rho: torch.Tensor, rank: int, order: int = 4, count: int | None = None) -> torch.Tensor:
+    """``T_i = 1 / sqrt(1 + ((i / R) / rho)^(2n))`` for ``i = 0..count-1`` (``[count]``, ``rho``'s dtype).
 
-    ``rho`` is a scalar tensor (the cutoff as a fraction of the full rank ``R``, differentiable);
+    ``rho`` is a scalar tensor (the cutoff as a fraction of the full rank ``R = rank``, differentiable);
     ``T_0 = 1``, ``T`` decreases monotonically in ``i`` and equals ``1/sqrt(2)`` at ``i / R = rho``.
+    ``count`` (default ``R``): only the first entries, for a truncated factorization; the index is
+    still normalised by the full rank ``R``.
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    idx = torch.arange(rank, dtype=rho.dtype, device=rho.device) / rank
+    count = rank if count is None else count
+    if not 0 <= count <= rank:
+        raise ValueError(f"count must be in [0, {rank}], got {count}")
+    idx = torch.arange(count, dtype=rho.dtype, device=rho.device) / rank
     return torch.rsqrt(1.0 + (idx / rho) ** (2 * order))
+
+
+def mask_margin(order: int = 4, tail: float = 1e-3) -> float:
+    """How far past a layer's affordable rank ``a`` its triplets must be kept for the search.
+
+    Within the budget a layer's cutoff is at most ``rho·R <= a``, so at an index ``i >= m·a`` the soft
+    weight ``T_i² = 1 / (1 + (i / (rho·R))^(2n))`` is at most ``1 / (1 + m^(2n))``; this returns the
+    ``m`` that makes that ``tail``: ``(1/tail - 1)^(1/(2n))`` (2.37 for the default order 4).
+    """
+    if order < 1 or not 0.0 < tail < 1.0:
+        raise ValueError(f"need order >= 1 and 0 < tail < 1, got {order}, {tail}")
+    return (1.0 / tail - 1.0) ** (1.0 / (2 * order))
 
 
 @dataclass
@@ -68,11 +85,16 @@ class SearchReport:
 
 # ---------------------------------------------------------------------- the search
 class _SoftAdapterConv(nn.Module):
-    """``conv(x; Q(W) + U diag(S·T(rho)²) Vt)`` with a trainable cutoff ``rho``."""
+    """``conv(x; Q(W) + U diag(S·T(rho)²) Vt)`` with a trainable cutoff ``rho``.
+
+    ``T`` is indexed over the full rank ``R`` and applied to the stored triplets only (a truncated
+    factorization has dropped the tail no budget can afford).
+    """
 
     def __init__(self, conv: nn.Conv2d, layer: AdaptedLayer, rho_init: float, order: int) -> None:
         super().__init__()
         self.conv, self.order, self.rank = conv, order, layer.full_rank
+        self.count = layer.factors.stored_rank
         conv.weight.requires_grad_(False)
         self.register_buffer("qweight", layer.qweight.to(conv.weight.device))
         self.register_buffer("us", layer.factors.U.to(conv.weight.device))
@@ -81,7 +103,7 @@ class _SoftAdapterConv(nn.Module):
         self.rho = nn.Parameter(torch.tensor(float(rho_init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = butterworth_mask(self.rho, self.rank, self.order)
+        t = butterworth_mask(self.rho, self.rank, self.order, self.count)
         w = self.qweight + ((self.us * (self.s * t * t)) @ self.vt).reshape(self.qweight.shape)
         return self.conv._conv_forward(x, w, self.conv.bias)
 

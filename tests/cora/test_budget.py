@@ -145,3 +145,46 @@ def test_conv_weight_count_and_cutoff_weights():
     for l, wl in zip(layers, w.tolist()):
         c_out, c_in, kh, kw = model.get_submodule(l.name).weight.shape
         assert wl == pytest.approx(min(c_out, c_in * kh * kw) * (c_in * kh * kw + c_out) / p_conv, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- affordable rank
+@pytest.mark.parametrize("shape,budget,conv_params,margin,expect", [
+    ((512, 512, 3, 3), 0.05, 11_166_912, 1.0, 109),  # resnet18 layer4: 558345.6 / 5120 = 109.05
+    ((512, 512, 3, 3), 0.05, 11_166_912, 2.0, 218),  # 218.1
+    ((64, 64, 3, 3), 0.05, 11_166_912, 1.0, 64),  # 872.4 > R = 64
+    ((100, 20, 1, 1), 0.5, 2400, 1.0, 10),  # exactly 1200 / 120 = 10
+    ((100, 20, 1, 1), 0.3, 1000, 1.0, 2),  # 300 / 120 = 2.5
+    ((8, 3, 3, 3), 0.01, 1000, 1.0, 0),  # 10 / 35 < 1: no rank is affordable
+])
+def test_affordable_rank_hand_computed(shape, budget, conv_params, margin, expect):
+    from cora.budget import affordable_rank
+
+    assert affordable_rank(shape, budget, conv_params, margin=margin) == expect
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=layer_shapes, budget=st.floats(0.001, 1.0), demand_frac=st.lists(st.floats(0.0, 1.0), min_size=8, max_size=8))
+def test_no_allocation_exceeds_the_affordable_rank(shapes, budget, demand_frac):
+    """allocate_ranks never gives a layer more than affordable_rank: truncating there loses nothing."""
+    from cora.budget import affordable_rank
+
+    layers = _layers_from(shapes)
+    conv_params = sum(math.prod(l.factors.weight_shape) for l in layers)
+    demand = {l.name: demand_frac[i] * l.full_rank * 5 for i, l in enumerate(layers)}
+    for ranks in (allocate_ranks(demand, layers, budget, conv_params), uniform_ranks(layers, budget, conv_params)):
+        for l in layers:
+            assert ranks[l.name] <= affordable_rank(l.factors.weight_shape, budget, conv_params)
+
+
+def test_truncated_factors_keep_the_full_rank_for_the_budget():
+    """A layer whose factorization stores fewer triplets still costs and reports R (cutoff weights)."""
+    from cora.budget import AdaptedLayer
+    from cora.residual import factorize_residual
+
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(32, 8, 3, 3, generator=g)
+    full = AdaptedLayer("a", w, factorize_residual(w))
+    part = AdaptedLayer("a", w, factorize_residual(w, max_rank=4))
+    assert part.factors.stored_rank == 4 and part.full_rank == full.full_rank == 32
+    assert torch.equal(cutoff_weights([part], 10_000), cutoff_weights([full], 10_000))
+    assert uniform_ranks([part], 0.01, 10_000) == uniform_ranks([full], 0.01, 10_000)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cora.quantizer import compute_qparams, dequantize, fake_quantize, gptq_quantize, qmax, quantize
+from tests.tolerances import rel_err
 
 torch.set_num_threads(1)
 
@@ -292,3 +293,55 @@ def test_scale_invariance_of_relative_error(method, mag):
         s, z = compute_qparams(w * m, 4, method=method)
         errs.append(float((fake_quantize(w * m, s, z, 4) - w * m).norm() / (w * m).norm()))
     assert errs[1] == pytest.approx(errs[0], rel=0.05)
+
+
+# ---------------------------------------------------------------------------------- shared Cholesky
+def test_prepare_hessian_factors_the_damped_matrix():
+    from cora.quantizer import prepare_hessian
+
+    x = _correlated_inputs(5, 24)
+    h = x.T @ x / x.shape[0]
+    dh = prepare_hessian(h, 0.05)
+    shift = 0.05 * float(torch.diag(h).mean())
+    assert dh.shift == pytest.approx(shift, rel=1e-12) and dh.damp == 0.05 and torch.equal(dh.raw, h)
+    damped = h + shift * torch.eye(24, dtype=torch.float64)
+    assert rel_err(dh.L @ dh.L.T, damped) <= 1e-12
+    assert rel_err(dh.inverse() @ damped, torch.eye(24, dtype=torch.float64)) <= 1e-10
+    assert dh.inverse() is dh.inverse()  # computed once
+    assert prepare_hessian(-torch.eye(4, dtype=torch.float64)).L is None  # not positive definite
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_with_prepared_hessian_gives_the_same_codes(bits, act_order):
+    """H⁻¹ from the shared Cholesky (permuted under act_order) reproduces GPTQ's own codes."""
+    from cora.quantizer import _shared_upper_factor, prepare_hessian
+    from tests.tolerances import SHARED_GPTQ_CODE_FLIPS
+
+    for seed in range(3):
+        k = 40
+        x = _correlated_inputs(seed + 40, k)
+        h = x.T @ x / x.shape[0]
+        w = _weight(400 + seed, (12, k))
+        s, z = compute_qparams(w, bits)
+        dh = prepare_hessian(h, 0.01)
+        perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+        assert _shared_upper_factor(dh, h, torch.diag(h) <= 0, perm, 0.01) is not None  # the shared route runs
+        ref = gptq_quantize(w, h, s, z, bits, act_order=act_order, block_size=16)
+        got = gptq_quantize(w, dh, s, z, bits, act_order=act_order, block_size=16)
+        assert int((ref != got).sum()) <= SHARED_GPTQ_CODE_FLIPS
+        assert not torch.equal(ref, quantize(w, s, z, bits))  # GPTQ differs from RTN here: codes are a real check
+
+
+def test_gptq_prepared_hessian_falls_back_on_dead_columns_or_other_damp():
+    """Dead columns change H inside GPTQ, another damp changes the shift: the raw H is used, same codes."""
+    from cora.quantizer import prepare_hessian
+
+    x = _correlated_inputs(7, 16)
+    x[:, 3] = 0.0
+    h = x.T @ x / x.shape[0]
+    w = _weight(24, (6, 16))
+    s, z = compute_qparams(w, 3)
+    assert torch.equal(gptq_quantize(w, prepare_hessian(h), s, z, 3), gptq_quantize(w, h, s, z, 3))
+    h[3, 3] = 0.5  # alive again
+    assert torch.equal(gptq_quantize(w, prepare_hessian(h, 0.1), s, z, 3, damp=0.01), gptq_quantize(w, h, s, z, 3))

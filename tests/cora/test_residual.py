@@ -159,3 +159,93 @@ def test_matrix_with_weights_is_differentiable():
     assert t.grad is not None and torch.isfinite(t.grad).all()
     # d/dt_i <D_t, D> = S_i * (u_i^T D v_i) = S_i^2 >= 0
     assert torch.allclose(t.grad, f.S**2, rtol=1e-3, atol=1e-6)
+
+
+# ------------------------------------------------------------------ truncated and shared factorizations
+def _random_hessian(g, k, n=None):
+    """A correlated, full-rank second moment ``[k, k]`` (float64) of random rows."""
+    n = n or 4 * k
+    x = torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(k, k, generator=g, dtype=torch.float64)
+    return x.T @ x / n + 0.1 * torch.eye(k, dtype=torch.float64)
+
+
+def _product(f, r):
+    A, B = adapter_from_factors(f, r)
+    return (B.double() @ A.reshape(r, -1).double())
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+@pytest.mark.parametrize("c_out,c_in,k,max_rank", [(24, 6, 3, 5), (40, 30, 1, 4), (9, 4, 3, 2), (16, 16, 3, 15)])
+def test_truncated_factorization_keeps_top_triplets_and_full_rank(method, c_out, c_in, k, max_rank):
+    """max_rank far below R: only the top triplets, equal to the full factorization's; R is remembered."""
+    from tests.tolerances import TRUNCATED_RTOL
+
+    _, dw, g = _conv_and_residual(c_out * 7 + c_in + max_rank, c_in, c_out, k)
+    h = _random_hessian(g, c_in * k * k) if method == "activation" else None
+    full = factorize_residual(dw, method=method, hessian=h)
+    part = factorize_residual(dw, method=method, hessian=h, max_rank=max_rank)
+    R = full_rank(dw.shape)
+    assert part.full_rank == full.full_rank == R and full.stored_rank == R
+    assert part.stored_rank == max_rank and part.truncated == (max_rank < R)
+    assert part.U.shape == (c_out, max_rank) and part.Vt.shape == (max_rank, c_in * k * k)
+    if method == "weight" and part.truncated:  # the cheap route really ran (it declines ill-conditioned spectra)
+        from cora.residual import _top_triplets
+
+        assert _top_triplets(dw.reshape(c_out, -1).double(), max_rank) is not None
+    assert rel_err(part.S, full.S[:max_rank]) <= TRUNCATED_RTOL
+    for r in range(1, max_rank + 1):
+        assert rel_err(_product(part, r), _product(full, r)) <= TRUNCATED_RTOL, r
+    if part.truncated:
+        with pytest.raises(ValueError, match="truncated"):
+            adapter_from_factors(part, max_rank + 1)
+
+
+def test_truncation_threshold_and_bounds():
+    _, dw, _ = _conv_and_residual(5, 8, 16, 3)  # R = 16
+    for m in (0, 1, 7, 8, 15, 16, 100):
+        f = factorize_residual(dw, max_rank=m)
+        assert f.stored_rank == min(m, 16) and f.full_rank == 16 and f.S.shape == (min(m, 16),)
+    with pytest.raises(ValueError, match="max_rank"):
+        factorize_residual(dw, max_rank=-1)
+
+
+def test_zero_rows_in_a_truncated_factorization_stay_finite():
+    """A residual of rank below max_rank (rows exactly zero; the Gram route declines): finite factors."""
+    g = torch.Generator().manual_seed(4)
+    dw = torch.randn(30, 4, 3, 3, generator=g)
+    dw[2:] = 0.0  # rank 2
+    f = factorize_residual(dw, max_rank=5)
+    assert torch.isfinite(f.U).all() and torch.isfinite(f.Vt).all()
+    assert float(f.S[2:].abs().max()) <= 1e-6 * float(f.S[0])
+    assert rel_err(f.matrix(), dw) <= 1e-5
+
+
+@pytest.mark.parametrize("max_rank", [None, 3])
+def test_prepared_hessian_gives_the_same_factors(max_rank):
+    """One Cholesky shared: the factors equal those from the raw H; another damp is recomputed."""
+    from cora.quantizer import prepare_hessian
+    from tests.tolerances import SHARED_HESSIAN_RTOL
+
+    _, dw, g = _conv_and_residual(77, 5, 12, 3)
+    h = _random_hessian(g, 45)
+    for damp in (0.01, 0.1):
+        raw = factorize_residual(dw, method="activation", hessian=h, damp=damp, max_rank=max_rank)
+        shared = factorize_residual(dw, method="activation", hessian=prepare_hessian(h, 0.01), damp=damp, max_rank=max_rank)
+        assert rel_err(shared.S, raw.S) <= SHARED_HESSIAN_RTOL
+        assert rel_err(shared.matrix(), raw.matrix()) <= SHARED_HESSIAN_RTOL
+    other = factorize_residual(dw, method="activation", hessian=h, damp=0.01, max_rank=max_rank)
+    assert rel_err(other.S, raw.S) > 1e-3  # the damp matters: the test above could tell them apart
+
+
+def test_regression_residual_with_prepared_hessian():
+    from cora.quantizer import prepare_hessian
+    from cora.residual import regression_residual
+    from tests.tolerances import SHARED_HESSIAN_RTOL
+
+    w, dw, g = _conv_and_residual(78, 4, 6, 3)
+    h_qq = _random_hessian(g, 36)
+    h_fq = h_qq + 0.05 * torch.randn(36, 36, generator=g, dtype=torch.float64)
+    qw = w - dw
+    raw = regression_residual(w, qw, h_qq, h_fq)
+    shared = regression_residual(w, qw, prepare_hessian(h_qq), h_fq)
+    assert rel_err(shared, raw) <= SHARED_HESSIAN_RTOL and rel_err(raw, dw) > 1e-3

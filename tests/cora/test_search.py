@@ -160,3 +160,70 @@ def test_search_soft_conv_matches_quantized_plus_masked_residual():
     with torch.no_grad():
         out = soft(inp)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- truncated factors
+@settings(max_examples=30, deadline=None)
+@given(rank=st.integers(1, 300), rho=st.floats(0.01, 1.0), order=st.integers(1, 8), frac=st.floats(0.0, 1.0))
+def test_mask_count_is_the_head_of_the_full_mask(rank, rho, order, frac):
+    count = int(frac * rank)
+    full = butterworth_mask(torch.tensor(rho, dtype=torch.float64), rank, order)
+    head = butterworth_mask(torch.tensor(rho, dtype=torch.float64), rank, order, count)
+    assert head.shape == (count,) and torch.equal(head, full[:count])
+
+
+def test_mask_margin_bounds_the_dropped_weight():
+    from cora.search import mask_margin
+
+    for order in (1, 2, 4, 8):
+        m = mask_margin(order, 1e-3)
+        # a cutoff at its affordable rank a (rho*R = a): the weight T^2 at index m*a is the tail
+        t = butterworth_mask(torch.tensor(0.01, dtype=torch.float64), 10000, order)
+        assert float(t[round(m * 100)] ** 2) == pytest.approx(1e-3, rel=0.05)
+    assert mask_margin(4) == pytest.approx(999 ** 0.125)
+
+
+def _truncated(layers, budget, conv_params, order=4):
+    from cora.budget import AdaptedLayer, affordable_rank
+    from cora.residual import factorize_residual
+    from cora.search import mask_margin
+
+    out = []
+    for l in layers:
+        m = affordable_rank(l.factors.weight_shape, budget, conv_params, margin=mask_margin(order))
+        residual = l.factors.matrix()
+        out.append(AdaptedLayer(l.name, l.qweight, factorize_residual(residual, max_rank=m)))
+    return out
+
+
+def test_soft_conv_masks_stored_triplets_over_the_full_rank():
+    """A truncated layer: conv(x; Q(W) + U_m diag(S_m T_m^2) Vt_m) with T indexed over R, not m."""
+    model, layers, x, y, conv_params = toy_setup()
+    trunc = _truncated(layers, 0.1, conv_params)
+    layer = trunc[1]
+    assert layer.factors.truncated and layer.full_rank == 16
+    sm = copy.deepcopy(model)
+    search_ranks(sm, trunc, x, _ce(y), budget=0.1, conv_params=conv_params, settings=SearchConfig(iterations=2), progress=False)
+    soft = sm.get_submodule("conv2")
+    t = butterworth_mask(soft.rho.detach(), layer.full_rank, 4)[: layer.factors.stored_rank]
+    w = layer.qweight + layer.factors.matrix(t * t)
+    inp = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        out = soft(inp)
+    assert torch.allclose(out, torch.nn.functional.conv2d(inp, w, None, 2, 1), rtol=1e-4, atol=1e-5)
+    wrong = layer.qweight + layer.factors.matrix(butterworth_mask(soft.rho.detach(), layer.factors.stored_rank, 4) ** 2)
+    assert not torch.allclose(out, torch.nn.functional.conv2d(inp, wrong, None, 2, 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.1])
+def test_search_outcome_unchanged_by_truncation(budget):
+    """Dropping the triplets beyond mask_margin × the affordable rank leaves the searched ranks as they were."""
+    model, layers, x, y, conv_params = toy_setup()
+    trunc = _truncated(layers, budget, conv_params)
+    assert any(l.factors.truncated for l in trunc)
+    kw = dict(budget=budget, conv_params=conv_params, settings=SearchConfig(iterations=30, batch_size=16), progress=False)
+    full = search_ranks(copy.deepcopy(model), layers, x, _ce(y), **kw)
+    cut = search_ranks(copy.deepcopy(model), trunc, x, _ce(y), **kw)
+    assert cut.ranks == full.ranks
+    for n in full.cutoffs:
+        assert cut.cutoffs[n] == pytest.approx(full.cutoffs[n], abs=0.05)
