@@ -7,6 +7,8 @@ Modules (imports only torch and triton; no device work at import):
 * :mod:`.geometry` -- conv shapes and padding, validation of a layer call;
 * :mod:`.reference` -- the pure-torch ground truth;
 * :mod:`.conv_fused` -- the fused Triton kernel and its launcher :func:`cora_conv2d_triton`;
+* :mod:`.conv_depthwise` -- the direct kernel for grouped and depthwise convs (``groups > 1``) and
+  its launcher :func:`cora_conv2d_grouped_triton`;
 * :mod:`.tuning` -- launch configurations, the autotuner and its cache (:func:`save_tuning`,
   :func:`load_tuning`);
 * :mod:`.ops` -- the ``cora::conv2d`` op (:func:`cora_conv2d`) and the backend choice
@@ -15,7 +17,7 @@ Modules (imports only torch and triton; no device work at import):
 
 Importing this package is light: it loads the packed format and the geometry helpers only.  The
 other names are loaded on first access, and Triton is imported only when the Triton backend first
-runs (or :func:`cora_conv2d_triton` is first accessed).
+runs (or :func:`cora_conv2d_triton` / :func:`cora_conv2d_grouped_triton` is first accessed).
 """
 from .geometry import PADDING_MODES, conv_output_size, explicit_padding, pad_input
 from .packing import (
@@ -49,6 +51,7 @@ __all__ = [
     "cora_conv2d",
     "cora_conv2d_reference",
     "cora_conv2d_triton",
+    "cora_conv2d_grouped_triton",
     "dequantize_weight",
     "save_tuning",
     "load_tuning",
@@ -61,6 +64,7 @@ _LAZY = {
     "cora_conv2d": ("ops", "cora_conv2d"),
     "cora_conv2d_reference": ("reference", "cora_conv2d_reference"),
     "cora_conv2d_triton": ("conv_fused", "cora_conv2d_triton"),  # imports triton
+    "cora_conv2d_grouped_triton": ("conv_depthwise", "cora_conv2d_grouped_triton"),  # imports triton
     "dequantize_weight": ("reference", "dequantize_weight"),
     "save_tuning": ("tuning", "save_tuning"),
     "load_tuning": ("tuning", "load_tuning"),

@@ -437,14 +437,16 @@ def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bi
 
     Test / benchmark hooks: ``dense_weight`` (``[K, C_out]`` in x's dtype) selects the fp16-weight
     control variant; ``config`` (:class:`~cora_kernels.tuning.ConvConfig`) and ``split_k`` bypass
-    the tuner.  ``groups > 1`` is not handled by the kernel (the op routes it to the reference).
+    the tuner.  ``groups > 1`` is not handled by this kernel: the op routes it to the direct grouped
+    kernel (:func:`cora_kernels.conv_depthwise.cora_conv2d_grouped_triton`).
     """
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                         padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
                         residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale,
                         b_scale=b_scale)
     if g.groups != 1:
-        raise NotImplementedError("the fused kernel supports groups == 1 only; use the reference path")
+        raise NotImplementedError("the fused kernel supports groups == 1 only; groups > 1 runs "
+                                  "cora_conv2d_grouped_triton (conv_depthwise)")
     prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, relu, g, bits,
                     dense_weight, a_scale, b_scale)
     if config is None:

@@ -6,13 +6,15 @@ shape, dtype and strides), not a graph break.
 Backends (:class:`Backend`), chosen per call by :func:`resolve_backend`:
 
 * ``reference`` -- the pure-torch reference (:mod:`cora_kernels.reference`);
-* ``triton``    -- the Triton kernel (:func:`cora_kernels.conv_fused.cora_conv2d_triton`), also for
-  CPU tensors (which then need ``TRITON_INTERPRET=1`` set before Triton is imported);
+* ``triton``    -- the Triton kernels, also for CPU tensors (which then need ``TRITON_INTERPRET=1``
+  set before Triton is imported): ``groups == 1`` the fused implicit-GEMM kernel
+  (:func:`cora_kernels.conv_fused.cora_conv2d_triton`), ``groups > 1`` (depthwise and grouped, no
+  adapter) the direct kernel (:func:`cora_kernels.conv_depthwise.cora_conv2d_grouped_triton`);
 * ``auto``      -- Triton on CUDA, the reference elsewhere.
 
 The default comes from the environment variable ``CORA_BACKEND`` (:func:`default_backend`), read
-when the op runs, so it can be changed between calls, also for a compiled model.  ``groups > 1``
-and anything that needs gradients (the op has no autograd) always take the reference.
+when the op runs, so it can be changed between calls, also for a compiled model.  Anything that
+needs gradients (the op has no autograd) always takes the reference.
 
 Validation happens in :func:`cora_conv2d` before the op is called, so bad inputs fail with a clear
 message and no launch.
@@ -68,11 +70,12 @@ def resolve_backend(backend, x: torch.Tensor, *, groups: int = 1, needs_grad: bo
     """The backend that runs this call: ``Backend.TRITON`` or ``Backend.REFERENCE``.
 
     ``backend`` is a :class:`Backend`, its string value, or None for :func:`default_backend`.
-    ``needs_grad`` (the op has no autograd) and ``groups != 1`` (not in the kernel) force the
-    reference; AUTO means Triton for CUDA tensors and the reference elsewhere.
+    ``needs_grad`` (the op has no autograd) forces the reference; AUTO means Triton for CUDA tensors
+    and the reference elsewhere.  ``groups`` does not change the answer (``groups > 1`` has its own
+    kernel, :mod:`cora_kernels.conv_depthwise`); it is kept so callers can pass the whole call.
     """
     choice = default_backend() if backend is None else _as_backend(backend)
-    if needs_grad or groups != 1:
+    if needs_grad:
         return Backend.REFERENCE
     if choice is Backend.AUTO:
         return Backend.TRITON if x.is_cuda else Backend.REFERENCE
@@ -108,7 +111,11 @@ def _cora_conv2d_op(
               dilation=tuple(dilation), out_scale=out_scale, out_shift=out_shift, residual=residual,
               relu=relu, groups=groups, a_scale=a_scale, b_scale=b_scale)
     if resolve_backend(backend, x, groups=groups) is Backend.TRITON:
-        from . import conv_fused  # imports triton on first use only
+        if groups > 1:
+            from . import conv_depthwise  # imports triton on first use only
+
+            return conv_depthwise.cora_conv2d_grouped_triton(x, list(qweight), scale, zero, a, b, bias, **kw)
+        from . import conv_fused
 
         return conv_fused.cora_conv2d_triton(x, list(qweight), scale, zero, a, b, bias, **kw)
     from .reference import cora_conv2d_reference
@@ -143,7 +150,8 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
         relu: applied last.
         kernel_size, stride, padding, dilation: ints or pairs (symmetric zero padding; see
             :func:`cora_kernels.geometry.pad_input` for the rest).
-        groups: > 1 runs the reference (no adapter allowed).
+        groups: > 1 (depthwise, grouped) takes no adapter; on the Triton backend it runs the direct
+            grouped kernel (:mod:`cora_kernels.conv_depthwise`).
         in_channels: optional, checked against x (the packed planes alone cannot always tell).
         backend: a :class:`Backend` or its value; None (default) follows ``CORA_BACKEND``.
         a_scale, b_scale: only with int8 ``a``/``b``: one symmetric scale per row, ``[r]`` and

@@ -14,6 +14,8 @@ Two ways to turn a K-tile of words into a ``[BLOCK_K, BLOCK_N]`` tile of codes:
   the codes-per-word of every plane: it loads ``BLOCK_K // per`` words per column once and expands
   them in registers (``[words, per, N]`` then a row-major reshape to ``[BLOCK_K, N]``), so the
   shared-memory / load traffic is the packed size, not 32 bits per code.
+* :func:`load_codes_row` -- one K index (a scalar) for a vector of columns: the direct grouped /
+  depthwise kernel (:mod:`cora_kernels.conv_depthwise`), whose K is only ``kh*kw*C_in/groups``.
 
 All shifts are arithmetic on signed int32 words; masking after the shift gives the right field
 for every bit offset, including the sign bit.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["unpack_field", "load_codes_gather", "load_codes_aligned"]
+__all__ = ["unpack_field", "load_codes_gather", "load_codes_aligned", "load_codes_row"]
 
 
 @triton.jit
@@ -81,4 +83,22 @@ def load_codes_aligned(w0_ptr, w1_ptr, k0, kmax, offs_n, n_mask, ld,
         q = lo | (hi << 2)
     else:
         q = _expand_plane(w0_ptr, k0, kmax, offs_n, n_mask, ld, BITS, BLOCK_K)
+    return q
+
+
+@triton.jit
+def load_codes_row(w0_ptr, w1_ptr, k, offs_n, n_mask, ld, BITS: tl.constexpr):
+    """Integer codes ``[BLOCK_N]`` (int32) of the one K index ``k`` (a scalar) for columns ``offs_n``.
+
+    ``ld`` is the row stride of the planes (``C_out``); masked columns read as 0.  Each column
+    loads one word per plane (coalesced along C_out) and shifts the field out of it.
+    """
+    if BITS == 3:
+        lo = tl.load(w0_ptr + (k // 16) * ld + offs_n, mask=n_mask, other=0)
+        hi = tl.load(w1_ptr + (k // 32) * ld + offs_n, mask=n_mask, other=0)
+        q = ((lo >> ((k % 16) * 2)) & 3) | (((hi >> (k % 32)) & 1) << 2)
+    else:
+        PER: tl.constexpr = 32 // BITS
+        w = tl.load(w0_ptr + (k // PER) * ld + offs_n, mask=n_mask, other=0)
+        q = (w >> ((k % PER) * BITS)) & ((1 << BITS) - 1)
     return q

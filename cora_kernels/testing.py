@@ -88,11 +88,13 @@ class Case:
     channels_last: bool = False
     split_k: int | None = None
     adapter: str = "float"  # "float" (float32 A/B) or "int8" (int8 A/B plus a_scale/b_scale)
+    groups: int = 1  # > 1: grouped / depthwise (use rank 0: no adapter with groups)
     extra: dict = field(default_factory=dict)
 
     @property
     def K(self):
-        return self.k[0] * self.k[1] * self.C_in
+        """The GEMM reduction length ``kh*kw*C_in/groups`` (the packed codes' row length)."""
+        return self.k[0] * self.k[1] * (self.C_in // self.groups)
 
     def out_hw(self):
         return conv_output_size(self.H, self.W, self.k, self.stride, self.padding, self.dilation)
@@ -105,7 +107,8 @@ class Case:
         return (f"N{self.N} C{self.C_in}->{self.C_out} {self.H}x{self.W} k{self.k} s{self.stride} p{self.padding} "
                 f"d{self.dilation} b{self.bits} r{self.r()} {str(self.dtype)[6:]} bias{int(self.bias)} "
                 f"bn{int(self.bn)} res{int(self.res)} relu{int(self.relu)} cl{int(self.channels_last)} "
-                f"sk{self.split_k}" + (f" {self.adapter}" if self.adapter != "float" else ""))
+                f"sk{self.split_k}" + (f" {self.adapter}" if self.adapter != "float" else "")
+                + (f" g{self.groups}" if self.groups != 1 else ""))
 
 
 def random_layer(c: Case, seed: int | None = None, device=DEFAULT_DEVICE):
@@ -116,7 +119,7 @@ def random_layer(c: Case, seed: int | None = None, device=DEFAULT_DEVICE):
     :func:`random_packed_weights` (for ``c.adapter == "int8"`` the adapter is rounded with
     :func:`cora_kernels.packing.quantize_adapter` and ``kwargs`` carries ``a_scale``/``b_scale``),
     ``x`` standard normal, ``bias`` / BatchNorm shift ~0.1, BatchNorm
-    scale in [0.5, 1.5), ``residual`` standard normal.
+    scale in [0.5, 1.5), ``residual`` standard normal.  ``kwargs`` carries ``groups`` when it is not 1.
     """
     g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item())
     planes, scale, zero, a, b = random_packed_weights(c.C_out, c.K, c.bits, c.r(), g)
@@ -125,6 +128,8 @@ def random_layer(c: Case, seed: int | None = None, device=DEFAULT_DEVICE):
         x = x.contiguous(memory_format=torch.channels_last)
     oh, ow = c.out_hw()
     kw = dict(bits=c.bits, kernel_size=c.k, stride=c.stride, padding=c.padding, dilation=c.dilation, relu=c.relu)
+    if c.groups != 1:
+        kw["groups"] = c.groups
     bias = torch.randn(c.C_out, generator=g) * 0.1 if c.bias else None
     if c.bn:
         kw["out_scale"] = torch.rand(c.C_out, generator=g) + 0.5

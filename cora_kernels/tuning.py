@@ -7,7 +7,10 @@ The data:
 * :data:`CONV_CONFIGS` -- the candidates that the autotuner times for 16-bit activations;
   :data:`FALLBACK_CONFIG` (large adapter ranks), :data:`FP32_CONFIGS` (fp32 activations),
   :data:`INTERPRETER_CONFIG` (``TRITON_INTERPRET=1``, never tuned) and :data:`REDUCE_CONFIG` (the
-  split-K reduction, memory-bound, not tuned); :func:`config_named` looks any of them up by name.
+  split-K reduction, memory-bound, not tuned); :func:`config_named` looks any of them up by name;
+* :class:`DepthwiseConfig` / :data:`DEPTHWISE_CONFIGS` -- the tiles of the direct grouped /
+  depthwise kernel (:mod:`cora_kernels.conv_depthwise`), chosen by shape with
+  :func:`depthwise_config` (never timed; :data:`DEPTHWISE_INTERPRETER_CONFIG` under the interpreter).
 
 The decisions:
 
@@ -50,6 +53,10 @@ __all__ = [
     "INTERPRETER_CONFIG",
     "REDUCE_CONFIG",
     "config_named",
+    "DepthwiseConfig",
+    "DEPTHWISE_CONFIGS",
+    "DEPTHWISE_INTERPRETER_CONFIG",
+    "depthwise_config",
     "prune_configs",
     "untimed_config",
     "choose_split_k",
@@ -140,6 +147,60 @@ def config_named(name: str) -> ConvConfig:
         return _BY_NAME[name]
     except (KeyError, TypeError):
         raise KeyError(f"no launch config named {name!r}; known: {sorted(_BY_NAME)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# the direct grouped / depthwise kernel: a few fixed tiles, chosen by shape (no timing)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DepthwiseConfig:
+    """A tile of the grouped kernel: ``BLOCK_M`` output pixels x ``BLOCK_C`` output channels."""
+
+    name: str
+    BLOCK_M: int
+    BLOCK_C: int
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"dw{self.BLOCK_M}x{self.BLOCK_C}_w{self.num_warps}"
+
+
+# One large-M tile per channel width and a small-M one (batch 1, late 7x7 / 14x14 stages) that
+# makes more programs; all hold 16 fp32 accumulators per thread.  At 32 per thread (4096-element
+# tiles at 4 warps) the general grouped variant spilled on sm_80 (16 B, 64x64 and 128x32, triton
+# 3.8); at 16 every variant takes 70-100 registers (see tests/cora_kernels/test_compile.py -s).
+# No software pipelining (num_stages 1): the kernel has no dot to feed.
+DEPTHWISE_CONFIGS: tuple[DepthwiseConfig, ...] = (
+    DepthwiseConfig("dw_c32", 128, 32, 8),
+    DepthwiseConfig("dw_c64", 64, 64, 8),
+    DepthwiseConfig("dw_c128", 32, 128, 8),
+    DepthwiseConfig("dw_c32_small_m", 32, 32, 2),
+    DepthwiseConfig("dw_c64_small_m", 16, 64, 2),
+    DepthwiseConfig("dw_c128_small_m", 16, 128, 4),
+)
+DEPTHWISE_INTERPRETER_CONFIG = DepthwiseConfig("dw_interpreter", 32, 16, 4)
+DEPTHWISE_MIN_PROGRAMS = 256  # below this many large-M tiles (about 2 per SM), take the small-M tile
+
+
+def depthwise_config(*, M: int, C_out: int, interpreting: bool = False) -> DepthwiseConfig:
+    """The grouped kernel's tile for ``M = N*OH*OW`` output pixels and ``C_out`` channels.
+
+    The channel tile is the widest of 128 / 64 / 32 that pads ``C_out`` by at most 1/8 (MobileNet
+    and EfficientNet widths such as 96 or 144 get 32, 384 or 960 get 128); then the large-M tile of
+    that width, or its small-M one when the large one would give fewer than
+    :data:`DEPTHWISE_MIN_PROGRAMS` programs.  ``interpreting``: :data:`DEPTHWISE_INTERPRETER_CONFIG`.
+    """
+    if interpreting:
+        return DEPTHWISE_INTERPRETER_CONFIG
+    block_c = 32
+    for bc in (128, 64):
+        if -(-C_out // bc) * bc * 8 <= C_out * 9:
+            block_c = bc
+            break
+    large, small = (c for c in DEPTHWISE_CONFIGS if c.BLOCK_C == block_c)
+    programs = -(-M // large.BLOCK_M) * -(-C_out // block_c)
+    return large if programs >= DEPTHWISE_MIN_PROGRAMS else small
 
 
 # ----------------------------------------------------------------------------------------------

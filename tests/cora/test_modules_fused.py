@@ -91,6 +91,34 @@ def test_layer_backend_overrides_the_environment(monkeypatch):
         CoRaConv2d(3, 4, 3, backend="cuda-please")
 
 
+@pytest.mark.parametrize("kwargs, bits, dtype", [
+    (dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1, groups=6), 4, torch.float32),
+    (dict(in_channels=4, out_channels=8, kernel_size=5, padding="same", groups=4, bias=False), 3, torch.float16),
+    (dict(in_channels=6, out_channels=4, kernel_size=3, padding=1, groups=2), 2, torch.float32),
+], ids=["depthwise", "depthwise_mult2", "grouped"])
+def test_grouped_layer_runs_the_grouped_kernel(kwargs, bits, dtype, monkeypatch):
+    """A depthwise / grouped CoRaConv2d with backend="triton" runs the direct grouped kernel (the
+    interpreter on CPU) through op_forward, never reference_forward, and matches reference_forward."""
+    import cora_kernels.conv_depthwise as cd
+
+    torch.manual_seed(21)
+    m = CoRaConv2d.from_conv(nn.Conv2d(**kwargs), bits=bits, rank=0).to(DEVICE)
+    x = torch.randn(2, kwargs["in_channels"], 7, 6).to(DEVICE, dtype)
+    with torch.no_grad():
+        want = m.reference_forward(x.float())  # float32: the layer's own reference, not rounded to fp16
+    calls = []
+    real = cd.cora_conv2d_grouped_triton
+    monkeypatch.setattr(cd, "cora_conv2d_grouped_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(CoRaConv2d, "reference_forward", _refuse)
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    m.backend = "triton"
+    with torch.no_grad():
+        y = m(x)
+    assert calls == [1] and y.dtype == dtype
+    assert_close_rel(y.cpu(), want.cpu(), dtype)
+    assert_close_rel(y.cpu(), _expected(m.cpu(), x.cpu()), dtype)
+
+
 def test_autograd_uses_reference_path(monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "triton")  # would fail under autograd if the op were used
     m = _layer(CASES[0][0], 4, 3, seed=12)

@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from cora_kernels import tuning  # noqa: E402
+from cora_kernels.conv_depthwise import _cora_conv2d_grouped_kernel  # noqa: E402
 from cora_kernels.conv_fused import _cora_conv2d_kernel, _splitk_epilogue_kernel  # noqa: E402
 
 _TRITON_DIR = os.path.dirname(triton.__file__)
@@ -128,6 +129,35 @@ def compile_reduce(*, cc: int, dtype: str = "fp16") -> CompileResult:
                          k.metadata.shared, False, False)
 
 
+def compile_grouped(cfg: tuning.DepthwiseConfig, *, cc: int, bits: int = 4, dtype: str = "fp16",
+                    mode: int = 0, epilogue: bool = True) -> CompileResult:
+    """Compile ``_cora_conv2d_grouped_kernel`` for one tile config (any kernel size: the tap loop is
+    dynamic), specialised like a MobileNet layer at run time (channels_last activations and output:
+    unit channel stride; C_out and the strides divisible by 16).  ``mode``: the kernel's ``MODE``, 0
+    depthwise, 1 depthwise with a channel multiplier, 2 general grouped (a loop over the group's
+    input channels)."""
+    dt = _DT[dtype]
+    ptr = {"x_ptr": f"*{dt}", "w0_ptr": "*i32", "w1_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16",
+           "bias_ptr": "*fp32", "oscale_ptr": "*fp32", "oshift_ptr": "*fp32", "res_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
+    ints = ["M", "H", "W", "C_out", "OH", "OW", "CIG", "COG", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w",
+            "dil_h", "dil_w", "sxn", "sxh", "sxw", "son", "soh", "sow", "srn", "srh", "srw"]
+    sig = dict(ptr)
+    sig.update({n: "i32" for n in ints})
+    consts = dict(sxc=1, soc=1, src=1, BITS=bits, MODE=mode,
+                  HAS_BIAS=epilogue, HAS_BN=epilogue, HAS_RES=epilogue, RELU=epilogue, UPCAST=False,
+                  BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C)
+    div16 = list(ptr) + ["C_out", "sxn", "sxh", "sxw", "son", "soh", "sow", "srn", "srh", "srw"]
+    kern = _compile(_cora_conv2d_grouped_kernel, sig, consts, div16, cc, cfg.num_warps, 1)
+    use = resource_usage(kern.asm["cubin"])
+    name = (f"{('depthwise', 'depthwise-mult', 'grouped')[mode]} {cfg} b{bits} {dtype}"
+            f"{'' if epilogue else ' no-epilogue'}")
+    return CompileResult(name, cc, use["REG"], use["STACK"], use["SHARED"], kern.metadata.shared, False, False)
+
+
+def depthwise_config_named(name: str) -> tuning.DepthwiseConfig:
+    return {c.name: c for c in (*tuning.DEPTHWISE_CONFIGS, tuning.DEPTHWISE_INTERPRETER_CONFIG)}[name]
+
+
 def all_conv_configs():
     return list(tuning.CONV_CONFIGS) + [tuning.FALLBACK_CONFIG]
 
@@ -138,6 +168,8 @@ def run_job(job: dict) -> dict:
     try:
         if kind == "reduce":
             res = compile_reduce(**job)
+        elif kind == "grouped":
+            res = compile_grouped(depthwise_config_named(job.pop("cfg")), **job)
         else:
             cfg = tuning.config_named(job.pop("cfg"))
             res = compile_conv(cfg, **job)
@@ -159,3 +191,6 @@ if __name__ == "__main__":
                 for bits in (4, 3, 16):
                     print(compile_conv(cfg, cc=cc, bits=bits), flush=True)
             print(compile_reduce(cc=cc), flush=True)
+            for cfg in tuning.DEPTHWISE_CONFIGS:
+                for bits in (4, 3, 2, 8):
+                    print(compile_grouped(cfg, cc=cc, bits=bits), flush=True)

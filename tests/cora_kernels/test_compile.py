@@ -1,4 +1,5 @@
-"""Every autotune config of every kernel compiles for sm_80 and sm_90 (no GPU needed).
+"""Every autotune config of every kernel compiles for sm_80 and sm_90 (no GPU needed), and every tile
+of the grouped / depthwise kernel too.
 
 Runs the whole Triton compiler to PTX and a cubin (ptxas), checks for tensor-core instructions,
 records REG / STACK / SHARED (``cuobjdump --dump-resource-usage``) and fails on spills (STACK > 0).
@@ -40,6 +41,20 @@ def _default_jobs():
     for cc in TARGETS:
         jobs += _variant_jobs(cc)
     return jobs
+
+
+def _grouped_jobs():
+    return [_grouped(cc, cfg, **kw) for cc in TARGETS for cfg in tuning.DEPTHWISE_CONFIGS for kw in GROUPED_VARIANTS]
+
+
+def _grouped(cc, cfg, **kw):
+    return {"kind": "grouped", "cc": cc, "cfg": cfg.name, **kw}
+
+
+# Per tile of the grouped kernel: depthwise at int4/3/2/8 (fp16, every epilogue option), the channel
+# multiplier and the general grouped loop (int3: two planes), bf16 and fp32 activations, no epilogue.
+GROUPED_VARIANTS = [dict(bits=4), dict(bits=3), dict(bits=2), dict(bits=8), dict(bits=3, mode=1), dict(bits=3, mode=2),
+                    dict(bits=4, dtype="bf16", mode=1), dict(bits=4, dtype="fp32", mode=2), dict(bits=4, epilogue=False)]
 
 
 def _variant_jobs(cc):
@@ -126,6 +141,14 @@ def test_conv_config_compiles_int8_adapter(cc, cfg, bits, record_property):
     """int8 adapters with fp32 per-row scales (the scales applied to the fp32 t and adapter tiles), for
     every config the tuner may choose for them (tuning.INT8_ADAPTER_SPILLS are pruned: they spill)."""
     _check(_result(_conv(cc, cfg, bits=bits, adapter="int8"), _default_jobs), record_property)
+
+
+@pytest.mark.parametrize("variant", GROUPED_VARIANTS, ids=lambda v: "-".join(f"{k}{w}" for k, w in v.items()))
+@pytest.mark.parametrize("cfg", tuning.DEPTHWISE_CONFIGS, ids=str)
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_grouped_config_compiles(cc, cfg, variant, record_property):
+    """Every tile of the direct grouped / depthwise kernel, no spills (CUDA-core FMAs: no mma expected)."""
+    _check(_result(_grouped(cc, cfg, **variant), _grouped_jobs), record_property, need_mma=False)
 
 
 @pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")

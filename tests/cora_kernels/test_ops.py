@@ -113,14 +113,36 @@ def test_backend_env_read_at_call_time(monkeypatch):
         cora_kernels.cora_conv2d(*args, **kw)
 
 
-def test_groups_go_to_reference(monkeypatch):
-    monkeypatch.setenv("CORA_BACKEND", "triton")
-    c = Case(N=1, C_in=2, C_out=4, rank=0)
+@pytest.mark.parametrize("groups, c_out", [(4, 8), (2, 4)], ids=["depthwise_mult2", "grouped"])
+def test_groups_run_the_grouped_kernel(groups, c_out, monkeypatch):
+    """groups > 1 on the Triton backend: the direct grouped kernel (never the fused one), matching the
+    reference; on the reference backend neither kernel runs."""
+    import cora_kernels.conv_depthwise as cd
+    import cora_kernels.conv_fused as cf
+
+    c = Case(N=1, C_in=4, C_out=c_out, H=6, W=5, groups=groups, rank=0, bias=True, bn=True, relu=True)
     args, kw = make_layer(c)
-    x = torch.randn(1, 4, c.H, c.W)
-    y = cora_kernels.cora_conv2d(x, *args[1:], **kw, groups=2)
-    y_ref = cora_conv2d_reference(x, *args[1:], **kw, groups=2)
-    torch.testing.assert_close(y, y_ref)
+    calls = []
+    real = cd.cora_conv2d_grouped_triton
+    monkeypatch.setattr(cd, "cora_conv2d_grouped_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cf, "cora_conv2d_triton", lambda *a, **k: pytest.fail("the fused kernel ran"))
+    y64 = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    assert_close_rel(cora_kernels.cora_conv2d(*args, **kw), y64, torch.float32)
+    assert calls == []
+    if not torch.cuda.is_available():  # CPU tensors run the kernel through the interpreter
+        monkeypatch.setenv("CORA_BACKEND", "triton")
+        assert_close_rel(cora_kernels.cora_conv2d(*args, **kw), y64, torch.float32)
+        assert calls == [1]
+
+
+def test_groups_refuse_an_adapter():
+    c = Case(N=1, C_in=4, C_out=4, H=5, W=5, groups=4, rank=0)
+    args, kw = make_layer(c)
+    a, b = torch.randn(2, c.K), torch.randn(c.C_out, 2)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match="groups"):
+            cora_kernels.cora_conv2d(*args[:4], a, b, None, **kw, backend=backend)
 
 
 # --- the backend choice ---------------------------------------------------------------------------
@@ -173,12 +195,13 @@ def test_resolve_backend_explicit_wins_over_env(monkeypatch, backend, on_cpu, on
 
 
 @pytest.mark.parametrize("backend", [None, Backend.AUTO, Backend.TRITON, "triton"])
-def test_resolve_backend_grad_and_groups_force_reference(monkeypatch, backend):
+def test_resolve_backend_grad_forces_reference_groups_do_not(monkeypatch, backend):
     monkeypatch.setenv("CORA_BACKEND", "triton")
     x = _FakeCuda()
     assert resolve_backend(backend, x) is Backend.TRITON
     assert resolve_backend(backend, x, needs_grad=True) is Backend.REFERENCE
-    assert resolve_backend(backend, x, groups=2) is Backend.REFERENCE
+    assert resolve_backend(backend, x, groups=2) is Backend.TRITON  # the grouped kernel
+    assert resolve_backend(backend, x, groups=32, needs_grad=True) is Backend.REFERENCE
     assert resolve_backend(backend, x, groups=1, needs_grad=False) is Backend.TRITON
 
 
