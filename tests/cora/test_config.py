@@ -134,8 +134,10 @@ def test_resolved_choices_and_label_checks():
     assert (r.method, r.search.loss, r.tune.loss, r.tune.iterations) == ("uniform", "kl", "kl", 0)
     for bits in SUPPORTED_BITS:  # label-free: block reconstruction at 2 bits only (what the held-back images chose)
         r = CoRaConfig(bits=bits).resolved(False)
-        want = ("blocks", 250) if bits <= LABEL_FREE_BLOCKS_MAX_BITS else ("kl", 0)
-        assert (r.tune.loss, r.tune.iterations) == want, bits
+        want = ("blocks", 100, 3e-3) if bits <= LABEL_FREE_BLOCKS_MAX_BITS else ("kl", 0, 1e-3)
+        assert (r.tune.loss, r.tune.iterations, r.tune.lr) == want, bits
+    explicit = CoRaConfig(bits=2, tune_iterations=7).resolved(False)  # a user's own steps stay
+    assert (explicit.tune.loss, explicit.tune.iterations, explicit.tune.lr) == ("blocks", 7, 1e-3)
     with pytest.raises(ValueError, match="loss='ce' needs labelled"):
         CoRaConfig(method="search", loss="ce").resolved(False)
     with pytest.raises(ValueError, match="tune_loss='ce' needs labelled"):
