@@ -11,7 +11,8 @@ statistics, the float layers), and string metadata:
   rebuilds the float skeleton (CIFAR ResNets, torchvision models), or ``null`` when the caller must
   pass the model;
 * ``layers``: JSON, for each quantized layer, its type and constructor arguments (geometry, bits,
-  rank, adapter dtype);
+  rank, adapter dtype; a ``QuantLinear`` written before linear layers had adapters records neither
+  rank nor adapter dtype and loads as rank 0);
 * ``state_metadata``: JSON ``{module prefix: {"version": int, ...}}``, the ``state_dict()._metadata``
   that ``load_state_dict`` hands to every module's ``_load_from_state_dict`` (torchvision's MNASNet
   refuses to load without its version, BatchNorm reads its own);
@@ -74,7 +75,8 @@ _PREPROCESSING_KEYS = frozenset({"image_size", "resize_size", "mean", "std", "cl
 _ADAPTER_DTYPES = ("float16", "bfloat16", "float32", "int8")
 _CONV_KEYS = frozenset({"type", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias",
                         "padding_mode", "bits", "rank", "adapter_dtype"})
-_LINEAR_KEYS = frozenset({"type", "in_features", "out_features", "bias", "bits"})
+_LINEAR_KEYS = frozenset({"type", "in_features", "out_features", "bias", "bits", "rank", "adapter_dtype"})
+_OLD_LINEAR_KEYS = frozenset({"type", "in_features", "out_features", "bias", "bits"})  # before linear adapters
 _DEPLOY_HINT = "save the converted model before deploying: cora.save(converted); cora.deploy(cora.load(path))"
 
 
@@ -147,7 +149,8 @@ def _layer_spec(mod: nn.Module) -> dict:
             adapter_dtype=str(mod.adapter_a.dtype).replace("torch.", ""),
         )
     return dict(
-        type="QuantLinear", in_features=mod.in_features, out_features=mod.out_features, bias=mod.bias is not None, bits=mod.bits
+        type="QuantLinear", in_features=mod.in_features, out_features=mod.out_features, bias=mod.bias is not None, bits=mod.bits,
+        rank=mod.rank, adapter_dtype=str(mod.adapter_a.dtype).replace("torch.", ""),
     )
 
 
@@ -167,6 +170,8 @@ def _spec_problem(spec) -> str | None:
     keys = {"CoRaConv2d": _CONV_KEYS, "QuantLinear": _LINEAR_KEYS}.get(kind) if isinstance(kind, str) else None
     if keys is None:
         return f"unknown layer type {kind!r}"
+    if kind == "QuantLinear" and set(spec) == _OLD_LINEAR_KEYS:
+        keys = _OLD_LINEAR_KEYS
     if set(spec) != keys:
         missing, unknown = sorted(keys - set(spec)), sorted(set(spec) - keys)
         return "fields " + ", ".join(p for p in (missing and f"missing {missing}", unknown and f"unknown {unknown}") if p)
@@ -174,7 +179,9 @@ def _spec_problem(spec) -> str | None:
         return "bias must be true/false and bits a positive integer"
     if kind == "QuantLinear":
         ok = _is_int(spec["in_features"], 1) and _is_int(spec["out_features"], 1)
-        return None if ok else "in/out features must be positive integers"
+        if ok and "rank" in spec:
+            ok = _is_int(spec["rank"], 0) and spec["adapter_dtype"] in _ADAPTER_DTYPES
+        return None if ok else "in/out features must be positive integers, the rank >= 0 and the adapter dtype known"
     ok = (
         all(_is_int(spec[k], 1) for k in ("in_channels", "out_channels", "groups"))
         and _is_int(spec["rank"], 0)
@@ -558,10 +565,11 @@ def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 def _check_layer_dtypes(name: str, m: nn.Module) -> None:
     """Every buffer of a CoRa layer must have the dtype and shape its constructor makes (load builds it that way)."""
     hint = "save the model in the dtypes cora.convert gave it (before .double(), .half() or .to(dtype))"
-    if isinstance(m, CoRaConv2d):
-        a, b = m.adapter_a.dtype, m.adapter_b.dtype
-        if str(a).replace("torch.", "") not in _ADAPTER_DTYPES or a != b:
-            raise ValueError(f"layer {name!r}: adapters are {a}/{b}; CoRaConv2d stores them in one of {_ADAPTER_DTYPES}: {hint}")
+    a, b = m.adapter_a.dtype, m.adapter_b.dtype
+    if str(a).replace("torch.", "") not in _ADAPTER_DTYPES or a != b:
+        raise ValueError(
+            f"layer {name!r}: adapters are {a}/{b}; {type(m).__name__} stores them in one of {_ADAPTER_DTYPES}: {hint}"
+        )
     try:
         fresh = _build_layer(name, _layer_spec(m)).state_dict()
     except CheckpointError as exc:

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="cifar_resnet20, cifar_resnet32, ... (depth 6n+2) or a torchvision name (resnet18, ...)")
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
-    q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv parameters")
+    q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv and linear weights")
     q.add_argument("--method", type=_method_type(notes), default=None, metavar="{" + ",".join(METHODS) + "}",
                    help="search: searched ranks; uniform: same fraction of the full rank per layer; none: no adapters; "
                         "auto (default): search with labelled calibration data, else uniform (--paper: search). "

@@ -65,7 +65,7 @@ TUNE_LOSSES = LOSSES + ("blocks",)  # the tuning also fits the adapters block by
 LABEL_FREE_BLOCKS_MAX_BITS = 2
 BLOCKS_ITERATIONS, BLOCKS_LR = 100, 3e-3
 GRANULARITIES = ("channel", "tensor")
-RANGES = ("mse", "minmax", "std")
+RANGES = ("auto", "mse", "minmax", "std")
 ROUNDINGS = ("gptq", "nearest")
 FACTORIZATIONS = ("activation", "weight")
 BUDGET_MODES = ("project", "penalty")
@@ -104,8 +104,9 @@ class QuantizerConfig:
     """The base quantization of every chosen layer.
 
     ``granularity``: one scale per output ``channel`` or per ``tensor``. ``range_method``: ``mse`` (a
-    coarse-to-fine search over both ends of the range), ``minmax`` or ``std`` (``mean ± std_k·std``,
-    the paper's). ``rounding``: ``gptq`` (error-compensating, from the layer's input statistics;
+    coarse-to-fine search over both ends of the range), ``minmax``, ``std`` (``mean ± std_k·std``,
+    the paper's) or ``auto`` (:meth:`range_for`: ``minmax`` for a 2-bit layer rounded by GPTQ when
+    there are no adapters, ``mse`` otherwise). ``rounding``: ``gptq`` (error-compensating, from the layer's input statistics;
     ``gptq_damp`` is its dampening as a fraction of the mean diagonal, ``gptq_act_order`` its column
     order) or ``nearest``. ``sequential``: statistics from the inputs the already-quantized model
     produces, layer by layer. ``stats_images``: a seeded subset of the calibration images for the
@@ -116,7 +117,7 @@ class QuantizerConfig:
     """
 
     granularity: str = "channel"
-    range_method: str = "mse"
+    range_method: str = "auto"
     std_k: float = 5.0
     rounding: str = "gptq"
     gptq_damp: float = 0.01
@@ -124,6 +125,18 @@ class QuantizerConfig:
     sequential: bool = True
     stats_images: int = 512
     max_stats_features: int = 8192  # 512 MiB per float64 [K, K] matrix at the limit
+
+    def range_for(self, bits: int, adapters: bool = True) -> str:
+        """The range method of a ``bits``-wide layer: ``range_method``, or for ``auto`` ``minmax`` for a
+        2-bit layer rounded by GPTQ in a conversion without adapters, ``mse`` otherwise.
+
+        Measured on ResNet-20 W2, 2,000 held-back calibration images: the base alone scores 54.05 with
+        the MSE search (it clips hard at 2 bits) against 72.75 on the min-max range; but with the
+        label-free adapters and block reconstruction on top, the MSE base ends higher (75.60 against
+        73.90): its larger, structured residual is what the adapters reclaim."""
+        if self.range_method != "auto":
+            return self.range_method
+        return "minmax" if bits <= 2 and self.rounding == "gptq" and not adapters else "mse"
 
     def __post_init__(self) -> None:
         _choice("granularity", self.granularity, GRANULARITIES)
@@ -285,10 +298,12 @@ class CoRaConfig:
 
     Top level: ``bits`` (every quantized layer unless ``layer_bits`` says otherwise), ``method``
     (``auto``: ``search`` with labelled calibration data, ``uniform`` without; see :meth:`resolved`),
-    ``budget`` (adapter parameters as a fraction of all conv weight parameters; held exactly),
+    ``budget`` (adapter parameters as a fraction of the weight parameters of every Conv2d and, with
+    ``quantize_linear``, every Linear layer (:func:`cora.budget.budget_weight_count`); held exactly),
     ``calib_images``, ``seed``, ``skip`` (names or fnmatch patterns left in float; one string is one
     pattern), ``layer_bits`` (``(pattern, bits)`` pairs or a ``{pattern: bits}`` dict; a pattern
-    that matches no layer is an error at conversion), ``quantize_linear``, ``bn_reestimate``
+    that matches no layer is an error at conversion), ``quantize_linear`` (Linear layers quantized, with
+    adapters, and counted in the budget; False: left float, not counted), ``bn_reestimate``
     (re-estimate BatchNorm statistics on the calibration images after building; off: the float
     statistics are kept), ``output`` (for a model that returns a tuple or dict: the index or key of
     its logits; None: the model returns a tensor), ``progress``. Then the four sections. Use

@@ -5,13 +5,18 @@
     float model + calibration images
       1. quantize_base   every chosen layer, in execution order: ranges, then GPTQ (or nearest) rounding
                          on the inputs of the partly quantized model; the residual W - Q(W) of each
-                         adapted conv is factorized (residual.py)
+                         adapted conv or linear layer is factorized (residual.py)
       2. choose_ranks    uniform ranks, or the Butterworth search (search.py), under the budget (budget.py)
       3. build_layers    CoRaConv2d / QuantLinear in place of every chosen layer; with ``refine``, each
                          adapter re-fitted on the inputs it really sees
       4. tune_layers     the adapters trained jointly, end to end (tune.py), or block by block against the
                          float model's block outputs (reconstruct.py), when the config asks for it
-      5. make_report     ranks, adapter fraction, equivalent bits, timings -> ``model.cora_report``
+      5. make_report     ranks, adapter fraction and each layer's share of the budget, equivalent bits,
+                         timings -> ``model.cora_report``
+
+The budget is a fraction of ``P``, the weights of every Conv2d and (unless ``quantize_linear=False``)
+every Linear of the model (:func:`cora.budget.budget_weight_count`); convs (groups 1) and linear
+layers alike get adapters.
 
 The model copies involved are named by role: ``float_model`` (the caller's, only read),
 ``output`` (what is returned), ``partly_quantized`` (phase 1: a float copy whose layers turn
@@ -28,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ._modules_util import kept_modes, module_modes, set_submodule
-from .budget import AdaptedLayer, adapter_fraction, affordable_rank, conv_weight_count, uniform_ranks
+from .budget import AdaptedLayer, adapter_fraction, affordable_rank, budget_shares, budget_weight_count, uniform_ranks
 from .calibration import CalibrationSet, Objective, model_logits
 from .config import CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
@@ -59,7 +64,12 @@ __all__ = [
 
 @dataclass
 class ConversionReport:
-    """What a conversion did. Fractions are of all conv weight parameters of the model."""
+    """What a conversion did. Fractions are of ``P``, the weight parameters of every Conv2d and (with
+    ``quantize_linear``) every Linear of the model (:func:`cora.budget.budget_weight_count`).
+
+    ``budget_share``: each adapted layer's adapter parameters as a fraction of ``P`` (execution order;
+    they add up to ``adapter_fraction``), so which layers carry how much of the budget is on record.
+    """
 
     method: str
     bits: int
@@ -81,6 +91,7 @@ class ConversionReport:
     tune_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # what the conversion did differently from the config, and why
     no_adapter: dict[str, str] = field(default_factory=dict)  # quantized layers that get no adapter, and why
+    budget_share: dict[str, float] = field(default_factory=dict)  # adapted layer -> its adapter parameters / P
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,20 +117,20 @@ class QuantizedWeight:
 
 @dataclass
 class BaseQuantization:
-    """Phase 1's result: every chosen layer's quantized weight (execution order), the convs that get an
-    adapter with their factorized residuals, and the images the layer statistics came from."""
+    """Phase 1's result: every chosen layer's quantized weight (execution order), the layers (convs and
+    linears) that get an adapter with their factorized residuals, and the images the layer statistics came from."""
 
     weights: dict[str, QuantizedWeight]
     adapted: list[AdaptedLayer]
     statistics_images: torch.Tensor  # [n, C, H, W], a seeded subset of the calibration images
     without_statistics: set[str] = field(default_factory=set)  # layers too wide for input statistics
-    no_adapter: dict[str, str] = field(default_factory=dict)  # quantized convs that get no adapter, and why
+    no_adapter: dict[str, str] = field(default_factory=dict)  # quantized layers that get no adapter, and why
     chain: StageChain | None = None  # the model's stages (None: full forward passes for layer inputs)
 
 
 @dataclass
 class RankChoice:
-    """Phase 2's result: one rank per adapted conv, and what the search did (zeros when it did not run)."""
+    """Phase 2's result: one rank per adapted layer, and what the search did (zeros when it did not run)."""
 
     ranks: dict[str, int]
     iterations: int = 0
@@ -230,20 +241,20 @@ def _check_model(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _uses_statistics(mod: nn.Module, config: CoRaConfig) -> bool:
-    """Whether phase 1 needs the layer's input second moments: GPTQ rounds it, or it is a conv that gets
-    an activation-aware adapter (grouped convs have neither: their K differs per group)."""
+    """Whether phase 1 needs the layer's input second moments: GPTQ rounds it, or it is a conv or linear
+    layer that gets an activation-aware adapter (grouped convs have neither: their K differs per group)."""
     if getattr(mod, "groups", 1) != 1:
         return False
     if config.quantizer.rounding == "gptq":
         return True
-    return isinstance(mod, nn.Conv2d) and config.method != "none" and config.adapter.factorization == "activation"
+    return config.method != "none" and config.adapter.factorization == "activation"
 
 
-def _stored_rank(shape, config: CoRaConfig, conv_params: int) -> int:
+def _stored_rank(shape, config: CoRaConfig, weight_params: int) -> int:
     """How many singular triplets of a layer's residual to compute: the most rank it can afford under the
     budget, times the margin beyond which the search's soft mask weighs a direction below 1e-3."""
     margin = mask_margin(config.search.order) if config.method == "search" else 1.0
-    return affordable_rank(tuple(shape), config.budget, conv_params, margin=margin)
+    return affordable_rank(tuple(shape), config.budget, weight_params, margin=margin)
 
 
 def _layer_bits(name: str, config: CoRaConfig) -> int:
@@ -256,14 +267,14 @@ def _layer_bits(name: str, config: CoRaConfig) -> int:
 # ---------------------------------------------------------------------------------------- phases
 def quantize_base(
     float_model: nn.Module, output: nn.Module, layers: dict[str, nn.Module], data: CalibrationSet,
-    config: CoRaConfig, conv_params: int,
+    config: CoRaConfig, weight_params: int,
 ) -> BaseQuantization:
     """Phase 1: ranges and rounding of every chosen layer, in execution order, and the residual factors.
 
-    ``layers``: name -> float layer of ``float_model``; ``conv_params``: what the budget is a fraction of
-    (only the singular directions a layer can ever afford are computed). With sequential GPTQ each layer's statistics
-    come from the inputs the partly quantized model produces (every earlier layer already rounded).
-    Grouped convs are quantized without an adapter (recorded in ``no_adapter``).
+    ``layers``: name -> float layer of ``float_model``; ``weight_params``: ``P``, what the budget is a fraction
+    of (only the singular directions a layer can ever afford are computed). With sequential GPTQ each layer's
+    statistics come from the inputs the partly quantized model produces (every earlier layer already rounded).
+    Convs and linear layers get adapters; grouped convs are quantized without one (recorded in ``no_adapter``).
     """
     q, adapters = config.quantizer, config.method != "none"
     order = execution_order(output, list(layers), data.images[:1])
@@ -288,7 +299,9 @@ def quantize_base(
         for name, mod in layers.items():
             bits = _layer_bits(name, config)
             w = mod.weight.detach().float().cpu()
-            scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=q.range_method, std_k=q.std_k)
+            scale, zero = compute_qparams(
+                w, bits, per_channel=q.granularity == "channel", method=q.range_for(bits, adapters), std_k=q.std_k
+            )
             h = None  # no statistics: not needed, too wide, or the layer never runs on these images
             if name in wanted and sequential:
                 h = paired_moments_of(float_inputs, quant_inputs, name, seed=config.seed)[0]
@@ -307,13 +320,13 @@ def quantize_base(
             if partly_quantized is not None:
                 with torch.no_grad():
                     partly_quantized.get_submodule(name).weight.copy_(qw.to(device))
-            if isinstance(mod, nn.Conv2d) and adapters:
-                if mod.groups != 1:
+            if adapters:
+                if getattr(mod, "groups", 1) != 1:
                     no_adapter[name] = "grouped/depthwise conv: quantized without adapter"
                 else:
                     # without input statistics (a layer the calibration data never reaches): weight-space SVD
                     method = config.adapter.factorization if h is not None else "weight"
-                    max_rank = _stored_rank(w.shape, config, conv_params)
+                    max_rank = _stored_rank(w.shape, config, weight_params)
                     factors = factorize_residual(w - qw, method=method, hessian=h, max_rank=max_rank)
                     adapted.append(AdaptedLayer(name, qw, factors))
             bar.set_postfix_str(name, refresh=False)
@@ -323,15 +336,15 @@ def quantize_base(
 
 def choose_ranks(
     float_model: nn.Module, base: BaseQuantization, data: CalibrationSet, config: CoRaConfig, float_logits: _FloatLogits,
-    conv_params: int,
+    weight_params: int,
 ) -> RankChoice:
-    """Phase 2: the adapter rank of every adapted conv, under ``config.budget`` (a resolved config).
+    """Phase 2: the adapter rank of every adapted layer, under ``config.budget`` (a resolved config).
 
-    ``conv_params``: the float model's conv weight count, which the budget is a fraction of.
+    ``weight_params``: ``P``, the float model's weight count the budget is a fraction of.
     """
     adapted = base.adapted
     if config.method == "uniform" and adapted:
-        return RankChoice(uniform_ranks(adapted, config.budget, conv_params))
+        return RankChoice(uniform_ranks(adapted, config.budget, weight_params))
     if config.method != "search" or not adapted:
         return RankChoice({l.name: 0 for l in adapted})
     objective = float_logits.objective(config.search.loss)
@@ -342,7 +355,7 @@ def choose_ranks(
             if name not in adapted_names:  # fixed quantized layers during the search
                 search_copy.get_submodule(name).weight.copy_(qw.dequantized().to(data.images.device))
     rep = search_ranks(
-        search_copy, adapted, data.images, objective, budget=config.budget, conv_params=conv_params,
+        search_copy, adapted, data.images, objective, budget=config.budget, weight_params=weight_params,
         settings=config.search, seed=config.seed, progress=config.progress,
     )
     return RankChoice(rep.ranks, rep.iterations, rep.seconds, rep.continuous_budget, rep.trace)
@@ -354,8 +367,9 @@ def build_layers(
 ) -> tuple[int, int]:
     """Phase 3: replace every chosen layer of ``output`` by its ``CoRaConv2d`` / ``QuantLinear``, in order.
 
-    With ``adapter.refine`` (and the activation-aware factorization), each adapter is re-fitted on the
-    inputs it will really see (every earlier layer final) to reproduce the float outputs. With
+    With ``adapter.refine`` (and the activation-aware factorization), each conv adapter is re-fitted on the
+    inputs it will really see (every earlier layer final) to reproduce the float outputs; linear layers keep
+    their phase-1 factorization (one input row per image is too few for that regression). With
     ``bn_reestimate`` the BatchNorm statistics are then re-estimated on the calibration images.
     Returns ``(bits stored, weights)`` over the chosen layers, for the equivalent bits.
     """
@@ -369,26 +383,27 @@ def build_layers(
     with progress_bar(len(base.weights), "build", config.progress and float_reference is not None) as bar:
         for name, qw in base.weights.items():
             mod = layers[name]
+            r = ranks.ranks.get(name, 0)
+            adapter = None
+            h_qq = h_fq = None
+            # refine re-fits conv adapters only: a linear layer sees one input row per image (per token), too few
+            # for the regression (cifar_resnet8, 64 images: its refined 64x10 adapter raised the output MSE
+            # 0.014 -> 0.024); it keeps its phase-1 factorization (activation-aware under its input moments)
+            if r and float_reference is not None and name not in base.without_statistics and isinstance(mod, nn.Conv2d):
+                h_qq, h_fq = paired_moments_of(float_inputs, output_inputs, name, seed=config.seed)
+            if h_qq is not None:
+                w = mod.weight.detach().float().cpu()
+                h_qq = prepare_hessian(h_qq.cpu())  # one factorization for the regression and the SVD
+                target = regression_residual(w, qw.dequantized(), h_qq, h_fq.cpu())
+                refit = factorize_residual(target, method="activation", hessian=h_qq, max_rank=r)
+                adapter = adapter_from_factors(refit, r)
+            elif r:
+                adapter = adapter_from_factors(factors[name], r)
+            kw = dict(codes=qw.codes, scale=qw.scale, zero=qw.zero, adapter=adapter, adapter_dtype=config.adapter.dtype)
             if isinstance(mod, nn.Conv2d):
-                r = ranks.ranks.get(name, 0)
-                adapter = None
-                h_qq = h_fq = None
-                if r and float_reference is not None and name not in base.without_statistics:
-                    h_qq, h_fq = paired_moments_of(float_inputs, output_inputs, name, seed=config.seed)
-                if h_qq is not None:
-                    w = mod.weight.detach().float().cpu()
-                    h_qq = prepare_hessian(h_qq.cpu())  # one factorization for the regression and the SVD
-                    target = regression_residual(w, qw.dequantized(), h_qq, h_fq.cpu())
-                    refit = factorize_residual(target, method="activation", hessian=h_qq, max_rank=r)
-                    adapter = adapter_from_factors(refit, r)
-                elif r:
-                    adapter = adapter_from_factors(factors[name], r)
-                new = CoRaConv2d.from_conv(
-                    mod, qw.bits, codes=qw.codes, scale=qw.scale, zero=qw.zero, adapter=adapter,
-                    adapter_dtype=config.adapter.dtype,
-                )
+                new = CoRaConv2d.from_conv(mod, qw.bits, **kw)
             else:
-                new = QuantLinear.from_linear(mod, qw.bits, codes=qw.codes, scale=qw.scale, zero=qw.zero)
+                new = QuantLinear.from_linear(mod, qw.bits, **kw)
             new.train(mod.training)
             total_bits += new.storage_bits()
             total_weights += mod.weight.numel()
@@ -441,7 +456,7 @@ def tune_layers(
 
 def make_report(
     config: CoRaConfig, skipped: dict[str, str], base: BaseQuantization,
-    ranks: RankChoice, storage: tuple[int, int], tuning: TuneOutcome, conv_params: int, calib_images: int, seconds: float,
+    ranks: RankChoice, storage: tuple[int, int], tuning: TuneOutcome, weight_params: int, calib_images: int, seconds: float,
 ) -> ConversionReport:
     """Phase 5: the :class:`ConversionReport` (the resolved config, so "auto" choices are on record)."""
     total_bits, total_weights = storage
@@ -458,7 +473,7 @@ def make_report(
         bits=config.bits,
         budget=config.budget,
         ranks=dict(ranks.ranks),
-        adapter_fraction=adapter_fraction(ranks.ranks, base.adapted, conv_params) if base.adapted else 0.0,
+        adapter_fraction=adapter_fraction(ranks.ranks, base.adapted, weight_params) if base.adapted else 0.0,
         equiv_bits=total_bits / total_weights,
         iterations=ranks.iterations,
         calib_images=calib_images,
@@ -474,12 +489,13 @@ def make_report(
         tune_seconds=tuning.seconds,
         warnings=warnings,
         no_adapter=dict(base.no_adapter),
+        budget_share=budget_shares(ranks.ranks, base.adapted, weight_params),
     )
 
 
 # ---------------------------------------------------------------------------------------- the verb
 def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplace: bool = False) -> nn.Module:
-    """Quantize ``model``'s convs to ``CoRaConv2d`` (with adapters) and linears to ``QuantLinear``.
+    """Quantize ``model``'s convs to ``CoRaConv2d`` and linears to ``QuantLinear``, both with adapters.
 
     ``calib``: calibration data, a DataLoader of ``(images, labels)``, of bare image batches, or
     tensors; the first ``config.calib_images`` samples are used. Labels (integer class indices, one
@@ -514,11 +530,12 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
             layers = {n: float_model.get_submodule(n) for n in layers}
         _probe_outputs(float_model, data, config)
         output = float_model if (inplace and float_model is model) else copy.deepcopy(float_model)
-        conv_params = conv_weight_count(float_model)  # before anything is replaced (inplace=True)
+        # P: before anything is replaced (inplace=True); linear weights count only where linears are quantized
+        weight_params = budget_weight_count(float_model, linear=config.quantize_linear)
         float_logits = _FloatLogits(float_model, data, config.output)
 
-        base = quantize_base(float_model, output, layers, data, config, conv_params)
-        ranks = choose_ranks(float_model, base, data, config, float_logits, conv_params)
+        base = quantize_base(float_model, output, layers, data, config, weight_params)
+        ranks = choose_ranks(float_model, base, data, config, float_logits, weight_params)
         storage = build_layers(float_model, output, layers, base, ranks, data, config)
         tuning = tune_layers(float_model, output, base, ranks, data, config, float_logits)
     for name, p in model.named_parameters():
@@ -531,7 +548,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         if name in modes:
             m.training = modes[name]
     output.cora_report = make_report(
-        config, skipped, base, ranks, storage, tuning, conv_params, len(data), time.perf_counter() - t0
+        config, skipped, base, ranks, storage, tuning, weight_params, len(data), time.perf_counter() - t0
     )
     return output
 

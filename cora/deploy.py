@@ -343,7 +343,8 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         tensors = list(module._parameters.items()) + list(module._buffers.items())
         for name, t in tensors:
-            if t is None or name == "num_batches_tracked":
+            # non-persistent buffers are not stored (a rank-0 QuantLinear's empty adapter and its int8 scales)
+            if t is None or name == "num_batches_tracked" or name in module._non_persistent_buffers_set:
                 continue
             if t.device.type == "meta":
                 key = id(t)

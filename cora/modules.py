@@ -15,6 +15,10 @@ Stored state (all buffers, so ``state_dict()`` round-trips exactly):
   For float adapters the two scale buffers are None (not in the state dict).
 * ``bias`` float32 ``[C_out]`` or ``None``.
 * an extra state with the format version and bit width, checked on load.
+
+``QuantLinear`` stores the same buffers under the same names (``K = in_features``, ``A`` ``[r, in]``,
+branch ``linear(linear(x; A); B)``); its adapter buffers are saved only at rank > 0, so a rank-0
+layer saves exactly what a ``QuantLinear`` saved before linear layers had adapters.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ MODULE_FORMAT_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 _SCALE_BITS = 32  # the int8 adapters' per-row scales are float32
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ADAPTER_BUFFERS = ("adapter_a", "adapter_b", "adapter_a_scale", "adapter_b_scale")
 
 
 def _dtype(d: str | torch.dtype) -> torch.dtype:
@@ -454,19 +459,87 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         return s + (", adapter_dtype=int8" if self.adapter_int8 else "")
 
 
-class QuantLinear(_PackedWeightMixin, nn.Module):
-    """A b-bit weight-only ``nn.Linear`` (no adapter); input ``[..., in_features]``, output in the input dtype."""
+class _AdapterStateMixin:
+    """The adapter buffers' views and save/restore, for a layer that stores ``adapter_a`` ``[r, K]``,
+    ``adapter_b`` ``[C_out, r]`` and, for int8 storage, ``adapter_a_scale`` ``[r]`` and
+    ``adapter_b_scale`` ``[C_out]`` exactly as :class:`CoRaConv2d` does (shared with :class:`QuantLinear`)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = LAYER_DEFAULTS.linear_bits) -> None:
+    @property
+    def rank(self) -> int:
+        return int(self.adapter_a.shape[0])
+
+    @property
+    def adapter_int8(self) -> bool:
+        """Whether the adapters are stored as int8 codes with per-row float32 scales."""
+        return self.adapter_a.dtype == torch.int8
+
+    @property
+    def adapter_params(self) -> int:
+        return self.adapter_a.numel() + self.adapter_b.numel()
+
+    def adapter_bits(self) -> int:
+        """Bits the adapter stores: each parameter at its storage width, plus for int8 the float32
+        scales (``r + C_out`` of them; none without an adapter)."""
+        if not self.adapter_int8:
+            return torch.finfo(self.adapter_a.dtype).bits * self.adapter_params
+        scales = self.adapter_a_scale.numel() + self.adapter_b_scale.numel() if self.rank else 0
+        return 8 * self.adapter_params + _SCALE_BITS * scales
+
+    def adapter_state(self) -> dict[str, torch.Tensor | None]:
+        """The adapter buffers by name (``adapter_a``, ``adapter_b`` and their scales, None for float
+        storage), to put back later with :meth:`restore_adapter_state`."""
+        return {k: getattr(self, k) for k in _ADAPTER_BUFFERS}
+
+    def restore_adapter_state(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Put back what :meth:`adapter_state` returned (the same tensors, not copies)."""
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class QuantLinear(_PackedWeightMixin, _AdapterStateMixin, nn.Module):
+    """A b-bit weight-only ``nn.Linear`` plus an optional low-rank residual adapter.
+
+    ``y = linear(x; Q(W)) + linear(linear(x; A); B) + bias``, with ``A`` ``[r, in_features]`` and
+    ``B`` ``[out_features, r]`` stored as :class:`CoRaConv2d` stores its adapters (``adapter_a``,
+    ``adapter_b``; float16 by default, bfloat16, float32, or int8 with float32 per-row scales
+    ``adapter_a_scale`` / ``adapter_b_scale``). Input ``[..., in_features]`` in float32/float16/bfloat16
+    (any leading dimensions); the output has the input's dtype. Plain PyTorch (no fused kernel).
+
+    Rank 0 (the default) keeps the adapter buffers out of the state dict (non-persistent, empty), so a
+    layer without an adapter saves exactly what a ``QuantLinear`` saved before adapters existed and
+    such state dicts still load; the rank of a loaded state dict is the rank it holds.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = LAYER_DEFAULTS.linear_bits,
+        rank: int = 0,
+        adapter_dtype: str | torch.dtype = LAYER_DEFAULTS.adapter_dtype,
+    ) -> None:
         super().__init__()
         for arg, value in (("in_features", in_features), ("out_features", out_features), ("bits", bits)):
             _int_arg(f"QuantLinear {arg}", value, 1)
+        _int_arg("QuantLinear rank", rank, 0)
         if not isinstance(bias, bool):
             raise TypeError(f"QuantLinear bias must be True or False, got {bias!r}")
+        if rank > min(in_features, out_features):
+            raise ValueError(f"rank {rank} outside [0, {min(in_features, out_features)}] for weight shape "
+                             f"{(out_features, in_features)}")
         self.in_features, self.out_features, self.bits = in_features, out_features, int(bits)
         self.weight_shape = (out_features, in_features)
         self.k_gemm = in_features
         self._register_quant_buffers(self.bits, out_features, in_features)
+        dt = _dtype(adapter_dtype)
+        q = dt == torch.int8
+        self.register_buffer("adapter_a", torch.zeros(rank, in_features, dtype=dt))
+        self.register_buffer("adapter_b", torch.zeros(out_features, rank, dtype=dt))
+        self.register_buffer("adapter_a_scale", torch.zeros(rank) if q else None)
+        self.register_buffer("adapter_b_scale", torch.zeros(out_features) if q else None)
+        self._sync_adapter_persistence()
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
@@ -474,6 +547,7 @@ class QuantLinear(_PackedWeightMixin, nn.Module):
         cls,
         linear: nn.Linear,
         bits: int = LAYER_DEFAULTS.linear_bits,
+        rank: int = 0,
         *,
         per_channel: bool = LAYER_DEFAULTS.per_channel,
         range_method: str = LAYER_DEFAULTS.range_method,
@@ -481,29 +555,129 @@ class QuantLinear(_PackedWeightMixin, nn.Module):
         codes: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
         zero: torch.Tensor | None = None,
+        factorization: str = LAYER_DEFAULTS.factorization,
+        hessian: torch.Tensor | None = None,
+        adapter: tuple[torch.Tensor, torch.Tensor] | None = None,
+        adapter_dtype: str | torch.dtype = LAYER_DEFAULTS.adapter_dtype,
     ) -> "QuantLinear":
-        """Quantize ``linear`` (round to nearest unless ``codes``/``scale``/``zero`` are given)."""
+        """Quantize ``linear`` (round to nearest unless ``codes``/``scale``/``zero`` are given) and
+        attach a rank-``rank`` residual adapter.
+
+        The adapter factorizes ``W - Q(W)`` ``[out, in]`` (``factorization`` ``"weight"``, or
+        ``"activation"`` with ``hessian`` ``[in, in]``, the inputs' second moment), or is given directly
+        as ``adapter=(A [r, in], B [out, r])`` (its rank then wins over ``rank``).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach().float().cpu()
         if not torch.isfinite(w).all():
             raise ValueError("linear weight contains NaN or Inf")
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits=bits)
+        if adapter is not None:
+            rank = adapter[0].shape[0]
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits=bits, rank=rank,
+                adapter_dtype=adapter_dtype)
         m._quantize_from(w, codes, scale, zero, per_channel, range_method, std_k)
+        if rank:
+            if adapter is None:
+                factors = factorize_residual(w - m.dequantized_weight(), method=factorization, hessian=hessian)
+                adapter = adapter_from_factors(factors, rank)
+            m.set_adapter(*adapter)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
         return m.to(linear.weight.device)
 
+    # ------------------------------------------------------------------ adapter
+    def _sync_adapter_persistence(self) -> None:
+        """Adapter buffers are saved only at rank > 0 (rank 0 saves what adapter-free layers always did)."""
+        names = {k for k in _ADAPTER_BUFFERS if getattr(self, k) is not None}
+        # a new set, not an in-place edit: a copied module's snapshot keeps its own
+        keep = set(self._non_persistent_buffers_set) - names
+        self._non_persistent_buffers_set = keep if self.rank else keep | names
+
+    def set_adapter(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Set the adapter from ``A`` ``[r, in_features]`` and ``B`` ``[out_features, r]``.
+
+        Float storage casts them; int8 storage rounds each row of ``A`` and of ``B`` to nearest on its
+        own symmetric scale (:func:`cora_kernels.packing.quantize_adapter`), as :class:`CoRaConv2d` does.
+        """
+        r = a.shape[0]
+        if a.dim() != 2 or a.shape[1] != self.in_features or tuple(b.shape) != (self.out_features, r):
+            raise ValueError(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit weight {self.weight_shape}")
+        if r > min(self.weight_shape):
+            raise ValueError(f"rank {r} outside [0, {min(self.weight_shape)}] for weight shape {self.weight_shape}")
+        dt, dev = self.adapter_a.dtype, self.adapter_a.device
+        a, b = a.detach(), b.detach()
+        if self.adapter_int8:
+            (a, sa), (b, sb) = quantize_adapter(a), quantize_adapter(b)
+            self.adapter_a_scale, self.adapter_b_scale = sa.to(dev), sb.to(dev)
+        self.adapter_a = a.to(dev, dt).contiguous()
+        self.adapter_b = b.to(dev, dt).contiguous()
+        self._sync_adapter_persistence()
+
+    def restore_adapter_state(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Put back what :meth:`adapter_state` returned (the same tensors, not copies)."""
+        super().restore_adapter_state(state)
+        self._sync_adapter_persistence()
+
+    def adapter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` ``[r, in_features]`` and ``B`` ``[out_features, r]``: the storage dtype for float
+        adapters, float32 ``scale * q`` for int8 ones."""
+        a, b = self.adapter_a, self.adapter_b
+        if self.adapter_int8:
+            a, b = dequantize_adapter(a, self.adapter_a_scale), dequantize_adapter(b, self.adapter_b_scale)
+        return a, b
+
+    # ------------------------------------------------------------------ views
     def effective_weight(self) -> torch.Tensor:
-        return self.dequantized_weight()
+        """``Q(W) + B·A`` float32 ``[out_features, in_features]``: the linear map this layer computes."""
+        w = self.dequantized_weight()
+        if self.rank:
+            a, b = self.adapter_weights()
+            w = w + b.float() @ a.float()
+        return w
 
     def storage_bits(self) -> int:
-        return self._storage_bits(0)
+        """Bits stored for this layer (codes, scale/zero, adapters); the bias is not counted."""
+        return self._storage_bits(self.adapter_bits())
 
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("QuantLinear", x, self.in_features, self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        y = F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        if self.rank:  # the adapters enter in the input's dtype (int8 ones dequantized in float32 first)
+            a, b = self.adapter_weights()
+            y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return y
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The adapter rank is data: take it from the state dict; none there (rank 0, or a file from before
+        # linear adapters existed) is rank 0. Shapes that do not fit are left for the base class to report.
+        a, b = state_dict.get(prefix + "adapter_a"), state_dict.get(prefix + "adapter_b")
+        if a is None and b is None:
+            self._resize_adapter(0)
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2:
+            r = a.shape[0]
+            if a.shape[1] == self.in_features and tuple(b.shape) == (self.out_features, r) and r <= min(self.weight_shape):
+                self._resize_adapter(r)
+                if not r:  # empty adapters given explicitly: read them (not "unexpected"), then save none again
+                    self._non_persistent_buffers_set = set(self._non_persistent_buffers_set) - set(_ADAPTER_BUFFERS)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._sync_adapter_persistence()
+
+    def _resize_adapter(self, r: int) -> None:
+        """Zero adapter buffers of rank ``r`` in the current dtype and device (the values are loaded next)."""
+        a, b = self.adapter_a, self.adapter_b
+        self.adapter_a = torch.zeros(r, self.in_features, dtype=a.dtype, device=a.device)
+        self.adapter_b = torch.zeros(self.out_features, r, dtype=b.dtype, device=b.device)
+        if self.adapter_a_scale is not None:
+            sa = self.adapter_a_scale
+            self.adapter_a_scale = torch.zeros(r, dtype=sa.dtype, device=sa.device)
+        self._sync_adapter_persistence()
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}"
+        s = f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}"
+        if self.rank:
+            s += f", rank={self.rank}"
+        return s + (", adapter_dtype=int8" if self.adapter_int8 else "")

@@ -2,7 +2,7 @@
 
 After conversion every adapter is fitted layer by layer (closed form). Here the adapters are
 trained block by block, in execution order, without labels: a *block* is a stage of the model's
-:class:`cora.graph.StageChain` that holds adapted convs, together with the adapter-free stages after
+:class:`cora.graph.StageChain` that holds adapted layers (convs or linears), together with the adapter-free stages after
 it (a residual block; the stem conv with its BatchNorm and ReLU; the last block with the head). Its
 adapters minimise ``‖block_q(x_q) - block_f(x_f)‖²`` (mean squared error), where ``x_f`` is the
 block's input in the float model and ``x_q`` its input in the quantized model, *as the blocks before
@@ -26,9 +26,8 @@ import torch.nn.functional as F
 
 from ._modules_util import kept_modes, set_submodule
 from .graph import StageChain
-from .modules import CoRaConv2d
 from .progress import progress_bar
-from .tune import _TrainableAdapterConv
+from .tune import adapted_layers, trainable_adapter
 
 __all__ = ["ReconstructReport", "reconstruct_blocks", "adapter_blocks"]
 
@@ -92,7 +91,7 @@ def reconstruct_blocks(
     ``batch_size`` images drawn with ``seed`` (a private generator), cosine learning-rate decay. A
     block whose loss ends higher than it started keeps its adapters as they were.
     """
-    adapted = {n for n, m in model.named_modules() if isinstance(m, CoRaConv2d) and m.rank > 0}
+    adapted = set(adapted_layers(model))
     blocks = adapter_blocks(chain, adapted)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -137,7 +136,7 @@ def _fit_block(model, chain, stages, names, x_q, target, iterations, lr, batch_s
     before = _loss_on_all(chain, model, stages, x_q, target)
     frozen = {p: p.requires_grad for p in model.parameters()}
     saved = {name: copy.deepcopy(model.get_submodule(name)) for name in names}  # small: codes and adapters
-    wrappers = {name: _TrainableAdapterConv(model.get_submodule(name)) for name in names}
+    wrappers = {name: trainable_adapter(model.get_submodule(name)) for name in names}
     try:
         for p in frozen:
             p.requires_grad_(False)

@@ -6,6 +6,8 @@
 ``r <= R``, ``A = diag(S_r^½) Vt_r`` folded to ``[r, C_in, kh, kw]`` (a conv with the layer's stride,
 padding and dilation) and ``B = U_r diag(S_r^½)`` as ``[C_out, r, 1, 1]``; at ``r = R``,
 ``conv1x1(conv(x; A); B) == conv(x; dW)`` exactly (up to float rounding).
+A linear layer's residual ``[out, in]`` is the ``kh = kw = 1`` case: ``A`` ``[r, in]``, ``B`` ``[out, r]``,
+``linear(linear(x; A); B) == linear(x; dW)`` at ``r = R``.
 
 Two factorizations:
 

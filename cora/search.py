@@ -1,10 +1,11 @@
-"""Differentiable rank search: one soft cutoff per adapted conv, trained on the task loss under the budget.
+"""Differentiable rank search: one soft cutoff per adapted layer, trained on the task loss under the budget.
 
-Each adapted conv's singular values are softly masked by a normalised Butterworth low-pass over
+Each adapted conv's (or linear layer's) singular values are softly masked by a normalised Butterworth low-pass over
 their index, ``T_i = 1 / sqrt(1 + ((i / R) / rho)^(2n))`` (:func:`butterworth_mask`), with one
 trainable cutoff ``rho`` per layer. During the search the layer computes
 ``conv(x; Q(W) + U diag(S·T²) Vt)``, the quantized conv plus its full-rank, softly masked adapter, as
-ONE conv, so a step costs about one float training step.
+ONE conv (``linear(x; Q(W) + U diag(S·T²) Vt)`` for a linear layer), so a step costs about one float
+training step.
 
 * ``budget_mode="penalty"`` (the paper): loss ``+ gamma · exp(relu(Bud - Bud*))``; known to overshoot.
 * ``budget_mode="project"`` (ours): after every optimizer step the cutoffs are projected (Euclidean) onto
@@ -91,7 +92,7 @@ class _SoftAdapterConv(nn.Module):
     factorization has dropped the tail no budget can afford).
     """
 
-    def __init__(self, conv: nn.Conv2d, layer: AdaptedLayer, rho_init: float, order: int) -> None:
+    def __init__(self, conv: nn.Conv2d | nn.Linear, layer: AdaptedLayer, rho_init: float, order: int) -> None:
         super().__init__()
         self.conv, self.order, self.rank = conv, order, layer.full_rank
         self.count = layer.factors.stored_rank
@@ -102,10 +103,20 @@ class _SoftAdapterConv(nn.Module):
         self.register_buffer("vt", layer.factors.Vt.to(conv.weight.device))
         self.rho = nn.Parameter(torch.tensor(float(rho_init)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def masked_weight(self) -> torch.Tensor:
+        """``Q(W) + U diag(S·T²) Vt`` float32, the layer's weight shape (differentiable in ``rho``)."""
         t = butterworth_mask(self.rho, self.rank, self.order, self.count)
-        w = self.qweight + ((self.us * (self.s * t * t)) @ self.vt).reshape(self.qweight.shape)
-        return self.conv._conv_forward(x, w, self.conv.bias)
+        return self.qweight + ((self.us * (self.s * t * t)) @ self.vt).reshape(self.qweight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv._conv_forward(x, self.masked_weight(), self.conv.bias)
+
+
+class _SoftAdapterLinear(_SoftAdapterConv):
+    """``linear(x; Q(W) + U diag(S·T(rho)²) Vt)`` with a trainable cutoff ``rho`` (``W`` ``[out, in]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.conv.bias)
 
 
 def search_ranks(
@@ -115,18 +126,20 @@ def search_ranks(
     objective: Objective,
     *,
     budget: float,
-    conv_params: int,
+    weight_params: int,
     settings: SearchConfig = SearchConfig(),
     seed: int = 0,
     progress: bool = True,
 ) -> SearchReport:
-    """Search one cutoff per adapted conv; returns ranks that hold ``budget`` and a report.
+    """Search one cutoff per adapted layer; returns ranks that hold ``budget`` and a report.
 
     ``search_model`` is a throw-away copy of the model whose non-adapted quantized layers already
-    hold their quantized weights; the adapted convs (by name in ``layers``) are swapped for soft ones
-    here. ``inputs`` ``[N, ...]`` are the calibration images and ``objective`` the task loss on them
-    (cross-entropy to their labels or KL to the float logits). ``settings``: iterations, batch size,
-    optimizer, budget mode and the rest (``settings.loss`` is not read: ``objective`` is the loss).
+    hold their quantized weights; the adapted convs and linear layers (by name in ``layers``) are
+    swapped for soft ones here. ``weight_params``: ``P``, what ``budget`` is a fraction of
+    (:func:`cora.budget.budget_weight_count`). ``inputs`` ``[N, ...]`` are the calibration images and
+    ``objective`` the task loss on them (cross-entropy to their labels or KL to the float logits).
+    ``settings``: iterations, batch size, optimizer, budget mode and the rest (``settings.loss`` is not
+    read: ``objective`` is the loss).
     """
     iterations, batch_size, optimizer = settings.iterations, settings.batch_size, settings.optimizer
     budget_mode, grad_clip, gamma, rho_init = settings.budget_mode, settings.grad_clip, settings.gamma, settings.rho_init
@@ -134,15 +147,16 @@ def search_ranks(
     torch.manual_seed(seed)  # anything stochastic inside the model (e.g. dropout) repeats too
     for p in search_model.parameters():
         p.requires_grad_(False)
-    w = cutoff_weights(layers, conv_params)
+    w = cutoff_weights(layers, weight_params)
     if rho_init is None:
         # Start from the uniform allocation that exactly fills the budget (the uniform ranks),
         # so that the search only has to move budget between layers.
         rho_init = min(1.0, budget / float(w.sum()))
     soft = {}
     for layer in layers:
-        conv = search_model.get_submodule(layer.name)
-        soft[layer.name] = _SoftAdapterConv(conv, layer, max(rho_init, 1.0 / layer.full_rank), settings.order)
+        mod = search_model.get_submodule(layer.name)
+        kind = _SoftAdapterLinear if isinstance(mod, nn.Linear) else _SoftAdapterConv
+        soft[layer.name] = kind(mod, layer, max(rho_init, 1.0 / layer.full_rank), settings.order)
         set_submodule(search_model, layer.name, soft[layer.name])
     names = [l.name for l in layers]
     rhos = [soft[n].rho for n in names]
@@ -206,6 +220,6 @@ def search_ranks(
     report.cutoffs = cut
     report.continuous_budget = float((w * torch.tensor([cut[nm] for nm in names])).sum())
     demand = {l.name: cut[l.name] * l.full_rank for l in layers}
-    report.ranks = allocate_ranks(demand, layers, budget, conv_params)
-    report.adapter_fraction = adapter_fraction(report.ranks, layers, conv_params)
+    report.ranks = allocate_ranks(demand, layers, budget, weight_params)
+    report.adapter_fraction = adapter_fraction(report.ranks, layers, weight_params)
     return report

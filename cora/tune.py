@@ -2,13 +2,14 @@
 
 After conversion every adapter is the best one *layer by layer* (closed form, on the layer's own
 inputs). ``tune_adapters`` then trains all adapters of the model jointly, end to end, on the
-calibration images: only ``A`` and ``B`` move; the integer codes, scales, zero points, biases,
-BatchNorm statistics and every float layer stay exactly as they are (BatchNorm runs in eval mode, so
-its running statistics are never touched). The rank of every layer, hence the budget, is unchanged.
+calibration images (the adapters of convs and of linear layers alike): only ``A`` and ``B`` move;
+the integer codes, scales, zero points, biases, BatchNorm statistics and every float layer stay
+exactly as they are (BatchNorm runs in eval mode, so its running statistics are never touched).
+The rank of every layer, hence the budget, is unchanged.
 
 int8 adapters (``adapter_dtype="int8"``) are trained through their rounding: the float32 masters
 start from the dequantized adapters, every forward uses them rounded per row exactly as
-:meth:`cora.modules.CoRaConv2d.set_adapter` will store them (straight-through gradients), and the
+:meth:`cora.modules.CoRaConv2d.set_adapter` (or ``QuantLinear.set_adapter``) will store them (straight-through gradients), and the
 write-back rounds them once more, so the tuned layer is int8 again and computes what was trained.
 
 Losses: ``"kl"`` to the float model's logits (no labels; keeps the quantized model close to the float
@@ -29,10 +30,10 @@ from cora_kernels.packing import dequantize_adapter, quantize_adapter
 
 from ._modules_util import kept_modes, set_submodule
 from .calibration import Objective
-from .modules import CoRaConv2d
+from .modules import CoRaConv2d, QuantLinear
 from .progress import progress_bar
 
-__all__ = ["tune_adapters", "TuneReport"]
+__all__ = ["tune_adapters", "TuneReport", "trainable_adapter", "adapter_factors", "adapted_layers"]
 
 
 @dataclass
@@ -86,6 +87,48 @@ class _TrainableAdapterConv(nn.Module):
         return self.layer
 
 
+class _TrainableAdapterLinear(nn.Module):
+    """Stand-in for a ``QuantLinear`` during tuning: frozen ``Q(W)`` and bias, float32 ``A`` ``[r, in]`` /
+    ``B`` ``[out, r]`` masters; ``linear(x; Q) + linear(linear(x; A); B) + bias`` in the input's dtype
+    (int8 layers: masters rounded as :func:`_fake_int8` does)."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("weight_q", layer.dequantized_weight().float())
+        a, b = layer.adapter_weights()
+        self.a = nn.Parameter(a.detach().float().clone())
+        self.b = nn.Parameter(b.detach().float().clone())
+        self.register_buffer("bias_f", None if layer.bias is None else layer.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        bias = None if self.bias_f is None else self.bias_f.to(dt)
+        y = F.linear(x, self.weight_q.to(dt), bias)
+        a, b = (_fake_int8(self.a), _fake_int8(self.b)) if self.layer.adapter_int8 else (self.a, self.b)
+        return y + F.linear(F.linear(x, a.to(dt)), b.to(dt))
+
+    def write_back(self) -> QuantLinear:
+        """Store the trained factors in the layer (its storage dtype; int8 rounds them again) and return it."""
+        self.layer.set_adapter(self.a.detach(), self.b.detach())
+        return self.layer
+
+
+def trainable_adapter(layer: CoRaConv2d | QuantLinear) -> nn.Module:
+    """The trainable stand-in for ``layer`` (float32 masters ``a``, ``b``; ``write_back()`` stores them)."""
+    return _TrainableAdapterLinear(layer) if isinstance(layer, QuantLinear) else _TrainableAdapterConv(layer)
+
+
+def adapter_factors(layer: CoRaConv2d | QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` and ``B`` of a layer as it computes with them (int8 dequantized; conv or linear shapes)."""
+    return layer.adapter_weights() if isinstance(layer, QuantLinear) else layer.adapter_conv_weights()
+
+
+def adapted_layers(model: nn.Module) -> list[str]:
+    """Names of the model's ``CoRaConv2d`` / ``QuantLinear`` layers with an adapter (rank > 0)."""
+    return [name for name, m in model.named_modules() if isinstance(m, (CoRaConv2d, QuantLinear)) and m.rank > 0]
+
+
 def tune_adapters(
     model: nn.Module,
     images: torch.Tensor,
@@ -97,7 +140,7 @@ def tune_adapters(
     seed: int = 0,
     progress: bool = False,
 ) -> TuneReport:
-    """Train the adapters of every ``CoRaConv2d`` (rank > 0) in ``model``, in place.
+    """Train the adapters of every ``CoRaConv2d`` and ``QuantLinear`` (rank > 0) in ``model``, in place.
 
     ``images``: float ``[N, C, H, W]`` calibration inputs on the model's device; ``objective``: the
     task loss on them (:class:`cora.calibration.Objective`: cross-entropy to their labels, or KL to
@@ -117,14 +160,14 @@ def tune_adapters(
     n = images.shape[0]
     if n == 0:
         raise ValueError("adapter tuning needs at least one calibration image")
-    names = [name for name, m in model.named_modules() if isinstance(m, CoRaConv2d) and m.rank > 0]
+    names = adapted_layers(model)
     t0 = time.perf_counter()
     if not names or iterations <= 0:
         return TuneReport(loss, 0, len(names), math.nan, math.nan, 0.0)
 
     frozen = {p: p.requires_grad for p in model.parameters()}
     untuned = {name: model.get_submodule(name).adapter_state() for name in names}
-    wrappers: dict[str, _TrainableAdapterConv] = {}
+    wrappers: dict[str, nn.Module] = {}
     done, warning = False, None
     bar = progress_bar(iterations, "tune", progress)
     with kept_modes(model, train=False):  # BatchNorm uses (and keeps) the float model's running statistics
@@ -132,7 +175,7 @@ def tune_adapters(
             for p in frozen:
                 p.requires_grad_(False)
             for name in names:
-                wrappers[name] = _TrainableAdapterConv(model.get_submodule(name))
+                wrappers[name] = trainable_adapter(model.get_submodule(name))
                 set_submodule(model, name, wrappers[name])
             params = [p for w in wrappers.values() for p in (w.a, w.b)]
             opt = torch.optim.Adam(params, lr=lr)
@@ -178,7 +221,7 @@ def tune_adapters(
 @torch.no_grad()
 def _check_finite(model: nn.Module, names: list[str], images: torch.Tensor) -> str | None:
     """Why the tuned adapters cannot be kept (None: they can): non-finite stored factors or outputs."""
-    bad = [n for n in names if not all(torch.isfinite(t).all() for t in model.get_submodule(n).adapter_conv_weights())]
+    bad = [n for n in names if not all(torch.isfinite(t).all() for t in adapter_factors(model.get_submodule(n)))]
     if bad:
         more = " ..." if len(bad) > 3 else ""
         return f"adapter tuning produced non-finite adapters in {bad[:3]}{more}; the untuned adapters are kept (lower tune_lr)"

@@ -8,7 +8,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cora.budget import adapter_fraction, allocate_ranks, conv_weight_count, cutoff_weights, project_onto_budget, uniform_ranks
+from cora.budget import (
+    AdaptedLayer,
+    adapter_fraction,
+    allocate_ranks,
+    budget_shares,
+    budget_weight_count,
+    cutoff_weights,
+    project_onto_budget,
+    uniform_ranks,
+)
+from cora.residual import ResidualFactors
 from tests.helpers import fake_adapted_layer, toy_setup
 
 torch.set_num_threads(1)
@@ -20,6 +30,13 @@ layer_shapes = st.lists(
 
 def _layers_from(shapes):
     return [fake_adapted_layer(f"l{i}", co, ci, k) for i, (co, ci, k) in enumerate(shapes)]
+
+
+def _fake_linear(name: str, out: int, inp: int) -> AdaptedLayer:
+    """An AdaptedLayer of a linear weight ``[out, in]`` (allocation only reads shapes)."""
+    R = min(out, inp)
+    factors = ResidualFactors(torch.zeros(out, R), torch.ones(R), torch.zeros(R, inp), (out, inp))
+    return AdaptedLayer(name, torch.zeros(out, inp), factors)
 
 
 # ---------------------------------------------------------------------------------- budget weights
@@ -135,16 +152,44 @@ def test_project_satisfies_constraints_and_is_closest(seed, n, budget_frac):
             assert float((w * p).sum()) == pytest.approx(budget, rel=1e-9, abs=1e-12)  # the budget is active
 
 
-def test_conv_weight_count_and_cutoff_weights():
-    """P_conv counts conv weights only; w_l = R_l (C_in kh kw + C_out) / P_conv."""
+def test_budget_weight_count_and_cutoff_weights():
+    """P counts conv and linear weights (conv weights only with linear=False); w_l = R_l (C_in kh kw + C_out) / P."""
     model, layers, *_ = toy_setup()
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    p_conv = sum(c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] for c in convs)
-    assert conv_weight_count(model) == p_conv
+    # ToyCNN by hand: conv1 8·3·3·3, conv2 16·8·3·3, conv3 16·16·3·3, conv4 24·16·1·1; fc 10·24
+    p_conv = 216 + 1152 + 2304 + 384
+    assert budget_weight_count(model, linear=False) == p_conv
+    assert budget_weight_count(model) == p_conv + 240
     w = cutoff_weights(layers, p_conv)
     for l, wl in zip(layers, w.tolist()):
         c_out, c_in, kh, kw = model.get_submodule(l.name).weight.shape
         assert wl == pytest.approx(min(c_out, c_in * kh * kw) * (c_in * kh * kw + c_out) / p_conv, rel=1e-6)
+
+
+def test_linear_layers_cost_and_shares():
+    """A linear layer [out, in] costs in + out per rank, full rank min(out, in); the shares add up to the fraction."""
+    lin, conv = _fake_linear("fc", 10, 64), fake_adapted_layer("conv", 16, 8, 3)
+    assert (lin.cost_per_rank, lin.full_rank) == (74, 10)
+    P = 16 * 8 * 9 + 10 * 64
+    ranks = {"fc": 3, "conv": 2}
+    shares = budget_shares(ranks, [conv, lin], P)
+    assert list(shares) == ["conv", "fc"]
+    assert shares["fc"] == pytest.approx(3 * 74 / P) and shares["conv"] == pytest.approx(2 * (72 + 16) / P)
+    assert sum(shares.values()) == pytest.approx(adapter_fraction(ranks, [conv, lin], P))
+    assert budget_shares({"fc": 0, "conv": 0}, [conv, lin], P) == {"conv": 0.0, "fc": 0.0}
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=layer_shapes, linears=st.lists(st.tuples(st.integers(1, 128), st.integers(1, 128)), min_size=1, max_size=4),
+       budget=st.floats(0.001, 1.0), demand_frac=st.lists(st.floats(0.0, 1.0), min_size=12, max_size=12))
+def test_allocation_with_linear_layers_holds_the_budget(shapes, linears, budget, demand_frac):
+    """Convs and linear layers together: P counts both, and neither allocation ever exceeds budget·P."""
+    layers = _layers_from(shapes) + [_fake_linear(f"fc{i}", o, i_) for i, (o, i_) in enumerate(linears)]
+    P = sum(math.prod(l.factors.weight_shape) for l in layers)
+    demand = {l.name: f * l.full_rank for l, f in zip(layers, demand_frac)}
+    for ranks in (allocate_ranks(demand, layers, budget, P), uniform_ranks(layers, budget, P)):
+        assert sum(ranks[l.name] * l.cost_per_rank for l in layers) <= budget * P + 1e-9
+        assert all(0 <= ranks[l.name] <= l.full_rank for l in layers)
+        assert sum(budget_shares(ranks, layers, P).values()) == pytest.approx(adapter_fraction(ranks, layers, P))
 
 
 # ---------------------------------------------------------------------------------- affordable rank

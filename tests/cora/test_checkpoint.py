@@ -739,6 +739,7 @@ def test_w2_round_trip_and_deploy(tmp_path, adapter_dtype, tune):
     assert q.conv1.bits == 2 and q.cora_report.bits == 2 and 2 < q.cora_report.equiv_bits < 4
     convs = [m for m in q.modules() if isinstance(m, CoRaConv2d) and m.rank]
     assert convs and all(m.adapter_int8 == (adapter_dtype == "int8") for m in convs)
+    assert q.linear.rank > 0 and q.linear.adapter_int8 == (adapter_dtype == "int8")  # deploy keeps it as it is
     wide = 16 if adapter_dtype == "float16" else 8
     adapter_bits = sum(wide * m.adapter_params + (32 * (m.rank + m.out_channels) if wide == 8 else 0) for m in convs)
     assert adapter_bits == sum(m.adapter_bits() for m in convs)
@@ -753,3 +754,41 @@ def test_w2_round_trip_and_deploy(tmp_path, adapter_dtype, tune):
         want = q(_x())
         assert torch.equal(back(_x()), want)
         assert_close_rel(deploy(back)(_x()), want, torch.float32)
+
+
+def test_linear_adapters_round_trip_and_files_from_before_them(qmodel, saved, tmp_path):
+    """A QuantLinear's description records its rank and adapter dtype; its adapter and the report's
+    budget_share come back exactly. A file from before linear adapters (no rank in the description, no
+    adapter tensors, no budget_share in the report) still loads, as rank 0."""
+    assert qmodel.linear.rank > 0 and "linear" in qmodel.cora_report.budget_share
+    spec = read_metadata(saved)["layers"]["linear"]
+    assert spec["rank"] == qmodel.linear.rank and spec["adapter_dtype"] == "float16"
+    back = load(saved)
+    assert back.linear.rank == qmodel.linear.rank
+    for k in ("linear.adapter_a", "linear.adapter_b"):
+        assert torch.equal(back.state_dict()[k], qmodel.state_dict()[k]), k
+    assert back.cora_report.budget_share == qmodel.cora_report.budget_share
+    with torch.no_grad():
+        assert torch.equal(back(_x()), qmodel(_x()))
+    # an old file: the same model with an adapter-free linear, its description and report as written then
+    import copy
+
+    old = copy.deepcopy(qmodel)
+    old.linear.set_adapter(torch.zeros(0, 64), torch.zeros(10, 0))
+    path = save(old, tmp_path / "rank0.safetensors")
+    meta, tensors = _read_raw(path)
+    assert not any(k.startswith("linear.adapter") for k in tensors)
+    layers = json.loads(meta["layers"])
+    layers["linear"] = {k: v for k, v in layers["linear"].items() if k not in ("rank", "adapter_dtype")}
+    report = {k: v for k, v in json.loads(meta["report"]).items() if k != "budget_share"}
+    legacy = _rewrite_meta(path, tmp_path / "legacy.safetensors", sign=True, layers=json.dumps(layers),
+                           report=json.dumps(report))
+    got = load(legacy)
+    assert isinstance(got.linear, QuantLinear) and got.linear.rank == 0 and got.cora_report.budget_share == {}
+    with torch.no_grad():
+        assert torch.equal(got(_x()), old(_x()))
+    # a bad rank, or half of the new fields: refused
+    for bad in (dict(layers["linear"], rank=-1, adapter_dtype="float16"), dict(layers["linear"], adapter_dtype="float16")):
+        bad_file = _rewrite_meta(path, tmp_path / "bad.safetensors", sign=True, layers=json.dumps(dict(layers, linear=bad)))
+        with pytest.raises(CheckpointError, match="'linear'"):
+            load(bad_file)

@@ -186,7 +186,8 @@ def test_from_dict_reads_version_1_flat_dicts():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # old files load without a warning
         c = CoRaConfig.from_dict(old)
-    assert c == CoRaConfig(bits=3, method="uniform", loss="kl", tune_iterations=0, tune_loss="kl", layer_bits=(("fc", 8),))
+    assert c == CoRaConfig(bits=3, method="uniform", loss="kl", tune_iterations=0, tune_loss="kl", layer_bits=(("fc", 8),),
+                           range_method="mse")  # what old files recorded stays (the default is now auto)
 
 
 def test_from_dict_rejects_unknown_versions_and_fields():
@@ -214,3 +215,12 @@ def test_copy_and_pickle_round_trip():
     c = CoRaConfig(bits=3, iterations=7, tune_loss="kl", skip=("fc",))
     assert copy.deepcopy(c) == c and pickle.loads(pickle.dumps(c)) == c
     assert pickle.loads(pickle.dumps(c)).iterations == 7
+
+
+def test_auto_range_is_minmax_for_2_bit_gptq_without_adapters_only():
+    q = QuantizerConfig()
+    assert q.range_method == "auto"
+    assert [q.range_for(b, adapters=False) for b in (2, 3, 4, 8)] == ["minmax", "mse", "mse", "mse"]
+    assert [q.range_for(b) for b in (2, 3, 4, 8)] == ["mse"] * 4
+    assert QuantizerConfig(rounding="nearest").range_for(2, adapters=False) == "mse"
+    assert QuantizerConfig(range_method="std").range_for(2, adapters=False) == "std"  # an explicit choice is kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from cora import CoRaConfig, CoRaConv2d, QuantLinear, convert
 from cora.experiments.models import build_model, cifar_resnet
@@ -45,8 +46,9 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _conv_params(model):
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+def _budget_params(model):
+    """P: conv and linear weights (what the budget is a fraction of)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +75,21 @@ def test_layers_swapped_budget_and_report(resnet8, calib, converted, method):
     assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in q.modules())
     rep = q.cora_report
     assert rep.method == method and rep.bits == 4 and rep.budget == 0.05
-    P = _conv_params(resnet8)
-    adapter = sum(m.adapter_params for m in q.modules() if isinstance(m, CoRaConv2d))
+    P = _budget_params(resnet8)
+    adapter = sum(m.adapter_params for m in q.modules() if isinstance(m, (CoRaConv2d, QuantLinear)))
     assert rep.adapter_fraction == pytest.approx(adapter / P)
+    shares = {n: q.get_submodule(n).adapter_params / P for n in rep.ranks}
+    assert rep.budget_share == pytest.approx(shares) and list(rep.budget_share) == list(rep.ranks)
     assert rep.adapter_fraction <= 0.05
     assert set(rep.quantized) == set(names_conv + names_lin)
     assert rep.calib_images == N_CALIB
     assert rep.search_seconds >= 0 and rep.total_seconds >= rep.search_seconds
     if method == "none":
         assert rep.adapter_fraction == 0.0 and rep.iterations == 0
-        assert all(m.rank == 0 for m in q.modules() if isinstance(m, CoRaConv2d))
+        assert all(m.rank == 0 for m in q.modules() if isinstance(m, (CoRaConv2d, QuantLinear)))
     else:
         assert rep.adapter_fraction > 0.03  # the budget is used
-        assert set(rep.ranks) == set(names_conv)
+        assert set(rep.ranks) == set(names_conv + names_lin)  # the linear layer is adapted too
         for n, r in rep.ranks.items():
             assert q.get_submodule(n).rank == r
         assert rep.iterations == (5 if method == "search" else 0)
@@ -166,9 +170,53 @@ def test_skip_patterns_and_layer_bits(resnet8, calib):
 
 
 def test_quantize_linear_off(resnet8, calib):
-    q = convert(resnet8, calib, _cheap(method="none", quantize_linear=False))
+    """quantize_linear=False: linears stay float, get no adapter and are not counted in the budget."""
+    q = convert(resnet8, calib, _cheap(method="uniform", quantize_linear=False))
+    rep = q.cora_report
     assert type(q.linear) is nn.Linear
-    assert "linear" in q.cora_report.skipped
+    assert "linear" in rep.skipped and "linear" not in rep.ranks
+    P_conv = sum(m.weight.numel() for m in resnet8.modules() if isinstance(m, nn.Conv2d))
+    adapter = sum(m.adapter_params for m in q.modules() if isinstance(m, CoRaConv2d))
+    assert rep.adapter_fraction == pytest.approx(adapter / P_conv) and 0.03 < rep.adapter_fraction <= 0.05
+
+
+class ConvMLP(nn.Module):
+    """A small conv stem and an MLP that holds most of the weights (as convnext's MLPs do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 96)
+        self.fc2 = nn.Linear(96, 10)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("method", ["uniform", "search"])
+def test_linear_layers_get_adapters_under_the_budget(method):
+    """Where linears carry most weights they get ranks; P counts them; the budget holds; the adapters help."""
+    torch.manual_seed(0)
+    model = ConvMLP().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    cfg = CoRaConfig(bits=2, method=method, budget=0.1, iterations=5, calib_images=32, batch_size=16, tune_iterations=0,
+                     progress=False)
+    q = convert(model, (x, y), cfg)
+    rep = q.cora_report
+    P = 8 * 3 * 9 + 128 * 96 + 96 * 10  # by hand: the linears are 95 % of it
+    assert isinstance(q.fc1, QuantLinear) and isinstance(q.fc2, QuantLinear)
+    assert rep.ranks["fc1"] > 0 and q.fc1.rank == rep.ranks["fc1"] and q.fc2.rank == rep.ranks["fc2"]
+    params = {n: q.get_submodule(n).adapter_params for n in ("conv", "fc1", "fc2")}
+    assert sum(params.values()) <= 0.1 * P and rep.adapter_fraction == pytest.approx(sum(params.values()) / P)
+    assert rep.budget_share == pytest.approx({n: p / P for n, p in params.items()})
+    bits = sum(m.storage_bits() for m in q.modules() if isinstance(m, (CoRaConv2d, QuantLinear)))
+    assert rep.equiv_bits == pytest.approx(bits / P)  # every weight is quantized here
+    none = convert(model, (x, y), CoRaConfig(bits=2, method="none", calib_images=32, tune_iterations=0, progress=False))
+    with torch.no_grad():
+        ref = model(x)
+        assert (q(x) - ref).pow(2).mean() < (none(x) - ref).pow(2).mean()
 
 
 def test_paper_config_per_tensor(resnet8, calib):

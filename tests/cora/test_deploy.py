@@ -253,7 +253,7 @@ def test_weight_bytes_counts_stored_buffers(resnet8):
     convs = [m for m in dep.modules() if isinstance(m, cora.CoRaConv2d)]
     assert wb["codes"] == sum(p.numel() * 4 for m in convs for p in m.packed_planes()) + sum(
         p.numel() * 4 for p in dep.linear.packed_planes())
-    assert wb["adapters"] == sum(2 * m.adapter_params for m in convs)
+    assert wb["adapters"] == sum(2 * m.adapter_params for m in convs) + 2 * dep.linear.adapter_params  # linear: adapted too
     assert wb["batchnorm"] == 0 and wb["bn_folded"] == 8 * sum(m.out_channels for m in convs)
     assert wb["total"] == sum(v for k, v in wb.items() if k != "total")
     fp16 = weight_bytes(copy.deepcopy(cifar_resnet(8)).half())

@@ -393,3 +393,127 @@ def test_quant_linear_bad_inputs():
         lin.weight[1, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         QuantLinear.from_linear(lin, 4)
+
+
+# ---------------------------------------------------------------------------------- QuantLinear adapters
+def _linear(seed: int, inp: int = 24, out: int = 10, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(inp, out, bias=bias)
+
+
+def _direct(lin_q: QuantLinear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float64 ``x (Q + B A)ᵀ + bias`` from the layer's codes and the given factors."""
+    w = lin_q.dequantized_weight().double() + b.double() @ a.double()
+    y = x.double() @ w.T
+    return y if lin_q.bias is None else y + lin_q.bias.double()
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+@pytest.mark.parametrize("adapter_dtype", ("float16", "bfloat16", "float32"))
+def test_quant_linear_adapter_forward_is_q_plus_ba(bits, adapter_dtype):
+    """y = linear(x; Q) + linear(linear(x; A); B) + bias for any leading dims, = x (Q + BA)ᵀ + bias in float64;
+    the rank-r adapter brings the layer closer to the float one."""
+    from tests.tolerances import assert_close_rel
+
+    lin = _linear(80 + bits, bias=bits != 3)
+    r = 4
+    q = QuantLinear.from_linear(lin, bits, r, adapter_dtype=adapter_dtype)
+    q0 = QuantLinear.from_linear(lin, bits)
+    assert q.rank == r and q.adapter_a.shape == (r, 24) and q.adapter_b.shape == (10, r)
+    assert q.adapter_a.dtype == getattr(torch, adapter_dtype) and q.adapter_a_scale is None
+    A, B = adapter_from_factors(factorize_residual(lin.weight.detach() - q.dequantized_weight()), r)
+    assert_close_rel(q.adapter_a.float(), A, getattr(torch, adapter_dtype))  # stored = the factors, cast
+    a, b = q.adapter_a.float(), q.adapter_b.float()
+    assert_close_rel(q.effective_weight(), q.dequantized_weight() + b @ a, torch.float32)
+    g = torch.Generator().manual_seed(bits)
+    for shape in [(5, 24), (2, 3, 24), (24,)]:
+        x = torch.randn(shape, generator=g)
+        with torch.no_grad():
+            assert_close_rel(q(x), _direct(q, x, a, b), torch.float32)
+    x = torch.randn(64, 24, generator=g)
+    with torch.no_grad():
+        y_float = lin(x)
+        assert rel_err(q(x), y_float) < rel_err(q0(x), y_float)
+        for dt in (torch.float16, torch.bfloat16):
+            y = q(x.to(dt))
+            assert y.dtype == dt
+            assert_close_rel(y, _direct(q, x.to(dt), a, b), dt)
+
+
+def test_quant_linear_int8_adapter_and_storage_bits():
+    """int8 adapters: rows rounded as CoRaConv2d rounds them, scales fp32, bits counted at their real size."""
+    from tests.tolerances import assert_close_rel
+
+    lin = _linear(90, 40, 12)
+    r, K, out, bits = 5, 40, 12, 3
+    q8 = QuantLinear.from_linear(lin, bits, r, adapter_dtype="int8")
+    q16 = QuantLinear.from_linear(lin, bits, r)
+    A, B = adapter_from_factors(factorize_residual(lin.weight.detach() - q8.dequantized_weight()), r)
+    (qa, sa), (qb, sb) = quantize_adapter(A), quantize_adapter(B)
+    assert q8.adapter_int8 and q8.adapter_a.dtype == torch.int8 and q8.adapter_a_scale.dtype == torch.float32
+    assert torch.equal(q8.adapter_a, qa) and torch.equal(q8.adapter_b, qb)
+    assert torch.equal(q8.adapter_a_scale, sa) and torch.equal(q8.adapter_b_scale, sb)
+    base = bits * K * out + (16 + bits) * out
+    assert q8.adapter_params == q16.adapter_params == r * (K + out)
+    assert q8.storage_bits() == base + 8 * r * (K + out) + 32 * (r + out)
+    assert q16.storage_bits() == base + 16 * r * (K + out)
+    assert QuantLinear.from_linear(lin, bits).storage_bits() == base
+    assert QuantLinear.from_linear(lin, bits, adapter_dtype="int8").storage_bits() == base  # rank 0: no scales
+    a8, b8 = dequantize_adapter(qa, sa), dequantize_adapter(qb, sb)
+    x = torch.randn(3, 2, K, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_rel(q8(x), _direct(q8, x, a8, b8), torch.float32)
+    assert 0 < rel_err(b8 @ a8, B @ A) < 2e-2  # int8 rounding, about 1/127 per row
+
+
+def test_quant_linear_state_dict_rank_from_the_checkpoint_and_old_files():
+    """The rank comes from the state dict; a rank-0 layer saves exactly the keys QuantLinear saved before
+    adapters existed, and such a state dict loads into a layer of any rank as rank 0."""
+    lin = _linear(91)
+    old_keys = {"_extra_state", "bias", "qweight_p0", "scale", "zero"}
+    q0 = QuantLinear.from_linear(lin, 4)
+    assert set(q0.state_dict()) == old_keys
+    q = QuantLinear.from_linear(lin, 4, 6)
+    assert set(q.state_dict()) == old_keys | {"adapter_a", "adapter_b"}
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(2))
+    for init_rank in (0, 2, 6, 9):
+        fresh = QuantLinear(24, 10, bits=4, rank=init_rank)
+        fresh.load_state_dict(q.state_dict())
+        assert fresh.rank == 6 and set(fresh.state_dict()) == set(q.state_dict())
+        for k, v in q.state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(fresh.state_dict()[k], v), k
+        with torch.no_grad():
+            assert torch.equal(fresh(x), q(x))
+        fresh.load_state_dict(q0.state_dict())  # an old-style (adapter-free) state dict: rank 0 again
+        assert fresh.rank == 0 and set(fresh.state_dict()) == old_keys
+        with torch.no_grad():
+            assert torch.equal(fresh(x), q0(x))
+    q8 = QuantLinear.from_linear(lin, 2, 3, adapter_dtype="int8")
+    fresh = QuantLinear(24, 10, bits=2, rank=1, adapter_dtype="int8")
+    fresh.load_state_dict(q8.state_dict())
+    assert fresh.rank == 3 and fresh.adapter_a_scale.shape == (3,)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), q8(x))
+    with pytest.raises(RuntimeError, match="adapter_a_scale"):
+        QuantLinear(24, 10, bits=2, rank=3).load_state_dict(q8.state_dict())
+    bad = dict(q.state_dict(), adapter_a=torch.zeros(6, 23))
+    with pytest.raises(RuntimeError, match="adapter_a"):
+        QuantLinear(24, 10, bits=4, rank=6).load_state_dict(bad)
+
+
+def test_quant_linear_adapter_bad_inputs():
+    lin = _linear(92, 6, 3)
+    with pytest.raises(ValueError, match="rank 4 outside"):
+        QuantLinear(6, 3, rank=4)
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        QuantLinear(6, 3, adapter_dtype="int4")
+    q = QuantLinear.from_linear(lin, 4, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        q.set_adapter(torch.randn(2, 5), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="do not fit"):
+        q.set_adapter(torch.randn(2, 6), torch.randn(3, 1))
+    q.set_adapter(torch.randn(1, 6), torch.randn(3, 1))  # a new rank is fine
+    assert q.rank == 1 and set(q.state_dict()) >= {"adapter_a", "adapter_b"}
+    q.set_adapter(torch.randn(0, 6), torch.randn(3, 0))
+    assert q.rank == 0 and "adapter_a" not in q.state_dict()

@@ -94,7 +94,7 @@ def test_rank_one():
 def test_budget_weights_match_the_formula():
     """Bud(rho) reported by the search is sum_l R_l (C_in kh kw + C_out) / P_conv * rho_l."""
     model, layers, x, y, conv_params = toy_setup()
-    rep = search_ranks(copy.deepcopy(model), layers, x, _ce(y), budget=0.1, conv_params=conv_params,
+    rep = search_ranks(copy.deepcopy(model), layers, x, _ce(y), budget=0.1, weight_params=conv_params,
                        settings=SearchConfig(iterations=3), progress=False)
     w = {}
     for l in layers:
@@ -111,7 +111,7 @@ def test_search_holds_budget_and_reports(budget_mode, loss):
     model, layers, x, y, conv_params = toy_setup()
     objective = _ce(y) if loss == "ce" else Objective("kl", teacher_logits=model_logits(model, x))
     budget = 0.08
-    rep = search_ranks(copy.deepcopy(model), layers, x, objective, budget=budget, conv_params=conv_params,
+    rep = search_ranks(copy.deepcopy(model), layers, x, objective, budget=budget, weight_params=conv_params,
                        settings=SearchConfig(iterations=20, batch_size=16, budget_mode=budget_mode), progress=False)
     assert rep.adapter_fraction <= budget
     assert rep.adapter_fraction == pytest.approx(adapter_fraction(rep.ranks, layers, conv_params))
@@ -129,7 +129,7 @@ def test_search_holds_budget_and_reports(budget_mode, loss):
 def test_search_penalty_mode_pulls_budget_down():
     """With the paper's penalty and a big lr the continuous budget drops from its initial value."""
     model, layers, x, y, conv_params = toy_setup()
-    rep = search_ranks(copy.deepcopy(model), layers, x, _ce(y), budget=0.02, conv_params=conv_params,
+    rep = search_ranks(copy.deepcopy(model), layers, x, _ce(y), budget=0.02, weight_params=conv_params,
                        settings=SearchConfig(iterations=20, lr=0.05, gamma=10.0, budget_mode="penalty"), progress=False)
     first, last = rep.trace[0][2], rep.trace[-1][2]
     assert last < first
@@ -138,7 +138,7 @@ def test_search_penalty_mode_pulls_budget_down():
 
 def test_search_repeatable_with_same_seed():
     model, layers, x, y, conv_params = toy_setup()
-    kw = dict(budget=0.1, conv_params=conv_params, settings=SearchConfig(iterations=15, batch_size=16, lr=0.05), progress=False)
+    kw = dict(budget=0.1, weight_params=conv_params, settings=SearchConfig(iterations=15, batch_size=16, lr=0.05), progress=False)
     a = search_ranks(copy.deepcopy(model), layers, x, _ce(y), seed=3, **kw)
     b = search_ranks(copy.deepcopy(model), layers, x, _ce(y), seed=3, **kw)
     assert a.ranks == b.ranks
@@ -150,7 +150,8 @@ def test_search_soft_conv_matches_quantized_plus_masked_residual():
     """After the swap, each adapted conv computes conv(x; Q(W) + U diag(S T^2) Vt)."""
     model, layers, x, y, conv_params = toy_setup()
     sm = copy.deepcopy(model)
-    search_ranks(sm, layers, x, _ce(y), budget=0.1, conv_params=conv_params, settings=SearchConfig(iterations=2), progress=False)
+    search_ranks(sm, layers, x, _ce(y), budget=0.1, weight_params=conv_params, settings=SearchConfig(iterations=2),
+                 progress=False)
     soft = sm.get_submodule("conv2")
     layer = layers[1]
     t = butterworth_mask(soft.rho.detach(), layer.full_rank, 4)
@@ -203,7 +204,7 @@ def test_soft_conv_masks_stored_triplets_over_the_full_rank():
     layer = trunc[1]
     assert layer.factors.truncated and layer.full_rank == 16
     sm = copy.deepcopy(model)
-    search_ranks(sm, trunc, x, _ce(y), budget=0.1, conv_params=conv_params, settings=SearchConfig(iterations=2), progress=False)
+    search_ranks(sm, trunc, x, _ce(y), budget=0.1, weight_params=conv_params, settings=SearchConfig(iterations=2), progress=False)
     soft = sm.get_submodule("conv2")
     t = butterworth_mask(soft.rho.detach(), layer.full_rank, 4)[: layer.factors.stored_rank]
     w = layer.qweight + layer.factors.matrix(t * t)
@@ -221,9 +222,57 @@ def test_search_outcome_unchanged_by_truncation(budget):
     model, layers, x, y, conv_params = toy_setup()
     trunc = _truncated(layers, budget, conv_params)
     assert any(l.factors.truncated for l in trunc)
-    kw = dict(budget=budget, conv_params=conv_params, settings=SearchConfig(iterations=30, batch_size=16), progress=False)
+    kw = dict(budget=budget, weight_params=conv_params, settings=SearchConfig(iterations=30, batch_size=16), progress=False)
     full = search_ranks(copy.deepcopy(model), layers, x, _ce(y), **kw)
     cut = search_ranks(copy.deepcopy(model), trunc, x, _ce(y), **kw)
     assert cut.ranks == full.ranks
     for n in full.cutoffs:
         assert cut.cutoffs[n] == pytest.approx(full.cutoffs[n], abs=0.05)
+
+
+# ---------------------------------------------------------------------------------- linear layers
+def _linear_setup(seed=0, bits=2):
+    """ToyCNN with its fc adapted too (a linear [10, 24]); P counts conv and linear weights."""
+    from cora.budget import AdaptedLayer, budget_weight_count
+    from cora.quantizer import compute_qparams, fake_quantize
+    from cora.residual import factorize_residual
+
+    model, layers, x, y, _ = toy_setup(seed, bits=bits)
+    w = model.fc.weight.detach()
+    s, z = compute_qparams(w, bits)
+    qw = fake_quantize(w, s, z, bits)
+    layers = layers + [AdaptedLayer("fc", qw, factorize_residual(w - qw, method="weight"))]
+    return model, layers, x, y, budget_weight_count(model)
+
+
+def test_soft_adapter_linear_is_the_masked_linear():
+    """The search's linear stand-in computes linear(x; Q + U diag(S T²) Vt) + bias (float64 direct computation)."""
+    from cora.search import _SoftAdapterLinear
+    from tests.tolerances import assert_close_rel
+
+    model, layers, *_ = _linear_setup()
+    fc = copy.deepcopy(model.fc)
+    layer = layers[-1]
+    soft = _SoftAdapterLinear(fc, layer, 0.4, 4)
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(9))
+    t = butterworth_mask(torch.tensor(0.4, dtype=torch.float64), layer.full_rank, 4)
+    f = layer.factors
+    w = layer.qweight.double() + (f.U.double() * (f.S.double() * t * t)) @ f.Vt.double()
+    ref = x.double() @ w.T + fc.bias.detach().double()
+    with torch.no_grad():
+        assert_close_rel(soft(x), ref, torch.float32)
+    soft(x).square().sum().backward()
+    assert soft.rho.grad is not None and float(soft.rho.grad) != 0.0
+
+
+def test_search_with_a_linear_layer_holds_the_budget():
+    model, layers, x, y, P = _linear_setup()
+    kw = dict(budget=0.1, weight_params=P, settings=SearchConfig(iterations=15, batch_size=16, lr=0.05), progress=False)
+    rep = search_ranks(copy.deepcopy(model), layers, x, _ce(y), **kw)
+    assert set(rep.ranks) == {l.name for l in layers} and rep.ranks["fc"] >= 1
+    assert sum(rep.ranks[l.name] * l.cost_per_rank for l in layers) <= 0.1 * P
+    assert rep.adapter_fraction == pytest.approx(adapter_fraction(rep.ranks, layers, P))
+    from cora.budget import cutoff_weights
+
+    start = max(min(1.0, 0.1 / float(cutoff_weights(layers, P).sum())), 1.0 / layers[-1].full_rank)
+    assert rep.cutoffs["fc"] != pytest.approx(start, rel=1e-3)  # the task loss moved the linear's cutoff

@@ -54,7 +54,7 @@ def _kl(q, teacher, x):
 
 def test_kl_tuning_lowers_kl_and_moves_only_adapters(model, data, untuned):
     x, _ = data
-    q = convert(model, x, _cfg(tune_iterations=40, tune_loss="kl", tune_lr=3e-3))
+    q = convert(model, x, _cfg(tune_iterations=40, tune_loss="kl", tune_lr=1e-4))
     rep = q.cora_report
     assert rep.tune_loss == "kl" and rep.tune_iterations == 40 and rep.tune_seconds > 0
     assert rep.ranks == untuned.cora_report.ranks and rep.adapter_fraction == untuned.cora_report.adapter_fraction
@@ -64,6 +64,7 @@ def test_kl_tuning_lowers_kl_and_moves_only_adapters(model, data, untuned):
     assert tuned_sd.keys() == base_sd.keys()
     moved = {k for k in base_sd if not _same(tuned_sd[k], base_sd[k])}
     assert moved and all(k.endswith(("adapter_a", "adapter_b")) for k in moved), sorted(moved)
+    assert q.linear.rank > 0 and {"linear.adapter_a", "linear.adapter_b"} <= moved  # the linear adapter is tuned too
     for k in moved:
         assert tuned_sd[k].dtype == base_sd[k].dtype and tuned_sd[k].shape == base_sd[k].shape
     assert not q.training
@@ -72,7 +73,7 @@ def test_kl_tuning_lowers_kl_and_moves_only_adapters(model, data, untuned):
 
 def test_ce_tuning_fits_labels(model, data, untuned):
     x, y = data
-    q = convert(model, (x, y), _cfg(tune_iterations=40, tune_loss="ce", tune_lr=3e-3))
+    q = convert(model, (x, y), _cfg(tune_iterations=40, tune_loss="ce", tune_lr=1e-4))
     assert q.cora_report.tune_loss == "ce"
     with torch.no_grad():
         assert F.cross_entropy(q(x), y) < 0.9 * F.cross_entropy(untuned(x), y)
@@ -182,7 +183,7 @@ def test_int8_adapters_train_through_their_rounding_and_stay_int8():
 def test_int8_tuning_through_convert(model, data):
     x, _ = data
     base = convert(model, x, _cfg(tune_iterations=0, adapter_dtype="int8"))
-    q = convert(model, x, _cfg(tune_iterations=40, tune_loss="kl", tune_lr=3e-3, adapter_dtype="int8"))
+    q = convert(model, x, _cfg(tune_iterations=40, tune_loss="kl", tune_lr=1e-4, adapter_dtype="int8"))
     teacher = model_logits(model, x)
     assert _kl(q, teacher, x) < 0.9 * _kl(base, teacher, x)
     tuned_sd, base_sd = q.state_dict(), base.state_dict()
@@ -191,3 +192,31 @@ def test_int8_tuning_through_convert(model, data):
     for k in moved:
         assert tuned_sd[k].dtype == base_sd[k].dtype and tuned_sd[k].shape == base_sd[k].shape
     assert all(m.adapter_int8 for m in q.modules() if isinstance(m, CoRaConv2d))
+
+
+def test_linear_stand_in_is_the_layer_and_trains_through_int8():
+    """The QuantLinear stand-in computes what the layer computes; int8 masters are rounded in the forward,
+    and write_back stores that (int8 codes, fp32 scales)."""
+    from cora.modules import QuantLinear
+    from cora.tune import trainable_adapter
+    from tests.tolerances import assert_close_rel, rel_err, tol_for
+
+    torch.manual_seed(8)
+    x = torch.randn(3, 2, 20)
+    for dtype in ("float16", "int8"):
+        layer = QuantLinear.from_linear(nn.Linear(20, 9), 2, 4, adapter_dtype=dtype)
+        w = trainable_adapter(layer)
+        assert type(w).__name__ == "_TrainableAdapterLinear" and w.a.shape == (4, 20) and w.b.shape == (9, 4)
+        with torch.no_grad():
+            assert_close_rel(w(x), layer(x), torch.float32)
+        w(x).square().sum().backward()
+        assert w.a.grad.abs().sum() > 0 and w.b.grad.abs().sum() > 0
+        with torch.no_grad():
+            w.a.add_(0.05 * w.a.abs().mean() * torch.randn_like(w.a))
+            y_train = w(x)
+            if dtype == "int8":
+                unrounded = F.linear(x, w.weight_q, w.bias_f) + F.linear(F.linear(x, w.a), w.b)
+                assert rel_err(unrounded, y_train) > tol_for(torch.float32)
+            stored = w.write_back()
+            assert stored is layer and layer.adapter_int8 == (dtype == "int8")
+            assert_close_rel(layer(x), y_train, torch.float16 if dtype == "float16" else torch.float32)
