@@ -49,7 +49,11 @@ def _config() -> cora.CoRaConfig:
                            progress=False)
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+# The largest ones run with `pytest -m heavy` only: together they take longer than the CI budget allows.
+HEAVY = {"resnet50", "wide_resnet50_2", "convnext_tiny", "densenet121"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY else n for n in ARCHITECTURES])
 def test_convert_deploy_save_load(name, tmp_path):
     torch.manual_seed(0)
     kwargs = ARCHITECTURES[name]
