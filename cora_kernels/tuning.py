@@ -223,7 +223,7 @@ def _smem_bytes(cfg: ConvConfig, elem: int, r_pad: int) -> int:
 
 # int8 adapters (their fp32 row scales in the epilogue) tip these over the register limit: 8 B of stack
 # (triton 3.8: small_m on sm_80 at int4/int2, large_m_large_n on sm_90 at int3/int2); never chosen then.
-INT8_ADAPTER_SPILLS = ("small_m", "large_m_large_n")
+INT8_ADAPTER_SPILLS = ("small_m", "large_m_large_n", "fp32_mid")  # fp32_mid: sm_80, fp32 activations, 8 B
 
 
 def prune_configs(configs, *, M: int, C_in: int, C_out: int, r_pad: int, elem_bytes: int = 2,
@@ -235,7 +235,7 @@ def prune_configs(configs, *, M: int, C_in: int, C_out: int, r_pad: int, elem_by
     ``int8_adapter`` drops :data:`INT8_ADAPTER_SPILLS`.
     """
     if elem_bytes == 4:
-        return list(FP32_CONFIGS)
+        return [c for c in FP32_CONFIGS if not (int8_adapter and c.name in INT8_ADAPTER_SPILLS)] or [FALLBACK_CONFIG]
     out = []
     limit = _SMEM_LIMIT.get(capability_major, _SMEM_LIMIT[8])
     for cfg in configs:

@@ -70,7 +70,8 @@ def _slow_jobs():
     jobs = [_conv(cc, cfg, bits=4, dtype="bf16", r_pad=16 if cfg.BLOCK_K > 64 else 32, aligned=cfg.BLOCK_K > 64)
             for cc in TARGETS for cfg in CONFIGS]
     jobs += [_conv(cc, cfg, bits=b, dtype="fp32", r_pad=16, aligned=False, **ad)
-             for cc in TARGETS for cfg in tuning.FP32_CONFIGS for b in (3, 4) for ad in ({}, {"adapter": "int8"})]
+             for cc in TARGETS for cfg in tuning.FP32_CONFIGS for b in (3, 4) for ad in ({}, {"adapter": "int8"})
+             if not (ad and cfg.name in tuning.INT8_ADAPTER_SPILLS)]  # never chosen for int8 adapters
     return jobs
 
 
