@@ -154,7 +154,44 @@ def _check_input(name: str, x: torch.Tensor, channels: int, ref: torch.Tensor) -
         raise ValueError(f"{name}: expected {channels} input features in the {where} dimension, got shape {tuple(x.shape)}")
 
 
-class CoRaConv2d(_PackedWeightMixin, nn.Module):
+class _AdapterStateMixin:
+    """The adapter buffers' views and save/restore, for a layer that stores ``adapter_a`` ``[r, K]``,
+    ``adapter_b`` ``[C_out, r]`` and, for int8 storage, ``adapter_a_scale`` ``[r]`` and
+    ``adapter_b_scale`` ``[C_out]`` (shared by :class:`CoRaConv2d` and :class:`QuantLinear`)."""
+
+    @property
+    def rank(self) -> int:
+        return int(self.adapter_a.shape[0])
+
+    @property
+    def adapter_int8(self) -> bool:
+        """Whether the adapters are stored as int8 codes with per-row float32 scales."""
+        return self.adapter_a.dtype == torch.int8
+
+    @property
+    def adapter_params(self) -> int:
+        return self.adapter_a.numel() + self.adapter_b.numel()
+
+    def adapter_bits(self) -> int:
+        """Bits the adapter stores: each parameter at its storage width, plus for int8 the float32
+        scales (``r + C_out`` of them; none without an adapter)."""
+        if not self.adapter_int8:
+            return torch.finfo(self.adapter_a.dtype).bits * self.adapter_params
+        scales = self.adapter_a_scale.numel() + self.adapter_b_scale.numel() if self.rank else 0
+        return 8 * self.adapter_params + _SCALE_BITS * scales
+
+    def adapter_state(self) -> dict[str, torch.Tensor | None]:
+        """The adapter buffers by name (``adapter_a``, ``adapter_b`` and their scales, None for float
+        storage), to put back later with :meth:`restore_adapter_state`."""
+        return {k: getattr(self, k) for k in _ADAPTER_BUFFERS}
+
+    def restore_adapter_state(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Put back what :meth:`adapter_state` returned (the same tensors, not copies)."""
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class CoRaConv2d(_PackedWeightMixin, _AdapterStateMixin, nn.Module):
     """A quantized conv plus its low-rank residual adapter; same forward as ``nn.Conv2d``.
 
     ``y = conv(x; Q(W)) + conv1x1(conv_kxk(x; A); B) + bias``. Input ``[N, C_in, H, W]`` or
@@ -310,38 +347,7 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
         self.adapter_a = a.to(dev, dt).contiguous()
         self.adapter_b = b.detach().to(dev, dt).contiguous()
 
-    def adapter_state(self) -> dict[str, torch.Tensor | None]:
-        """The adapter buffers by name (``adapter_a``, ``adapter_b`` and their scales, None for float
-        storage), to put back later with :meth:`restore_adapter_state`."""
-        return {k: getattr(self, k) for k in ("adapter_a", "adapter_b", "adapter_a_scale", "adapter_b_scale")}
-
-    def restore_adapter_state(self, state: dict[str, torch.Tensor | None]) -> None:
-        """Put back what :meth:`adapter_state` returned (the same tensors, not copies)."""
-        for k, v in state.items():
-            setattr(self, k, v)
-
     # ------------------------------------------------------------------ views
-    @property
-    def rank(self) -> int:
-        return int(self.adapter_a.shape[0])
-
-    @property
-    def adapter_int8(self) -> bool:
-        """Whether the adapters are stored as int8 codes with per-row float32 scales."""
-        return self.adapter_a.dtype == torch.int8
-
-    @property
-    def adapter_params(self) -> int:
-        return self.adapter_a.numel() + self.adapter_b.numel()
-
-    def adapter_bits(self) -> int:
-        """Bits the adapter stores: each parameter at its storage width, plus for int8 the float32
-        scales (``r + C_out`` of them; none without an adapter)."""
-        if not self.adapter_int8:
-            return torch.finfo(self.adapter_a.dtype).bits * self.adapter_params
-        scales = self.adapter_a_scale.numel() + self.adapter_b_scale.numel() if self.rank else 0
-        return 8 * self.adapter_params + _SCALE_BITS * scales
-
     def adapter_conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` as conv weights: the storage dtype
         for float adapters, float32 ``scale * q`` for int8 ones."""
@@ -457,43 +463,6 @@ class CoRaConv2d(_PackedWeightMixin, nn.Module):
             s += f", padding_mode={self.padding_mode!r}"
         s += f", bias={self.bias is not None}, bits={self.bits}, rank={self.rank}"
         return s + (", adapter_dtype=int8" if self.adapter_int8 else "")
-
-
-class _AdapterStateMixin:
-    """The adapter buffers' views and save/restore, for a layer that stores ``adapter_a`` ``[r, K]``,
-    ``adapter_b`` ``[C_out, r]`` and, for int8 storage, ``adapter_a_scale`` ``[r]`` and
-    ``adapter_b_scale`` ``[C_out]`` exactly as :class:`CoRaConv2d` does (shared with :class:`QuantLinear`)."""
-
-    @property
-    def rank(self) -> int:
-        return int(self.adapter_a.shape[0])
-
-    @property
-    def adapter_int8(self) -> bool:
-        """Whether the adapters are stored as int8 codes with per-row float32 scales."""
-        return self.adapter_a.dtype == torch.int8
-
-    @property
-    def adapter_params(self) -> int:
-        return self.adapter_a.numel() + self.adapter_b.numel()
-
-    def adapter_bits(self) -> int:
-        """Bits the adapter stores: each parameter at its storage width, plus for int8 the float32
-        scales (``r + C_out`` of them; none without an adapter)."""
-        if not self.adapter_int8:
-            return torch.finfo(self.adapter_a.dtype).bits * self.adapter_params
-        scales = self.adapter_a_scale.numel() + self.adapter_b_scale.numel() if self.rank else 0
-        return 8 * self.adapter_params + _SCALE_BITS * scales
-
-    def adapter_state(self) -> dict[str, torch.Tensor | None]:
-        """The adapter buffers by name (``adapter_a``, ``adapter_b`` and their scales, None for float
-        storage), to put back later with :meth:`restore_adapter_state`."""
-        return {k: getattr(self, k) for k in _ADAPTER_BUFFERS}
-
-    def restore_adapter_state(self, state: dict[str, torch.Tensor | None]) -> None:
-        """Put back what :meth:`adapter_state` returned (the same tensors, not copies)."""
-        for k, v in state.items():
-            setattr(self, k, v)
 
 
 class QuantLinear(_PackedWeightMixin, _AdapterStateMixin, nn.Module):
