@@ -105,7 +105,8 @@ class _SoftAdapterConv(nn.Module):
 
     def masked_weight(self) -> torch.Tensor:
         """``Q(W) + U diag(S·T²) Vt`` float32, the layer's weight shape (differentiable in ``rho``)."""
-        t = butterworth_mask(self.rho, self.rank, self.order, self.count)
+        # rho lives on the CPU with the optimiser's other small tensors (bounds, costs); the mask follows the weight
+        t = butterworth_mask(self.rho, self.rank, self.order, self.count).to(self.s.device)
         return self.qweight + ((self.us * (self.s * t * t)) @ self.vt).reshape(self.qweight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

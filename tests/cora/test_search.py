@@ -126,6 +126,16 @@ def test_search_holds_budget_and_reports(budget_mode, loss):
     assert rep.trace and all(math.isfinite(t) for _, t, _ in rep.trace)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_search_with_the_model_on_cuda():
+    """Model, images and labels on the GPU (the cutoffs stay on the CPU): the search runs and holds the budget."""
+    model, layers, x, y, conv_params = toy_setup()
+    rep = search_ranks(copy.deepcopy(model).cuda(), layers, x.cuda(), _ce(y.cuda()), budget=0.08,
+                       weight_params=conv_params, settings=SearchConfig(iterations=5, batch_size=16), progress=False)
+    assert 0 < rep.adapter_fraction <= 0.08
+    assert all(math.isfinite(t) for _, t, _ in rep.trace)
+
+
 def test_search_penalty_mode_pulls_budget_down():
     """With the paper's penalty and a big lr the continuous budget drops from its initial value."""
     model, layers, x, y, conv_params = toy_setup()
