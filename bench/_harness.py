@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "git_commit", "gpu_run_header", "write_csv", "append_csv", "machine", "versions"]
+__all__ = ["ROOT", "git_commit", "gpu_run_header", "write_csv", "append_csv", "machine", "versions", "time_in_graph",
+           "host_time_us", "add_tuning_option", "load_tuning_file", "save_tuning_file"]
 
 
 def git_commit() -> str:
@@ -93,3 +94,77 @@ def append_csv(rows: list[dict], path) -> None:
             csv.DictWriter(f, fieldnames=fields).writerows(rows)
         return
     write_csv([{k: r.get(k, "") for k in fields} for r in old + rows], path)
+
+
+def time_in_graph(fn, do_bench) -> list[float]:
+    """(median, p20, p80) ms of ``fn()`` replayed from a CUDA graph: the GPU's time alone, no launch overhead.
+
+    ``fn`` is warmed up twice on a side stream (autotuning, allocator) before the capture; the number of timed
+    replays adapts to ``fn``'s duration (at least ~20).  ``do_bench`` is ``triton.testing.do_bench``.
+    """
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    est_ms = (time.perf_counter() - t) * 1e3
+    rep = min(2000.0, max(100.0, 20 * est_ms))
+    q = do_bench(graph.replay, warmup=max(25.0, 3 * est_ms), rep=rep, quantiles=[0.5, 0.2, 0.8])
+    del graph
+    return q
+
+
+def host_time_us(fn, calls: int = 50) -> float:
+    """Mean CPU time (µs) to issue one ``fn()`` without waiting for the GPU: the launch overhead that a CUDA graph
+    removes.  The queue is drained before and after; ``calls`` launches do not fill it."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def add_tuning_option(ap) -> None:
+    """``--tuning FILE``: the kernel launch choices read from FILE at the start (when it exists) and written back
+    after every row, so the compile-and-time cost of autotuning is paid once per GPU model, also across runs
+    that a time limit stops."""
+    ap.add_argument("--tuning", default=None, metavar="FILE",
+                    help="JSON of tuned launch choices: read first if it exists, rewritten after every row")
+
+
+def load_tuning_file(path) -> None:
+    """Merge the tuned choices of ``path`` (when given and present) and say how many were read."""
+    if path and Path(path).is_file():
+        from cora_kernels.tuning import load_tuning
+
+        print(f"# tuned launch choices read from {path}: {load_tuning(path)}")
+
+
+def save_tuning_file(path) -> None:
+    """Write this process's tuned choices to ``path`` (when given), replacing it atomically."""
+    if path:
+        from cora_kernels.tuning import save_tuning
+
+        tmp = Path(f"{path}.tmp")
+        save_tuning(tmp)
+        os.replace(tmp, path)

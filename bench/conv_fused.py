@@ -10,6 +10,9 @@ channels_last):
               adapter convs, add
   fused       the fused Triton kernel (packed int4/int3 weights + low-rank branch, one launch)
   fused_fp16w the same kernel with dense fp16 weights (control: Triton conv vs fewer weight bytes)
+The eager timings include the CPU time to issue each call whenever it exceeds the kernel's; so cudnn
+and fused are also timed replayed from a CUDA graph (``*_graph_us``: GPU time alone, as ``cora serve``
+runs them), and the CPU time to issue one eager call is reported (``*_host_us``).
 Ranks from a 5% budget per layer: r = max(1, floor(0.05 * C_out*C_in*kh*kw / (C_in*kh*kw + C_out))).
 Reports median and p20/p80 (µs), achieved TB/s and TFLOP/s, speed-ups, then a summary (geometric
 means per batch size) printed last.  Without a GPU it says so and runs a short correctness sweep
@@ -29,7 +32,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import gpu_run_header, write_csv  # noqa: E402
+from _harness import (add_tuning_option, gpu_run_header, host_time_us, load_tuning_file,  # noqa: E402
+                      save_tuning_file, time_in_graph, write_csv)
 
 # hand-listed fallback when torchvision is missing: (C_in, C_out, k, stride, padding, H_in)
 _R18 = [(3, 64, 7, 2, 3, 224), (64, 64, 3, 1, 1, 56), (64, 128, 3, 2, 1, 56), (128, 128, 3, 1, 1, 28),
@@ -109,6 +113,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--time-cap", type=float, default=None, help="stop starting new rows after this many seconds")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/conv_fused_<device>.csv)")
+    add_tuning_option(ap)
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -126,6 +131,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda")
     meta, out_csv = gpu_run_header("conv_fused", dev, args.out)
+    load_tuning_file(args.tuning)
     t0 = time.time()
     rows = []
     shapes = []
@@ -134,7 +140,8 @@ def main(argv=None):
             if s not in [x[1] for x in shapes]:
                 shapes.append((mname, s))
     hdr = (f"{'model':<9}{'C_in':>5}{'C_out':>6}{'k':>3}{'s':>3}{'H':>5}{'N':>5}{'b':>3}{'r':>4} "
-           f"{'cudnn':>9}{'unfused':>9}{'fused':>9}{'fp16w':>9} {'x cudnn':>8}{'x unf':>7}{'TB/s':>6}{'TFLOP/s':>8}")
+           f"{'cudnn':>9}{'unfused':>9}{'fused':>9}{'fp16w':>9} {'x cudnn':>8}{'x unf':>7}{'TB/s':>6}{'TFLOP/s':>8}"
+           f"{'cudnn g':>9}{'fused g':>9}{'x cudnn g':>10}{'host':>7}")
     print(hdr)
     capped = False
     for batch in args.batches:
@@ -180,6 +187,16 @@ def main(argv=None):
                     except Exception as e:  # keep going; record the failure
                         print(f"  {name} failed: {type(e).__name__}: {e}")
                         res[name] = [float("nan")] * 3
+                # the same two kernels replayed from a CUDA graph (how cora serve runs them): GPU time alone;
+                # and the CPU time one eager call takes to issue, which the eager timings above include
+                # whenever it is longer than the kernel
+                for name, fn in (("cudnn", p_cudnn), ("fused", p_fused)):
+                    try:
+                        res[f"{name}_graph"] = [v * 1e3 for v in time_in_graph(fn, do_bench)]
+                        res[f"{name}_host"] = [host_time_us(fn)] * 3
+                    except Exception as e:
+                        print(f"  {name} graph failed: {type(e).__name__}: {e}")
+                        res[f"{name}_graph"] = res[f"{name}_host"] = [float("nan")] * 3
                 y = p_fused()
                 oh = y.shape[-1]
                 K = k * k * c_in
@@ -197,11 +214,14 @@ def main(argv=None):
                 row["speedup_vs_cudnn"] = res["cudnn"][0] / t_f
                 row["speedup_vs_unfused"] = res["unfused"][0] / t_f
                 row["speedup_vs_fp16w"] = res["fp16w"][0] / t_f
+                row["graph_speedup_vs_cudnn"] = res["cudnn_graph"][0] / res["fused_graph"][0]
                 rows.append(row)
+                save_tuning_file(args.tuning)
                 print(f"{mname:<9}{c_in:>5}{c_out:>6}{k:>3}{s:>3}{h:>5}{batch:>5}{bits:>3}{r:>4} "
                       f"{res['cudnn'][0]:>9.1f}{res['unfused'][0]:>9.1f}{t_f:>9.1f}{res['fp16w'][0]:>9.1f} "
                       f"{row['speedup_vs_cudnn']:>8.2f}{row['speedup_vs_unfused']:>7.2f}{row['tbps_fused']:>6.2f}"
-                      f"{row['tflops_fused']:>8.1f}", flush=True)
+                      f"{row['tflops_fused']:>8.1f}{res['cudnn_graph'][0]:>9.1f}{res['fused_graph'][0]:>9.1f}"
+                      f"{row['graph_speedup_vs_cudnn']:>10.2f}{res['fused_host'][0]:>7.0f}", flush=True)
             if capped:
                 break
         if capped:
@@ -211,7 +231,7 @@ def main(argv=None):
         print(f"# time cap of {args.time_cap:.0f}s reached: {len(rows)} rows measured")
     print(f"# CSV: {out_csv}")
     print("\nsummary (geometric means of speed-ups of the fused kernel, per batch size):")
-    print(f"{'batch':>6}{'bits':>5}{'rows':>6}{'vs cudnn':>10}{'vs unfused':>12}{'vs fp16w':>10}")
+    print(f"{'batch':>6}{'bits':>5}{'rows':>6}{'vs cudnn':>10}{'vs unfused':>12}{'vs fp16w':>10}{'graphs vs cudnn':>17}")
     for batch in args.batches:
         for bits in args.bits:
             sel = [r_ for r_ in rows if r_["batch"] == batch and r_["bits"] == bits]
@@ -223,7 +243,7 @@ def main(argv=None):
                 return math.exp(sum(math.log(x_) for x_ in v) / len(v)) if v else float("nan")
 
             print(f"{batch:>6}{bits:>5}{len(sel):>6}{gm('speedup_vs_cudnn'):>10.2f}{gm('speedup_vs_unfused'):>12.2f}"
-                  f"{gm('speedup_vs_fp16w'):>10.2f}")
+                  f"{gm('speedup_vs_fp16w'):>10.2f}{gm('graph_speedup_vs_cudnn'):>17.2f}")
     return 0
 
 

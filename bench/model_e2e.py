@@ -31,7 +31,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import gpu_run_header, write_csv  # noqa: E402
+from _harness import (add_tuning_option, gpu_run_header, load_tuning_file, save_tuning_file,  # noqa: E402
+                      time_in_graph, write_csv)
 
 import cora  # noqa: E402
 from cora.deploy import deploy, warmup, weight_bytes  # noqa: E402
@@ -120,26 +121,8 @@ def time_graph(model, x, do_bench):
     """Capture ``model(x)`` in a CUDA graph; (median, p20, p80) ms of its replay and peak memory."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):
-        for _ in range(2):
-            model(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        model(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    est_ms = (time.perf_counter() - t) * 1e3
-    rep = min(2000.0, max(100.0, 20 * est_ms))  # at least ~20 timed replays
-    q = do_bench(graph.replay, warmup=max(25.0, 3 * est_ms), rep=rep, quantiles=[0.5, 0.2, 0.8])
-    peak = torch.cuda.max_memory_allocated()
-    del graph
-    return q, peak
+    q = time_in_graph(lambda: model(x), do_bench)
+    return q, torch.cuda.max_memory_allocated()
 
 
 def gpu_bench(args) -> int:
@@ -148,6 +131,7 @@ def gpu_bench(args) -> int:
     torch.backends.cudnn.benchmark = True
     dev = torch.device(DEVICE)
     meta, out_csv = gpu_run_header("model_e2e", dev, args.out)
+    load_tuning_file(args.tuning)
     t0 = time.time()
     rows, capped = [], False
     cl = torch.channels_last
@@ -199,6 +183,7 @@ def gpu_bench(args) -> int:
                            rel_err_vs_converted=err, **{f"bytes_{k}": v for k, v in wb.items() if k != "total"},
                            **meta)
                 rows.append(row)
+                save_tuning_file(args.tuning)
                 print(f"{name:<9}{prov:<9}{batch:>6}{med:>11.3f}{p20:>9.3f}{p80:>9.3f}{row['images_per_s']:>10.0f}"
                       f"{wb['total'] / 2**20:>12.2f}{peak / 2**20:>10.0f}{err:>9.1e}", flush=True)
                 torch.cuda.empty_cache()
@@ -240,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--time-cap", type=float, default=None, help="stop starting new rows after this many seconds")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/model_e2e_<device>.csv)")
+    add_tuning_option(ap)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU here: not timing anything; reporting weight bytes and a reference-path correctness check.")
