@@ -4,7 +4,8 @@ Modules (imports only torch and triton; no device work at import):
 
 * :mod:`.packing` -- the packed weight format and the int8 adapter format (host side);
   :mod:`.packing_jit` its Triton unpackers;
-* :mod:`.geometry` -- conv shapes and padding, validation of a layer call;
+* :mod:`.geometry` -- conv shapes and padding, the fused activations (:data:`ACTIVATIONS`),
+  validation of a layer call;
 * :mod:`.reference` -- the pure-torch ground truth;
 * :mod:`.conv_fused` -- the fused Triton kernel and its launcher :func:`cora_conv2d_triton`;
 * :mod:`.conv_depthwise` -- the direct kernel for grouped and depthwise convs (``groups > 1``) and
@@ -19,7 +20,7 @@ Importing this package is light: it loads the packed format and the geometry hel
 other names are loaded on first access, and Triton is imported only when the Triton backend first
 runs (or :func:`cora_conv2d_triton` / :func:`cora_conv2d_grouped_triton` is first accessed).
 """
-from .geometry import PADDING_MODES, conv_output_size, explicit_padding, pad_input
+from .geometry import ACTIVATIONS, PADDING_MODES, conv_output_size, explicit_padding, pad_input
 from .packing import (
     PACK_FORMAT_VERSION,
     SUPPORTED_BITS,
@@ -42,6 +43,7 @@ __all__ = [
     "from_gemm_layout",
     "quantize_adapter",
     "dequantize_adapter",
+    "ACTIVATIONS",
     "PADDING_MODES",
     "conv_output_size",
     "explicit_padding",

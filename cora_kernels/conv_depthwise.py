@@ -3,7 +3,7 @@
 
 A conv with ``groups > 1`` (no adapter: grouped convs get none in this project) computes
 
-    y = conv(x; scale * (q - zero), groups) + bias -> y * out_scale + out_shift -> + residual -> relu
+    y = conv(x; scale * (q - zero), groups) + bias -> y * out_scale + out_shift -> + residual -> activation
 
 Depthwise convs (``groups == C_in``, ``C_out = mult * C_in``) are not a GEMM: each output channel
 reads one input channel.  The kernel is a direct conv over tiles of ``[BLOCK_M output pixels x
@@ -12,7 +12,8 @@ the input tile (zero padding, stride and dilation in the load mask), the codes o
 channels for that tap (one int32 word per channel and plane, coalesced along C_out), subtracts
 the zero point and accumulates ``x * (q - zero)`` in fp32 on the CUDA cores.  The epilogue is the
 fused kernel's (:func:`cora_kernels.conv_fused._epilogue_store`): ``scale[c]``, bias, folded
-BatchNorm, residual, ReLU, one store in the output's dtype and memory format.
+BatchNorm, residual, the activation (the same ``ACT`` codes), one store in the output's dtype and
+memory format.
 
 General grouped convs (``1 < groups < C_in``, ResNeXt / RegNet) run through the same kernel: output
 channel ``c`` of group ``c // (C_out/groups)`` loops over the group's ``C_in/groups`` input channels
@@ -42,7 +43,7 @@ import triton.language as tl
 
 from . import tuning
 from .conv_fused import _epilogue_store, _nhwc_strides, is_interpreting
-from .geometry import ConvGeometry, check_conv_args, out_memory_format
+from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
 from .packing_jit import load_codes_row
 
 __all__ = ["cora_conv2d_grouped_triton"]
@@ -73,7 +74,7 @@ def _cora_conv2d_grouped_kernel(
     son, soh, sow, soc,
     srn, srh, srw, src,
     BITS: tl.constexpr, MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One ``[BLOCK_M, BLOCK_C]`` output tile.  ``CIG``/``COG``: input/output channels per group;
@@ -125,7 +126,7 @@ def _cora_conv2d_grouped_kernel(
     _epilogue_store(acc * sc[None, :], offs_m, offs_c, m_mask, c_mask, OH, OW,
                     bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
                     son, soh, sow, soc, srn, srh, srw, src,
-                    HAS_BIAS, HAS_BN, HAS_RES, RELU, UPCAST)
+                    HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,11 +156,11 @@ class _Prepared:
     has_bias: bool
     has_bn: bool
     has_res: bool
-    relu: bool
+    act: int                      # ACT code (geometry.activation_code)
     upcast: bool                  # bf16 under the interpreter: round the output by hand (conv_fused._cast)
 
 
-def _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, relu, g: ConvGeometry,
+def _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, act: int, g: ConvGeometry,
              bits: int) -> _Prepared:
     out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=x.device, dtype=x.dtype,
                       memory_format=out_memory_format(x))
@@ -174,7 +175,7 @@ def _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, relu
         residual=residual if residual is not None else out,
         x_strides=_nhwc_strides(xk), out_strides=_nhwc_strides(out),
         res_strides=_nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
-        bits=bits, has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, relu=bool(relu),
+        bits=bits, has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, act=act,
         upcast=x.dtype == torch.bfloat16 and is_interpreting(),
     )
 
@@ -196,7 +197,7 @@ def _launch(p: _Prepared, cfg: tuning.DepthwiseConfig) -> torch.Tensor:
         g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
         *p.x_strides, *p.out_strides, *p.res_strides,
         BITS=p.bits, MODE=_mode(cig, cog),
-        HAS_BIAS=p.has_bias, HAS_BN=p.has_bn, HAS_RES=p.has_res, RELU=p.relu, UPCAST=p.upcast,
+        HAS_BIAS=p.has_bias, HAS_BN=p.has_bn, HAS_RES=p.has_res, ACT=p.act, UPCAST=p.upcast,
         BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps, num_stages=1,
     )
     return p.out
@@ -204,25 +205,27 @@ def _launch(p: _Prepared, cfg: tuning.DepthwiseConfig) -> torch.Tensor:
 
 def cora_conv2d_grouped_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,
                                padding=0, dilation=1, out_scale=None, out_shift=None, residual=None, relu=False,
-                               groups=1, in_channels=None, config=None, a_scale=None, b_scale=None):
+                               groups=1, in_channels=None, config=None, a_scale=None, b_scale=None, activation=None):
     """A grouped (``groups > 1``) CoRa conv through the direct Triton kernel (see the module docstring).
 
     The arguments of :func:`cora_kernels.cora_conv2d`: x ``[N, C_in, H, W]`` (fp32/fp16/bf16, NCHW or
     channels_last); ``qweight`` the packed planes of the codes ``[C_out, kh*kw*C_in/groups]``;
     ``scale``, ``zero`` ``[C_out]``; ``bias``, ``out_scale``, ``out_shift`` ``[C_out]`` or None;
-    ``residual`` ``[N, C_out, OH, OW]`` or None.  ``a``/``b`` must be None or rank 0 (validation
-    refuses an adapter with ``groups > 1``).  Returns ``[N, C_out, OH, OW]`` in x's dtype and memory
-    format.  ``config`` (:class:`~cora_kernels.tuning.DepthwiseConfig`) bypasses the shape rule
+    ``residual`` ``[N, C_out, OH, OW]`` or None; ``activation`` None or a name of
+    :data:`cora_kernels.geometry.ACTIVATIONS` (``relu=True`` means "relu").  ``a``/``b`` must be
+    None or rank 0 (validation refuses an adapter with ``groups > 1``).  Returns ``[N, C_out, OH, OW]``
+    in x's dtype and memory format.  ``config`` (:class:`~cora_kernels.tuning.DepthwiseConfig`) bypasses the shape rule
     (tests).  ``groups == 1`` raises NotImplementedError: that is the fused kernel's
     (:func:`cora_kernels.conv_fused.cora_conv2d_triton`).
     """
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                         padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
                         residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale,
-                        b_scale=b_scale)
+                        b_scale=b_scale, relu=relu, activation=activation)
     if g.groups == 1:
         raise NotImplementedError("groups == 1 runs the fused kernel (cora_conv2d_triton)")
-    prep = _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, relu, g, bits)
+    prep = _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, activation_code(activation, relu),
+                    g, bits)
     if config is None:
         config = tuning.depthwise_config(M=g.M, C_out=g.C_out,
                                          interpreting=is_interpreting() or x.device.type != "cuda")

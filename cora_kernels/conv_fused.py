@@ -3,7 +3,7 @@
 One launch computes
 
     y = conv(x; scale * (q - zero)) + conv1x1(conv_kxk(x; A); B) + bias
-        -> y * out_scale + out_shift -> + residual -> relu
+        -> y * out_scale + out_shift -> + residual -> activation
 
 as an implicit GEMM over NHWC: rows ``M = N*OH*OW``, columns ``C_out``, reduction
 ``K = kh*kw*C_in`` in ``(kh, kw, C_in)`` order (the packed layout of :mod:`.packing`).
@@ -12,6 +12,10 @@ Per K step (one tap, ``BLOCK_K`` input channels) the kernel gathers the activati
 padding, stride and dilation live in the load mask), unpacks the weight tile and feeds the *same*
 activation tile to two tensor-core products: ``acc += x @ (q - zero)`` and ``t += x @ A^T``.
 The epilogue applies ``acc * scale[n] + t @ B^T`` and the rest.  The input is read once.
+
+The activation is the constexpr ``ACT`` (:func:`cora_kernels.geometry.activation_code`: 0 none,
+1 relu, 2 relu6, 3 silu, 4 hardswish, 5 exact erf gelu), applied last by :func:`_activation` to the
+fp32 tile, before the one rounding to the output dtype; the grouped kernel shares it.
 
 Numerics (documented choice):
 
@@ -34,7 +38,8 @@ Numerics (documented choice):
   term spilled on sm_90).  The scales are applied to fp32 tiles only, in the same pass.
 * Split-K (small M): each split writes ``scale * acc + t @ B^T`` of its K range to an fp32
   workspace (the adapter is linear, so each split applies B to its own partial t);
-  ``_splitk_epilogue_kernel`` sums the splits and applies bias, BatchNorm, residual and ReLU.
+  ``_splitk_epilogue_kernel`` sums the splits and applies bias, BatchNorm, residual and the
+  activation once, after the sum (the activation is not linear: it cannot run per split).
 
 An fp16-weight control variant of the same kernel (``BITS = 16``: a dense ``[K, C_out]`` weight in
 the activation dtype, no scale/zero) separates "Triton conv vs cuDNN" from "fewer weight bytes".
@@ -55,7 +60,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .geometry import ConvGeometry, check_conv_args, out_memory_format
+from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
 from .packing import plane_bits
 from .packing_jit import load_codes_aligned, load_codes_gather
 
@@ -119,12 +124,28 @@ def _int8_adapter_term(acc, t, bt, sa_ptr, sb_ptr, offs_r, r_mask, offs_n, n_mas
 
 
 @triton.jit
+def _activation(y, ACT: tl.constexpr):
+    """The fused activation on an fp32 tile; ``ACT`` as :func:`cora_kernels.geometry.activation_code`."""
+    if ACT == 1:  # relu
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:  # relu6
+        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    elif ACT == 3:  # silu: y * sigmoid(y); exp(-y) = inf for very negative y gives -0, not NaN
+        y = y / (1.0 + tl.exp(-y))
+    elif ACT == 4:  # hardswish
+        y = y * (tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0)
+    elif ACT == 5:  # gelu, exact: tl.math.erf is in triton 3.6 (GPU machine) and 3.8, also interpreted
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    return y
+
+
+@triton.jit
 def _epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
                     bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
                     son, soh, sow, soc, srn, srh, srw, src,
                     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr,
-                    RELU: tl.constexpr, UPCAST: tl.constexpr):
-    """bias -> folded BN -> residual -> ReLU on an fp32 tile, then store in out's dtype."""
+                    ACT: tl.constexpr, UPCAST: tl.constexpr):
+    """bias -> folded BN -> residual -> activation on an fp32 tile, then store in out's dtype."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         y = y + bias[None, :]
@@ -141,8 +162,7 @@ def _epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
         r_off = nb * srn + oh * srh + ow * srw
         res = tl.load(res_ptr + r_off[:, None] + offs_n[None, :] * src, mask=mask, other=0.0)
         y = y + res.to(tl.float32)
-    if RELU:
-        y = tl.maximum(y, 0.0)
+    y = _activation(y, ACT)
     o_off = nb * son + oh * soh + ow * sow
     tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, _cast(y, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
@@ -159,7 +179,7 @@ def _cora_conv2d_kernel(
     son, soh, sow, soc,
     srn, srh, srw, src,
     BITS: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr, ADAPTER_Q: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -248,7 +268,7 @@ def _cora_conv2d_kernel(
         _epilogue_store(acc, offs_m, offs_n, m_mask, n_mask, OH, OW,
                         bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
                         son, soh, sow, soc, srn, srh, srw, src,
-                        HAS_BIAS, HAS_BN, HAS_RES, RELU, UPCAST)
+                        HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
     else:
         ws = ws_ptr + pid_k * M * C_out  # split-K only runs for small M: int32 offsets suffice
         tl.store(ws + offs_m[:, None] * C_out + offs_n[None, :], acc,
@@ -261,7 +281,7 @@ def _splitk_epilogue_kernel(
     M, C_out, OH, OW, split_k,
     son, soh, sow, soc,
     srn, srh, srw, src,
-    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Sum the fp32 split-K partials ``ws[split, M, C_out]`` and run the epilogue."""
@@ -279,7 +299,7 @@ def _splitk_epilogue_kernel(
     _epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
                     bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
                     son, soh, sow, soc, srn, srh, srw, src,
-                    HAS_BIAS, HAS_BN, HAS_RES, RELU, UPCAST)
+                    HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,13 +351,13 @@ class _Prepared:
     has_bias: bool
     has_bn: bool
     has_res: bool
-    relu: bool
+    act: int                      # ACT code (geometry.activation_code)
     dot_prec: str                 # tl.dot input_precision
     upcast: bool                  # bf16 under the interpreter (see _mma / _cast)
     aligned_ok: bool              # the aligned unpack path may apply (also needs BLOCK_K % per == 0)
 
 
-def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, relu,
+def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, act: int,
              g: ConvGeometry, bits: int, dense_weight, a_scale=None, b_scale=None) -> _Prepared:
     dev = x.device
     out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=dev, dtype=x.dtype,
@@ -372,7 +392,7 @@ def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual
         out_strides=_nhwc_strides(out),
         res_strides=_nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
         bits=kbits, codes_per_word=per, r_pad=rank_pad(r), adapter_q=adapter_q,
-        has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, relu=bool(relu),
+        has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, act=act,
         # fp32: 3xTF32 on the GPU (tensor cores, ~fp32 accuracy); the interpreter computes in fp32 anyway
         dot_prec=("ieee" if is_interpreting() else "tf32x3") if x.dtype == torch.float32 else "tf32",
         upcast=x.dtype == torch.bfloat16 and is_interpreting(),
@@ -392,7 +412,7 @@ def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
     split = triton.cdiv(total, per_split)  # no empty splits
     aligned = p.aligned_ok and cfg.BLOCK_K % p.codes_per_word == 0
     ws = torch.empty((split, M, g.C_out), device=p.out.device, dtype=torch.float32) if split > 1 else p.out
-    flags = dict(HAS_BIAS=p.has_bias, HAS_BN=p.has_bn, HAS_RES=p.has_res, RELU=p.relu)
+    flags = dict(HAS_BIAS=p.has_bias, HAS_BN=p.has_bn, HAS_RES=p.has_res, ACT=p.act)
     son, soh, sow, soc = p.out_strides
     srn, srh, srw, src = p.res_strides
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
@@ -408,7 +428,7 @@ def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # with split-K the epilogue runs in the reduction kernel, after the splits are summed
-        **(flags if split == 1 else dict(HAS_BIAS=False, HAS_BN=False, HAS_RES=False, RELU=False)),
+        **(flags if split == 1 else dict(HAS_BIAS=False, HAS_BN=False, HAS_RES=False, ACT=0)),
     )
     if split > 1:
         rc = tuning.REDUCE_CONFIG
@@ -425,14 +445,15 @@ def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
 def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,
                        padding=0, dilation=1, out_scale=None, out_shift=None, residual=None, relu=False,
                        groups=1, in_channels=None, dense_weight=None, config=None, split_k=None, a_scale=None,
-                       b_scale=None):
+                       b_scale=None, activation=None):
     """Fused CoRa conv through the Triton kernel (see the module docstring).
 
     Shapes: x ``[N, C_in, H, W]`` (fp32/fp16/bf16, NCHW or channels_last); ``qweight`` the packed
     planes of codes ``[C_out, K]`` (:func:`cora_kernels.packing.pack_codes`); ``scale``, ``zero``
     ``[C_out]``; ``a`` ``[r, K]``, ``b`` ``[C_out, r]`` or None (floating, or int8 with ``a_scale``
     ``[r]`` and ``b_scale`` ``[C_out]``: one symmetric scale per row); ``bias``, ``out_scale``,
-    ``out_shift`` ``[C_out]`` or None; ``residual`` ``[N, C_out, OH, OW]`` or None.
+    ``out_shift`` ``[C_out]`` or None; ``residual`` ``[N, C_out, OH, OW]`` or None; ``activation``
+    None or a name of :data:`cora_kernels.geometry.ACTIVATIONS` (``relu=True`` means "relu").
     Returns ``[N, C_out, OH, OW]`` in x's dtype and memory format.
 
     Test / benchmark hooks: ``dense_weight`` (``[K, C_out]`` in x's dtype) selects the fp16-weight
@@ -443,12 +464,12 @@ def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bi
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                         padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
                         residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale,
-                        b_scale=b_scale)
+                        b_scale=b_scale, relu=relu, activation=activation)
     if g.groups != 1:
         raise NotImplementedError("the fused kernel supports groups == 1 only; groups > 1 runs "
                                   "cora_conv2d_grouped_triton (conv_depthwise)")
-    prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, relu, g, bits,
-                    dense_weight, a_scale, b_scale)
+    prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual,
+                    activation_code(activation, relu), g, bits, dense_weight, a_scale, b_scale)
     if config is None:
         key = tuning.TuneKey(
             C_in=g.C_in, C_out=g.C_out, KH=g.KH, KW=g.KW, stride=g.stride, dilation=g.dilation,

@@ -14,6 +14,10 @@ Conventions used throughout ``cora_kernels``:
   input first: :func:`explicit_padding` gives the four sides, :func:`pad_input` pads what the conv
   cannot and returns the padding the conv should still apply.
 
+The fused activation (the epilogue's last step, after BatchNorm and the residual add) is named by
+one of :data:`ACTIVATIONS` or None; :func:`activation_code` turns a name (and the older ``relu``
+flag) into the integer ``ACT`` the kernels take.
+
 Every check in :func:`check_conv_args` raises before any launch, with a message that names the
 offending argument.
 """
@@ -28,6 +32,7 @@ from .packing import plane_bits
 
 __all__ = [
     "ACT_DTYPES",
+    "ACTIVATIONS",
     "PADDING_MODES",
     "ConvGeometry",
     "pair",
@@ -35,6 +40,7 @@ __all__ = [
     "explicit_padding",
     "pad_input",
     "out_memory_format",
+    "activation_code",
     "check_conv_args",
 ]
 
@@ -42,6 +48,27 @@ ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The padding modes of ``nn.Conv2d``; only "zeros" can be left to the conv itself.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+# The fused activations; the kernels' ``ACT`` code is the position here plus one (0: none).  gelu is
+# the exact erf form (``F.gelu(approximate="none")``).  The kernels' ``_activation`` and the
+# reference's table follow this order.
+ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "gelu")
+
+
+def activation_code(activation=None, relu: bool = False) -> int:
+    """The kernels' ``ACT`` for ``activation`` (None or one of :data:`ACTIVATIONS`) and the older
+    ``relu`` flag: 0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish, 5 gelu.
+
+    ``relu=True`` means ``activation="relu"`` (kept for existing callers); together with another
+    activation it is ambiguous and raises ValueError, as does a name outside :data:`ACTIVATIONS`.
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    if relu and activation not in (None, "relu"):
+        raise ValueError(f"relu=True conflicts with activation={activation!r}; pass only activation")
+    if activation is None:
+        return 1 if relu else 0
+    return ACTIVATIONS.index(activation) + 1
 
 
 def pair(v, name: str) -> tuple[int, int]:
@@ -173,9 +200,11 @@ def _check_adapter_dtypes(a, b, a_scale, b_scale, rank: int, C_out: int, on_dev)
 
 def check_conv_args(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, stride, padding,
                     dilation, out_scale=None, out_shift=None, residual=None, groups=1,
-                    in_channels=None, a_scale=None, b_scale=None) -> ConvGeometry:
+                    in_channels=None, a_scale=None, b_scale=None, relu=False, activation=None) -> ConvGeometry:
     """Validate a ``cora_conv2d`` call (see :func:`cora_kernels.ops.cora_conv2d` for the
-    arguments); returns the normalised geometry."""
+    arguments); returns the normalised geometry.  The activation is checked by
+    :func:`activation_code` (its code is not part of the geometry)."""
+    activation_code(activation, relu)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor [N, C_in, H, W], got {getattr(x, 'shape', type(x))}")
     if x.dtype not in ACT_DTYPES:

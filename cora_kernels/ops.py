@@ -18,6 +18,13 @@ needs gradients (the op has no autograd) always takes the reference.
 
 Validation happens in :func:`cora_conv2d` before the op is called, so bad inputs fail with a clear
 message and no launch.
+
+The epilogue's activation: the schema keeps ``relu: bool`` (graphs and callers from before) and has
+a trailing ``activation: Optional[str] = None`` (a name of
+:data:`cora_kernels.geometry.ACTIVATIONS`).  :func:`cora_conv2d` passes ReLU as ``relu=True``, any
+other activation by name, and the op normalises a direct call the same way (``activation="relu"``
+works too); the launchers turn the pair into the kernels' one ``ACT`` code
+(:func:`cora_kernels.geometry.activation_code`).
 """
 import enum
 import os
@@ -25,7 +32,7 @@ from typing import List, Optional
 
 import torch
 
-from .geometry import check_conv_args, conv_output_size, out_memory_format, pair
+from .geometry import ACTIVATIONS, activation_code, check_conv_args, conv_output_size, out_memory_format, pair
 
 __all__ = ["Backend", "default_backend", "resolve_backend", "cora_conv2d"]
 
@@ -104,12 +111,17 @@ def _cora_conv2d_op(
     backend: Optional[str],
     a_scale: Optional[torch.Tensor] = None,
     b_scale: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
 ) -> torch.Tensor:
     # backend: a Backend value, or None for CORA_BACKEND read here, when the op runs.
-    # a_scale / b_scale (int8 adapters) come last with defaults: callers of the float-adapter schema keep working.
+    # a_scale / b_scale (int8 adapters) and activation come last with defaults: callers of the older
+    # schemas keep working.  A direct torch.ops call is not validated by cora_conv2d: check here too.
+    # Normalised like cora_conv2d does: ReLU as relu=True, any other activation by name.
+    code = activation_code(activation, relu)
     kw = dict(bits=bits, kernel_size=tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
               dilation=tuple(dilation), out_scale=out_scale, out_shift=out_shift, residual=residual,
-              relu=relu, groups=groups, a_scale=a_scale, b_scale=b_scale)
+              relu=code == 1, activation=ACTIVATIONS[code - 1] if code > 1 else None, groups=groups,
+              a_scale=a_scale, b_scale=b_scale)
     if resolve_backend(backend, x, groups=groups) is Backend.TRITON:
         if groups > 1:
             from . import conv_depthwise  # imports triton on first use only
@@ -125,7 +137,8 @@ def _cora_conv2d_op(
 
 @_cora_conv2d_op.register_fake
 def _cora_conv2d_fake(x, qweight, scale, zero, a, b, bias, bits, kernel_size, stride, padding, dilation,
-                      out_scale, out_shift, residual, relu, groups, backend, a_scale=None, b_scale=None):
+                      out_scale, out_shift, residual, relu, groups, backend, a_scale=None, b_scale=None,
+                      activation=None):
     n, _, h, w = x.shape
     oh, ow = conv_output_size(h, w, kernel_size, stride, padding, dilation)
     return torch.empty((n, scale.shape[0], oh, ow), dtype=x.dtype, device=x.device,
@@ -134,8 +147,8 @@ def _cora_conv2d_fake(x, qweight, scale, zero, a, b, bias, bits, kernel_size, st
 
 def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1, padding=0,
                 dilation=1, out_scale=None, out_shift=None, residual=None, relu=False, groups=1,
-                in_channels=None, backend=None, a_scale=None, b_scale=None):
-    """One CoRa layer: ``relu((conv(x; scale*(q-zero)) + conv1x1(conv_kxk(x; A); B) + bias) * out_scale
+                in_channels=None, backend=None, a_scale=None, b_scale=None, activation=None):
+    """One CoRa layer: ``act((conv(x; scale*(q-zero)) + conv1x1(conv_kxk(x; A); B) + bias) * out_scale
     + out_shift + residual)``, each optional step skipped when its argument is None / False.
 
     Args:
@@ -147,7 +160,11 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
             int8 with ``a_scale``/``b_scale``.
         bias, out_scale, out_shift: ``[C_out]`` or None (out_scale/out_shift: folded BatchNorm).
         residual: ``[N, C_out, OH, OW]`` or None, added after the BatchNorm step.
-        relu: applied last.
+        relu: True is the same as ``activation="relu"`` (kept for existing callers).
+        activation: applied last, on the fp32 result before the rounding to x's dtype: None, or one
+            of :data:`cora_kernels.geometry.ACTIVATIONS`: ``"relu"``, ``"relu6"``, ``"silu"``,
+            ``"hardswish"``, ``"gelu"`` (exact erf form, ``F.gelu``'s default).  ValueError for
+            another name, or for ``relu=True`` with an activation other than "relu".
         kernel_size, stride, padding, dilation: ints or pairs (symmetric zero padding; see
             :func:`cora_kernels.geometry.pad_input` for the rest).
         groups: > 1 (depthwise, grouped) takes no adapter; on the Triton backend it runs the direct
@@ -162,13 +179,17 @@ def cora_conv2d(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, ker
     """
     check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                     padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
-                    residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale, b_scale=b_scale)
+                    residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale, b_scale=b_scale,
+                    relu=relu, activation=activation)
+    code = activation_code(activation, relu)
+    # ReLU keeps the older form (relu=True, no name): graphs recorded before the activation argument stay the same
+    act_name = ACTIVATIONS[code - 1] if code > 1 else None
     backend = None if backend is None else _as_backend(backend).value
     if a is not None and a.shape[0] == 0:
         a = b = a_scale = b_scale = None
     return torch.ops.cora.conv2d(
         x, list(qweight), scale, zero, a, b, bias, bits,
         list(pair(kernel_size, "kernel_size")), list(pair(stride, "stride")), list(pair(padding, "padding")),
-        list(pair(dilation, "dilation")), out_scale, out_shift, residual, bool(relu), int(groups), backend,
-        a_scale, b_scale,
+        list(pair(dilation, "dilation")), out_scale, out_shift, residual, code == 1, int(groups), backend,
+        a_scale, b_scale, act_name,
     )

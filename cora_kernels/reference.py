@@ -8,7 +8,7 @@ adapter ``a`` ``[r, K]`` / ``b`` ``[C_out, r]``, ...) and computes, with ``F.con
     y = conv(x; scale * (q - zero)) + conv1x1(conv_kxk(x; A); B) + bias
     y = y * out_scale + out_shift        (folded BatchNorm, optional)
     y = y + residual                     (optional)
-    y = relu(y)                          (optional)
+    y = act(y)                           (optional: relu, relu6, silu, hardswish or exact gelu)
 
 and returns ``y`` in x's dtype (or ``out_dtype``, tests ask for float64) and memory format.
 
@@ -22,10 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .geometry import check_conv_args, out_memory_format
+from .geometry import ACTIVATIONS, activation_code, check_conv_args, out_memory_format
 from .packing import dequantize_adapter, from_gemm_layout, unpack_codes
 
-__all__ = ["dequantize_gemm", "dequantize_weight", "cora_conv2d_reference"]
+__all__ = ["TORCH_ACTIVATIONS", "dequantize_gemm", "dequantize_weight", "cora_conv2d_reference"]
+
+# torch's own function for each name of geometry.ACTIVATIONS (F.gelu's default is the exact erf form)
+TORCH_ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
 
 
 def dequantize_gemm(qweight, scale, zero, bits: int, K: int, dtype=torch.float32) -> torch.Tensor:
@@ -44,11 +47,12 @@ def dequantize_weight(qweight, scale, zero, bits: int, shape, dtype=torch.float3
 def cora_conv2d_reference(x, qweight, scale, zero, a, b, bias, *, bits, kernel_size, stride=1, padding=0,
                           dilation=1, out_scale=None, out_shift=None, residual=None, relu=False, groups=1,
                           in_channels=None, a_scale=None, b_scale=None, compute_dtype=torch.float32,
-                          out_dtype=None):
+                          out_dtype=None, activation=None):
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                         padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
                         residual=residual, groups=groups, in_channels=in_channels, a_scale=a_scale,
-                        b_scale=b_scale)
+                        b_scale=b_scale, relu=relu, activation=activation)
+    act = activation_code(activation, relu)
     cdt = compute_dtype
     xc = x.to(cdt)
     shape = (g.C_out, g.C_in // g.groups, g.KH, g.KW)
@@ -65,6 +69,6 @@ def cora_conv2d_reference(x, qweight, scale, zero, a, b, bias, *, bits, kernel_s
         y = y * out_scale.to(cdt)[None, :, None, None] + out_shift.to(cdt)[None, :, None, None]
     if residual is not None:
         y = y + residual.to(cdt)
-    if relu:
-        y = torch.relu(y)
+    if act:
+        y = TORCH_ACTIVATIONS[ACTIVATIONS[act - 1]](y)
     return y.to(out_dtype or x.dtype).contiguous(memory_format=out_memory_format(x))

@@ -53,6 +53,15 @@ class CompileResult:
                 f"SHARED={self.shared:<6} (dyn {self.ptx_shared}) {mma}")
 
 
+def _act(act, epilogue: bool) -> int:
+    """The kernels' ``ACT``: ``act`` when given, else relu (1) with the epilogue and none (0) without."""
+    return (1 if epilogue else 0) if act is None else act
+
+
+def _act_name(act) -> str:
+    return "" if act is None else f" act{act}"
+
+
 def _compile(fn, signature, constexprs, attrs_names, cc, num_warps, num_stages):
     names = fn.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in attrs_names}
@@ -82,10 +91,12 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def compile_conv(cfg: tuning.ConvConfig, *, cc: int, bits: int = 4, dtype: str = "fp16", r_pad: int = 16,
-                 split_k: int = 1, aligned: bool = True, epilogue: bool = True, adapter: str = "fp16") -> CompileResult:
+                 split_k: int = 1, aligned: bool = True, epilogue: bool = True, adapter: str = "fp16",
+                 act: int | None = None) -> CompileResult:
     """Compile ``_cora_conv2d_kernel`` for one config, specialised like a ResNet layer at run time
     (channels_last activations: unit channel stride; C_in, C_out and strides divisible by 16).
-    ``adapter``: ``"fp16"`` adapters, or ``"int8"`` ones with fp32 per-row scales."""
+    ``adapter``: ``"fp16"`` adapters, or ``"int8"`` ones with fp32 per-row scales.  ``act``: the
+    activation code (``geometry.activation_code``); None: relu with the epilogue, none without."""
     dt = _DT[dtype]
     ad = "i8" if adapter == "int8" else "fp16"
     ptr = {"x_ptr": f"*{dt}", "w0_ptr": "*i32" if bits != 16 else f"*{dt}", "w1_ptr": "*i32" if bits != 16 else f"*{dt}",
@@ -101,7 +112,7 @@ def compile_conv(cfg: tuning.ConvConfig, *, cc: int, bits: int = 4, dtype: str =
     consts = dict(sxc=1, sak=1, sbr=1, soc=1, src=1,
                   BITS=bits, ALIGNED=aligned and bits != 16, R_PAD=r_pad, ADAPTER_Q=adapter == "int8",
                   HAS_BIAS=epilogue, HAS_BN=epilogue,
-                  HAS_RES=epilogue, RELU=epilogue, SPLIT_K=split_k,
+                  HAS_RES=epilogue, ACT=_act(act, epilogue), SPLIT_K=split_k,
                   DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
                   BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
     div16 = list(ptr) + ["C_in", "C_out", "sxn", "sxh", "sxw", "sbn", "son", "soh", "sow", "srn", "srh", "srw"]
@@ -109,28 +120,28 @@ def compile_conv(cfg: tuning.ConvConfig, *, cc: int, bits: int = 4, dtype: str =
     use = resource_usage(k.asm["cubin"])
     ptx = k.asm["ptx"]
     name = (f"conv {cfg} b{bits} {dtype} r{r_pad} sk{split_k}{'' if aligned else ' gather'}"
-            f"{' int8-adapter' if adapter == 'int8' else ''}")
+            f"{' int8-adapter' if adapter == 'int8' else ''}{_act_name(act)}")
     return CompileResult(name, cc, use["REG"], use["STACK"], use["SHARED"], k.metadata.shared,
                          bool(re.search(r"\bmma\.sync", ptx)), "wgmma" in ptx)
 
 
-def compile_reduce(*, cc: int, dtype: str = "fp16") -> CompileResult:
+def compile_reduce(*, cc: int, dtype: str = "fp16", act: int | None = None) -> CompileResult:
     dt = _DT[dtype]
     cfg = tuning.REDUCE_CONFIG
     sig = {"ws_ptr": "*fp32", "bias_ptr": "*fp32", "oscale_ptr": "*fp32", "oshift_ptr": "*fp32",
            "res_ptr": f"*{dt}", "out_ptr": f"*{dt}"}
     sig.update({n: "i32" for n in ["M", "C_out", "OH", "OW", "split_k", "son", "soh", "sow", "srn", "srh", "srw"]})
-    consts = dict(soc=1, src=1, HAS_BIAS=True, HAS_BN=True, HAS_RES=True, RELU=True,
+    consts = dict(soc=1, src=1, HAS_BIAS=True, HAS_BN=True, HAS_RES=True, ACT=_act(act, True),
                   UPCAST=False, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
     k = _compile(_splitk_epilogue_kernel, sig, consts, ["ws_ptr", "out_ptr", "res_ptr", "C_out"], cc,
                  cfg.num_warps, cfg.num_stages)
     use = resource_usage(k.asm["cubin"])
-    return CompileResult(f"splitk_epilogue {dtype}", cc, use["REG"], use["STACK"], use["SHARED"],
+    return CompileResult(f"splitk_epilogue {dtype}{_act_name(act)}", cc, use["REG"], use["STACK"], use["SHARED"],
                          k.metadata.shared, False, False)
 
 
 def compile_grouped(cfg: tuning.DepthwiseConfig, *, cc: int, bits: int = 4, dtype: str = "fp16",
-                    mode: int = 0, epilogue: bool = True) -> CompileResult:
+                    mode: int = 0, epilogue: bool = True, act: int | None = None) -> CompileResult:
     """Compile ``_cora_conv2d_grouped_kernel`` for one tile config (any kernel size: the tap loop is
     dynamic), specialised like a MobileNet layer at run time (channels_last activations and output:
     unit channel stride; C_out and the strides divisible by 16).  ``mode``: the kernel's ``MODE``, 0
@@ -144,13 +155,13 @@ def compile_grouped(cfg: tuning.DepthwiseConfig, *, cc: int, bits: int = 4, dtyp
     sig = dict(ptr)
     sig.update({n: "i32" for n in ints})
     consts = dict(sxc=1, soc=1, src=1, BITS=bits, MODE=mode,
-                  HAS_BIAS=epilogue, HAS_BN=epilogue, HAS_RES=epilogue, RELU=epilogue, UPCAST=False,
+                  HAS_BIAS=epilogue, HAS_BN=epilogue, HAS_RES=epilogue, ACT=_act(act, epilogue), UPCAST=False,
                   BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C)
     div16 = list(ptr) + ["C_out", "sxn", "sxh", "sxw", "son", "soh", "sow", "srn", "srh", "srw"]
     kern = _compile(_cora_conv2d_grouped_kernel, sig, consts, div16, cc, cfg.num_warps, 1)
     use = resource_usage(kern.asm["cubin"])
     name = (f"{('depthwise', 'depthwise-mult', 'grouped')[mode]} {cfg} b{bits} {dtype}"
-            f"{'' if epilogue else ' no-epilogue'}")
+            f"{'' if epilogue else ' no-epilogue'}{_act_name(act)}")
     return CompileResult(name, cc, use["REG"], use["STACK"], use["SHARED"], kern.metadata.shared, False, False)
 
 

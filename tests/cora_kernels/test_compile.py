@@ -64,6 +64,21 @@ def _variant_jobs(cc):
             _conv(cc, cfg, bits=4, dtype="bf16", adapter="int8"), _conv(cc, cfg, bits=3, split_k=4, adapter="int8")]
 
 
+# The fused activations that add instructions to the epilogue (geometry.activation_code: 4 hardswish,
+# 5 exact gelu, erf): sm_90 only, one fused config (fp16 and bf16), the split-K reduction and one tile
+# of the grouped kernel; relu (1) is in every other job, relu6 / silu are cheaper than these two.
+ACT_CODES = (4, 5)
+
+
+def _act_jobs():
+    cfg, dw = tuning.config_named("mid_m_64n"), tuning.DEPTHWISE_CONFIGS[0]
+    jobs = []
+    for act in ACT_CODES:
+        jobs += [_conv(90, cfg, bits=4, act=act), _conv(90, cfg, bits=4, dtype="bf16", adapter="int8", act=act),
+                 {"kind": "reduce", "cc": 90, "act": act}, _grouped(90, dw, bits=4, act=act)]
+    return jobs
+
+
 def _slow_jobs():
     # the gather (unaligned) path only ever gets BLOCK_K <= 64 (see tuning.prune_configs)
     # and BLOCK_K <= 64 whenever r_pad > 16
@@ -105,7 +120,7 @@ def _run_batch(jobs):
 def _result(job, group):
     if _key(job) not in _CACHE:
         jobs = group()
-        by_cc = [[j for j in jobs if j["cc"] == cc] for cc in TARGETS]
+        by_cc = [b for b in ([j for j in jobs if j["cc"] == cc] for cc in TARGETS) if b]
         with ThreadPoolExecutor(len(by_cc)) as ex:
             for got in ex.map(_run_batch, by_cc):
                 _CACHE.update(got)
@@ -163,6 +178,15 @@ def test_variants_compile(cc, record_property):
     int8 adapters with bf16 and split-K."""
     for job in _variant_jobs(cc):
         _check(_result(job, _default_jobs), record_property)
+
+
+@pytest.mark.parametrize("act", ACT_CODES, ids=lambda a: f"act{a}")
+def test_activations_compile(act, record_property):
+    """hardswish and exact gelu (tl.math.erf) in the fused kernel's epilogue (fp16; bf16 with int8
+    adapters), the split-K reduction and the grouped kernel, for sm_90: compile, no spills."""
+    for job in _act_jobs():
+        if job["act"] == act:
+            _check(_result(job, _act_jobs), record_property, need_mma=job["kind"] == "conv")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import torch
 
 from cora_kernels import tuning
 from cora_kernels.conv_depthwise import _mode, cora_conv2d_grouped_triton
+from cora_kernels.geometry import ACTIVATIONS
 from cora_kernels.reference import cora_conv2d_reference, dequantize_weight
 from cora_kernels.testing import Case, random_layer
 from tests.tolerances import assert_close_rel
@@ -34,10 +35,13 @@ CASES = [
 ]
 
 
-def _check(c: Case, **extra):
+def _check(c: Case, activation=None, wide=False, **extra):
     args, kw = random_layer(c)
-    y = cora_conv2d_grouped_triton(*args, **kw, **extra)
-    y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    if wide:  # a pre-activation over about [-12, 12]: past relu6's clamp and both bends of hardswish
+        kw["residual"] = kw["residual"] * 4
+    y = cora_conv2d_grouped_triton(*args, **kw, activation=activation, **extra)
+    y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64,
+                                  activation=activation)
     assert y.dtype == c.dtype
     assert y.is_contiguous(memory_format=torch.channels_last if c.channels_last else torch.contiguous_format)
     err = assert_close_rel(y, y_ref, c.dtype, msg=str(c))
@@ -47,6 +51,13 @@ def _check(c: Case, **extra):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_grouped_matches_reference(case):
     _check(case)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_grouped_activation_matches_reference(activation):
+    """Every fused activation after bias, BatchNorm and the residual (depthwise with a channel multiplier)."""
+    _check(_dw(4, mult=2, N=1, H=6, W=6, k=(3, 3), bits=4, bias=True, bn=True, res=True), activation=activation,
+           wide=True)
 
 
 def test_gpu_tile_under_the_interpreter():

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from cora_kernels.conv_fused import cora_conv2d_triton, dense_gemm_weight
+from cora_kernels.geometry import ACTIVATIONS
 from cora_kernels.packing import from_gemm_layout
 from cora_kernels.reference import cora_conv2d_reference, dequantize_weight
 from cora_kernels.testing import Case, random_layer
@@ -49,10 +50,13 @@ CASES = [
 ]
 
 
-def _check(c: Case, **extra):
+def _check(c: Case, activation=None, wide=False, **extra):
     args, kw = random_layer(c)
-    y = cora_conv2d_triton(*args, **kw, split_k=c.split_k, **extra)
-    y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64)
+    if wide:
+        _widen(kw)
+    y = cora_conv2d_triton(*args, **kw, split_k=c.split_k, activation=activation, **extra)
+    y_ref = cora_conv2d_reference(*args, **kw, compute_dtype=torch.float64, out_dtype=torch.float64,
+                                  activation=activation)
     assert y.dtype == c.dtype
     assert y.is_contiguous(memory_format=torch.channels_last if c.channels_last else torch.contiguous_format)
     err = assert_close_rel(y, y_ref, c.dtype, msg=str(c))
@@ -63,6 +67,72 @@ def _check(c: Case, **extra):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fused_matches_reference(case):
     _check(case)
+
+
+def _widen(kw):
+    """A residual of std 4 spreads the pre-activation over about [-12, 12]: past relu6's clamp at 6 and
+    both bends of hardswish (-3, 3), not only the O(1) values where silu / gelu look alike."""
+    kw["residual"] = kw["residual"] * 4
+
+
+# every epilogue option; the second splits K (the activation then runs in the reduction kernel)
+ACT_CASES = [
+    Case(N=1, C_in=6, C_out=7, H=5, W=5, k=(3, 3), bits=4, rank="odd", bias=True, bn=True, res=True),
+    Case(N=1, C_in=32, C_out=9, H=5, W=5, k=(3, 3), bits=3, rank=1, dtype=F16, split_k=3, bias=True, bn=True,
+         res=True, channels_last=True),
+]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", ACT_CASES, ids=["fp32", "fp16_splitk"])
+def test_fused_activation_matches_reference(case, activation):
+    _check(case, activation=activation, wide=True)
+
+
+_TORCH_ACT = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_activation_is_torchs(activation):
+    """The reference's activation against a plain torch composition: conv with the dequantized weight
+    plus adapter, bias, BatchNorm, residual, then torch's own function (F.gelu: exact erf), in fp64."""
+    c = Case(N=2, C_in=5, C_out=6, H=6, W=5, k=(3, 3), bits=4, rank="odd", bias=True, bn=True, res=True)
+    args, kw = random_layer(c)
+    _widen(kw)
+    x, planes, scale, zero, a, b, bias = args
+    shape = (c.C_out, c.C_in, *c.k)
+    w = dequantize_weight(planes, scale, zero, c.bits, shape, dtype=torch.float64) + from_gemm_layout(
+        b.double() @ a.double(), shape)
+    pre = F.conv2d(x.double(), w, bias.double(), padding=c.padding)
+    pre = pre * kw["out_scale"].double()[None, :, None, None] + kw["out_shift"].double()[None, :, None, None]
+    pre = pre + kw["residual"].double()
+    assert (pre > 6).any() and (pre < -3).any()  # every piece of every activation is exercised
+    want = _TORCH_ACT[activation](pre)
+    got = cora_conv2d_reference(*args, **kw, activation=activation, compute_dtype=torch.float64,
+                                out_dtype=torch.float64)
+    assert_close_rel(got, want, torch.float32)
+    assert rel_err(got, pre) > 100 * tol_for(torch.float32)  # the activation did something
+    got32 = cora_conv2d_reference(*args, **kw, activation=activation)
+    assert_close_rel(got32, want, torch.float32)
+
+
+def test_relu_flag_is_the_relu_activation():
+    c = Case(N=1, C_in=6, C_out=7, H=5, W=5, k=(3, 3), bits=4, rank=1, bias=True, res=True)
+    args, kw = random_layer(c)
+    y = cora_conv2d_triton(*args, **kw, activation="relu")
+    torch.testing.assert_close(cora_conv2d_triton(*args, **dict(kw, relu=True)), y, rtol=0, atol=0)
+    torch.testing.assert_close(cora_conv2d_triton(*args, **dict(kw, relu=True), activation="relu"), y, rtol=0, atol=0)
+    assert (y >= 0).all() and (y == 0).any()
+
+
+def test_bad_activation_raises_before_launch():
+    c = Case(N=1, C_in=4, C_out=5, H=5, W=5, rank=0)
+    args, kw = random_layer(c)
+    for fn in (cora_conv2d_triton, cora_conv2d_reference):
+        with pytest.raises(ValueError, match=r"activation.*relu.*relu6.*silu.*hardswish.*gelu"):
+            fn(*args, **kw, activation="tanh")
+        with pytest.raises(ValueError, match="relu=True"):
+            fn(*args, **dict(kw, relu=True), activation="silu")
 
 
 SLOW_CASES = [

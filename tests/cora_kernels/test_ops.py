@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import cora_kernels
+from cora_kernels.geometry import ACTIVATIONS
 from cora_kernels.ops import Backend, default_backend, resolve_backend
 from cora_kernels.reference import cora_conv2d_reference
 from cora_kernels.testing import Case, random_layer
@@ -143,6 +144,81 @@ def test_groups_refuse_an_adapter():
     for backend in ("reference", "triton"):
         with pytest.raises(ValueError, match="groups"):
             cora_kernels.cora_conv2d(*args[:4], a, b, None, **kw, backend=backend)
+
+
+# --- the fused activation -------------------------------------------------------------------------
+def test_schema_has_trailing_activation():
+    args = torch.ops.cora.conv2d.default._schema.arguments
+    assert [a.name for a in args[-3:]] == ["a_scale", "b_scale", "activation"]
+    assert args[-1].has_default_value() and args[-1].default_value is None
+    assert "relu" in [a.name for a in args]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_through_torch_ops(activation, monkeypatch):
+    """The op called through torch.ops with the new trailing argument (reference backend, and the
+    kernels through the interpreter on CPU), and opcheck with it."""
+    monkeypatch.delenv("CORA_BACKEND", raising=False)
+    c = Case(N=1, C_in=4, C_out=5, H=5, W=5, rank="odd", bias=True, bn=True, res=True)
+    op_args = list(_op_args(c, backend="reference"))
+    op_args[14] = op_args[14] * 4  # residual: a pre-activation over about [-12, 12]
+    x, planes, scale, zero, a, b, bias = op_args[:7]
+    kw = dict(bits=c.bits, kernel_size=c.k, stride=c.stride, padding=c.padding, dilation=c.dilation,
+              out_scale=op_args[12], out_shift=op_args[13], residual=op_args[14])
+    y64 = cora_conv2d_reference(*op_args[:7], **kw, activation=activation, compute_dtype=torch.float64,
+                                out_dtype=torch.float64)
+    y = torch.ops.cora.conv2d(*op_args, None, None, activation)
+    assert_close_rel(y, y64, torch.float32)
+    assert_close_rel(torch.ops.cora.conv2d(*op_args, activation=activation), y64, torch.float32)
+    assert_close_rel(cora_kernels.cora_conv2d(*op_args[:7], **kw, activation=activation), y64, torch.float32)
+    if not torch.cuda.is_available():
+        op_args[17] = "triton"
+        assert_close_rel(torch.ops.cora.conv2d(*op_args, activation=activation), y64, torch.float32)
+        op_args[17] = "reference"
+    if activation in ("relu", "gelu"):  # opcheck is slow: two are enough
+        torch.library.opcheck(torch.ops.cora.conv2d.default, tuple(op_args), {"activation": activation})
+
+
+def test_relu_flag_and_activation_agree_through_the_op(monkeypatch):
+    """relu=True (the older schema, no activation) and activation="relu" are the same op call; the
+    wrapper keeps ReLU as relu=True so graphs recorded before the new argument do not change."""
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    c = Case(N=1, C_in=4, C_out=5, H=5, W=5, rank=1, bias=True, res=True, relu=True)
+    op_args = list(_op_args(c))
+    y_old = torch.ops.cora.conv2d(*op_args)
+    op_args[15] = False
+    torch.testing.assert_close(torch.ops.cora.conv2d(*op_args, activation="relu"), y_old, rtol=0, atol=0)
+    seen = []
+    real = torch.ops.cora.conv2d
+
+    class _Spy:
+        def conv2d(self, *a):
+            seen.append(a)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops, "cora", _Spy())
+    args, kw = make_layer(c)
+    kw.pop("relu")
+    cora_kernels.cora_conv2d(*args, **kw, activation="relu")
+    cora_kernels.cora_conv2d(*args, **kw, activation="silu")
+    assert (seen[0][15], seen[0][-1]) == (True, None)
+    assert (seen[1][15], seen[1][-1]) == (False, "silu")
+
+
+def test_bad_activation(layer):
+    args, kw = layer
+    with pytest.raises(ValueError, match=r"activation.*relu.*relu6.*silu.*hardswish.*gelu"):
+        _call(args, kw, activation="tanh")
+    with pytest.raises(ValueError, match="activation"):
+        _call(args, kw, activation="ReLU")
+    with pytest.raises(ValueError, match="relu=True"):
+        _call(args, kw, relu=True, activation="silu")
+    assert _call(args, kw, relu=True, activation="relu").shape == (1, 6, 5, 5)
+    op_args = (*args, kw["bits"], [3, 3], [1, 1], [1, 1], [1, 1], None, None, None, True, 1, "reference")
+    with pytest.raises(ValueError, match="relu=True"):  # a direct torch.ops call is checked too
+        torch.ops.cora.conv2d(*op_args, activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.cora.conv2d(*op_args, activation="swish")
 
 
 # --- the backend choice ---------------------------------------------------------------------------
