@@ -10,8 +10,12 @@ applies the BatchNorm, the residual add and the ReLU:
   option-A shortcut);
 * torchvision ``Bottleneck`` -> :class:`DeployedBottleneck` (three launches plus the shortcut);
 * the stem ``conv1``/``bn1`` (+ReLU) of ``CifarResNet`` and torchvision ``ResNet``;
-* ``CoRaConv2d -> BatchNorm2d (-> ReLU)`` and ``CoRaConv2d -> ReLU`` runs inside an ``nn.Sequential``
-  (the folded BN and fused ReLU become ``nn.Identity`` so indices and names stay).
+* then, anywhere else, ``CoRaConv2d [-> BatchNorm2d] [-> + residual] [-> activation]`` chains found in
+  the model's ``torch.fx`` graph (:mod:`cora.fusion`; activations ReLU, ReLU6, SiLU, Hardswish, GELU):
+  MobileNet / EfficientNet inverted-residual blocks, RepVGG-style and unknown blocks alike;
+* for a model ``torch.fx`` cannot trace, ``CoRaConv2d -> BatchNorm2d (-> activation)`` and
+  ``CoRaConv2d -> activation`` runs inside an ``nn.Sequential`` (the folded BN and fused activation
+  become ``nn.Identity`` so indices and names stay).
 
 Everything else (pooling, ``QuantLinear``, float layers, blocks whose convs are not all
 ``CoRaConv2d``) stays as it is.
@@ -47,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from cora_kernels.ops import Backend
+from cora_kernels.reference import TORCH_ACTIVATIONS  # the epilogue's activations as torch computes them
 
 from .modules import CoRaConv2d, QuantLinear
 
@@ -73,29 +78,42 @@ def _foldable(bn) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.running_mean is not None and bn.running_var is not None
 
 
-def _is_relu(m) -> bool:
-    return type(m) is nn.ReLU  # exactly: a subclass's forward may differ
+def _activation_name(m) -> str | None:
+    """The op's name for an activation module the epilogue computes exactly (exact types: a subclass's forward
+    may differ), else None."""
+    from .fusion import ACTIVATION_MODULES
+
+    name = ACTIVATION_MODULES.get(type(m))
+    return None if name == "gelu" and m.approximate != "none" else name
 
 
 class DeployedConv(nn.Module):
-    """One ``cora::conv2d`` launch: ``relu((conv(x) + adapter(x) + bias) * out_scale + out_shift + residual)``.
+    """One ``cora::conv2d`` launch: ``act((conv(x) + adapter(x) + bias) * out_scale + out_shift + residual)``.
 
     ``conv`` is the (shared, unchanged) :class:`CoRaConv2d` whose packed codes, fp16 scale, adapters
     and bias are used as stored; ``bn`` (optional, eval statistics) is folded into fp32
-    ``out_scale``/``out_shift`` ``[C_out]``; ``relu`` is applied last.  Input ``[N, C_in, H, W]``
-    (float32/float16/bfloat16, NCHW or channels_last); ``residual`` ``[N, C_out, OH, OW]`` or None.
+    ``out_scale``/``out_shift`` ``[C_out]``; ``activation`` (one of :data:`cora_kernels.ACTIVATIONS`, or
+    None; ``relu=True`` is ``activation="relu"``) is applied last.  Input ``[N, C_in, H, W]``
+    (float32/float16/bfloat16, NCHW or channels_last); ``residual`` ``[N, C_out, OH, OW]`` or None; a
+    residual of another shape (a broadcasting add found by tracing) is added outside the kernel, before
+    the activation, so the result is what the unfused model computes.
     Non-zero padding modes and asymmetric ``'same'`` padding are applied to the input first, as
     :meth:`CoRaConv2d.op_forward` (which builds the op's arguments) does.  ``backend``: as for
     :class:`CoRaConv2d` (None: the conv's, then ``CORA_BACKEND``).  Inference only (no autograd).
     """
 
     def __init__(self, conv: CoRaConv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False,
-                 backend: Backend | str | None = None) -> None:
+                 backend: Backend | str | None = None, activation: str | None = None) -> None:
         super().__init__()
         if not isinstance(conv, CoRaConv2d):
             raise TypeError(f"DeployedConv wraps a CoRaConv2d, got {type(conv).__name__}")
+        if relu and activation not in (None, "relu"):
+            raise ValueError(f"relu=True and activation={activation!r}: give one activation")
+        activation = "relu" if relu else activation
+        if activation is not None and activation not in TORCH_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(TORCH_ACTIVATIONS)} or None, got {activation!r}")
         self.conv = conv
-        self.relu = bool(relu)
+        self.activation = activation
         self.backend = None if backend is None else Backend(backend)
         # The op takes the zero point as a floating tensor; uint8 values are exact in float16.
         self.register_buffer("zero_f", conv.zero.detach().to(torch.float16))
@@ -112,14 +130,30 @@ class DeployedConv(nn.Module):
     def has_bn(self) -> bool:
         return self.out_scale is not None
 
+    @property
+    def relu(self) -> bool:
+        return self.activation == "relu"
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv.op_forward(
-            x, zero=self.zero_f, out_scale=self.out_scale, out_shift=self.out_shift, residual=residual,
-            relu=self.relu, backend=self.backend,
-        )
+        kw = dict(zero=self.zero_f, out_scale=self.out_scale, out_shift=self.out_shift, backend=self.backend)
+        if residual is None or self._fits(x, residual):
+            return self.conv.op_forward(x, residual=residual, activation=self.activation, **kw)
+        y = self.conv.op_forward(x, **kw) + residual
+        return y if self.activation is None else TORCH_ACTIVATIONS[self.activation](y)
+
+    def _fits(self, x: torch.Tensor, residual) -> bool:
+        """Whether the kernel can add ``residual``: a floating tensor of exactly the output's shape on x's device."""
+        if not isinstance(residual, torch.Tensor) or not residual.is_floating_point() or residual.device != x.device:
+            return False
+        from cora_kernels.geometry import conv_output_size
+
+        c = self.conv
+        xp, pad = c._padded_input(x)
+        oh, ow = conv_output_size(xp.shape[2], xp.shape[3], c.kernel_size, c.stride, pad, c.dilation)
+        return tuple(residual.shape) == (xp.shape[0], c.out_channels, oh, ow)
 
     def extra_repr(self) -> str:
-        return f"bn_folded={self.has_bn}, relu={self.relu}"
+        return f"bn_folded={self.has_bn}, activation={self.activation}"
 
 
 class DeployedBasicBlock(nn.Module):
@@ -224,18 +258,18 @@ def _deploy_sequential(seq: nn.Sequential, stats: dict) -> None:
         if j < len(keys) and _foldable(seq._modules[keys[j]]):
             bn = seq._modules[keys[j]]
             j += 1
-        relu = j < len(keys) and _is_relu(seq._modules[keys[j]])
-        if bn is None and not relu:
+        act = _activation_name(seq._modules[keys[j]]) if j < len(keys) else None
+        if bn is None and act is None:
             i += 1
             continue
-        seq._modules[keys[i]] = DeployedConv(m, bn, relu=relu)
-        for k in keys[i + 1 : j + int(relu)]:
+        seq._modules[keys[i]] = DeployedConv(m, bn, activation=act)
+        for k in keys[i + 1 : j + int(act is not None)]:
             seq._modules[k] = nn.Identity()
         stats["folded_bn"] += int(bn is not None)
-        i = j + int(relu)
+        i = j + int(act is not None)
 
 
-def _rewrite(module: nn.Module, stats: dict) -> None:
+def _rewrite_blocks(module: nn.Module, stats: dict) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, (DeployedConv, DeployedBasicBlock, DeployedBottleneck)):
             continue
@@ -243,18 +277,28 @@ def _rewrite(module: nn.Module, stats: dict) -> None:
         if new is not None:
             setattr(module, name, new)
             continue
-        _rewrite(child, stats)
+        _rewrite_blocks(child, stats)
+
+
+def _rewrite_sequentials(module: nn.Module, stats: dict) -> None:
+    """The fallback for models torch.fx cannot trace: conv runs inside each ``nn.Sequential``."""
+    for child in module.children():
+        if not isinstance(child, (DeployedConv, DeployedBasicBlock, DeployedBottleneck)):
+            _rewrite_sequentials(child, stats)
     if isinstance(module, nn.Sequential):
         _deploy_sequential(module, stats)
 
 
 def deploy(model: nn.Module, *, inplace: bool = False, backend: Backend | str | None = None) -> nn.Module:
-    """The inference form of a converted model: BatchNorm folded, ReLU and residual adds fused.
+    """The inference form of a converted model: BatchNorm folded, activations and residual adds fused.
 
     ``model``: a model returned by :func:`cora.convert` or :func:`cora.load` (it must contain at
     least one ``CoRaConv2d``).  Returns a new model (``inplace=False``, the input is left unchanged)
     or the same one rewritten (``inplace=True``), in eval mode, with ``cora_deploy`` set to
-    ``{"blocks": fused residual blocks, "folded_bn": BatchNorms folded}``.  ``backend`` (see
+    ``{"blocks": fused residual blocks, "folded_bn": BatchNorms folded, "traced_fusions": convs fused by
+    tracing}``.  When tracing fused something (:mod:`cora.fusion`) the result is a ``torch.fx.GraphModule``
+    with the model's submodule names, not the model's class: always use the returned model, also with
+    ``inplace=True``.  ``backend`` (see
     :class:`cora_kernels.Backend`), when given, is set on every deployed and quantized conv; None
     keeps theirs (by default ``CORA_BACKEND`` decides, at call time).  See the module docstring for
     the patterns recognised and the (exact, fp32 epilogue) BatchNorm folding.
@@ -266,11 +310,17 @@ def deploy(model: nn.Module, *, inplace: bool = False, backend: Backend | str | 
             "deploy: the model has no CoRaConv2d layer; quantize it first with cora.convert(...) or load a "
             "CoRa checkpoint with cora.load(...)"
         )
+    from .fusion import fuse_traced
+
     work = model if inplace else copy.deepcopy(model)
-    stats = {"blocks": 0, "folded_bn": 0}
+    stats = {"blocks": 0, "folded_bn": 0, "traced_fusions": 0}
     with torch.no_grad():
+        work.eval()  # BatchNorms fold only in eval mode
         _deploy_stem(work, stats)
-        _rewrite(work, stats)
+        _rewrite_blocks(work, stats)
+        work = fuse_traced(work, stats)
+        if not stats.pop("traced"):
+            _rewrite_sequentials(work, stats)
     if backend is not None:
         for m in work.modules():
             if isinstance(m, (DeployedConv, CoRaConv2d)):

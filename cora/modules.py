@@ -399,6 +399,7 @@ class CoRaConv2d(_PackedWeightMixin, _AdapterStateMixin, nn.Module):
         residual: torch.Tensor | None = None,
         relu: bool = False,
         backend: Backend | str | None = None,
+        activation: str | None = None,
     ) -> torch.Tensor:
         """This layer through the ``cora::conv2d`` op, with an optional fused epilogue (no autograd).
 
@@ -406,8 +407,9 @@ class CoRaConv2d(_PackedWeightMixin, _AdapterStateMixin, nn.Module):
         ``scale``, ``zero`` as float16 (pass a cached copy, or None to convert ``self.zero``; uint8
         values are exact in float16), adapters (int8 ones with their scales), bias and geometry;
         non-zero padding modes are applied to ``x`` first. ``out_scale``/``out_shift`` ``[C_out]``
-        (folded BatchNorm), ``residual`` ``[N, C_out, OH, OW]`` and ``relu`` are applied after the
-        bias, in that order. ``backend``: None uses this layer's (and then ``CORA_BACKEND``).
+        (folded BatchNorm), ``residual`` ``[N, C_out, OH, OW]`` and ``relu`` (or ``activation``, one of
+        :data:`cora_kernels.ACTIVATIONS`) are applied after the bias, in that order. ``backend``: None uses
+        this layer's (and then ``CORA_BACKEND``).
         """
         from cora_kernels import cora_conv2d
 
@@ -419,6 +421,7 @@ class CoRaConv2d(_PackedWeightMixin, _AdapterStateMixin, nn.Module):
             bits=self.bits, kernel_size=self.kernel_size, stride=self.stride, padding=pad, dilation=self.dilation,
             out_scale=out_scale, out_shift=out_shift, residual=residual, relu=relu, groups=self.groups,
             in_channels=self.in_channels, backend=self.backend if backend is None else backend, a_scale=sa, b_scale=sb,
+            activation=activation,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

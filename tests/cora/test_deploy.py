@@ -56,7 +56,7 @@ def test_resnet8_deploy_matches_converted(resnet8, backend, monkeypatch):
     dep = deploy(resnet8)
     assert _count(dep, nn.BatchNorm2d) == 0
     assert _count(dep, DeployedBasicBlock) == 3
-    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7}
+    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7, "traced_fusions": 0}
     assert not dep.training
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -144,14 +144,16 @@ def test_sequential_conv_bn_relu_and_padding_modes(monkeypatch):
         assert_close_rel(dep(x), seq(x), torch.float32)
 
 
-def test_block_with_a_float_conv_stays_unfused(monkeypatch):
+def test_block_with_a_float_conv_is_not_a_fused_block(monkeypatch):
     monkeypatch.delenv("CORA_BACKEND", raising=False)
     torch.manual_seed(12)
     block = randomise_bn(CifarBasicBlock(4, 4), 13)
     block.conv1 = cora.CoRaConv2d.from_conv(block.conv1, 4, 2)  # conv2 stays float
     model = nn.Sequential(block)
     dep = deploy(model)
-    assert isinstance(dep[0], CifarBasicBlock) and _count(dep, DeployedConv) == 0
+    # not a fused block; its quantized conv1 -> bn1 -> relu chain is still fused, found by tracing
+    assert _count(dep, DeployedBasicBlock) == 0 and dep.cora_deploy == {"blocks": 0, "folded_bn": 1, "traced_fusions": 1}
+    assert _count(dep, DeployedConv) == 1 and isinstance(dep.get_submodule("0.conv2"), nn.Conv2d)
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         assert_close_rel(dep(x), model(x), torch.float32)
@@ -196,7 +198,7 @@ def test_int8_adapter_resnet_deploy_matches(bits, monkeypatch):
     model.eval()
     assert all(m.adapter_int8 for m in model.modules() if isinstance(m, cora.CoRaConv2d))
     dep = deploy(model)
-    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7}
+    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7, "traced_fusions": 0}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close_rel(dep(x), model(x), torch.float32)
@@ -268,7 +270,7 @@ def test_torchvision_resnet_stem_and_blocks(monkeypatch):
     dep = deploy(model)
     assert isinstance(dep.conv1, DeployedConv) and dep.conv1.relu and dep.conv1.has_bn
     assert isinstance(dep.bn1, nn.Identity) and isinstance(dep.relu, nn.Identity)
-    assert _count(dep, nn.BatchNorm2d) == 0 and dep.cora_deploy == {"blocks": 4, "folded_bn": 1 + 4 * 2 + 3}
+    assert _count(dep, nn.BatchNorm2d) == 0 and dep.cora_deploy == {"blocks": 4, "folded_bn": 1 + 4 * 2 + 3, "traced_fusions": 0}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close_rel(dep(x), model(x), torch.float32)

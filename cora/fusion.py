@@ -1,0 +1,235 @@
+"""Epilogue fusion found by tracing: ``CoRaConv2d [-> BatchNorm2d] [-> + residual] [-> activation]``.
+
+:func:`cora.deploy` first rewrites the blocks it knows by type (ResNet blocks and stems, which keeps
+their module structure). Whatever else a model computes is found here from its ``torch.fx`` graph,
+not from class names, so blocks of any library are fused when their dataflow fits and left alone
+otherwise:
+
+* a ``CoRaConv2d`` call whose value goes only to
+* an eval-mode ``nn.BatchNorm2d`` of exactly that type (folded into the fp32 epilogue), then only to
+* an addition of one other tensor computed earlier (the residual of a ResNet or inverted-residual
+  block; its shape is checked when the layer runs, see :class:`cora.deploy.DeployedConv`), then only to
+* one activation the epilogue computes (:data:`ACTIVATION_MODULES` / :data:`ACTIVATION_FUNCTIONS`:
+  ReLU, ReLU6, SiLU, Hardswish and exact GELU, as modules of exactly those types, functions or
+  tensor methods),
+
+each step optional, becomes one :class:`~cora.deploy.DeployedConv` call. That is the epilogue's own
+order, ``act((conv + adapter + bias) * bn_scale + bn_shift + residual)``; any other order (an
+activation before the add, a BatchNorm subclass that applies its own activation, a value used twice)
+stops the match there, so nothing is ever fused that the epilogue would compute differently.
+
+The result is a ``torch.fx.GraphModule`` with the same submodule names (the fused conv's name now
+holds the :class:`~cora.deploy.DeployedConv`); a model with nothing to fuse, or that ``torch.fx``
+cannot trace (data-dependent control flow), is returned unchanged.
+"""
+from __future__ import annotations
+
+import collections
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import CoRaConv2d, QuantLinear
+
+__all__ = ["ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS", "FusionPlan", "fuse_traced"]
+
+# module type (exact) -> the op's activation name
+ACTIVATION_MODULES: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.GELU: "gelu",
+}
+# function or tensor-method name -> the op's activation name
+ACTIVATION_FUNCTIONS: dict[object, str] = {
+    F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish", F.gelu: "gelu",
+    "relu": "relu", "relu_": "relu",
+}
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class FusionPlan:
+    """One fused conv: the nodes it swallows (``bn``, ``add``, ``act``: None when absent), the residual node, and
+    the activation's name."""
+
+    conv: fx.Node
+    bn: fx.Node | None = None
+    add: fx.Node | None = None
+    residual: fx.Node | None = None
+    act: fx.Node | None = None
+    activation: str | None = None
+
+    @property
+    def tail(self) -> fx.Node:
+        return self.act or self.add or self.bn or self.conv
+
+    @property
+    def swallowed(self) -> list[fx.Node]:
+        return [n for n in (self.act, self.add, self.bn) if n is not None]
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer with CoRa's layers and the deployed blocks as leaves (their forwards call the custom op)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv
+
+        leaves = (CoRaConv2d, QuantLinear, DeployedConv, DeployedBasicBlock, DeployedBottleneck)
+        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _activation(node: fx.Node, modules: dict[str, nn.Module], value: fx.Node) -> str | None:
+    """The op's name for ``node`` when it is a supported activation applied to ``value`` alone."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        name = ACTIVATION_MODULES.get(type(m))
+        if name == "gelu" and m.approximate != "none":
+            return None
+        return name if name and node.args == (value,) and not node.kwargs else None
+    if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
+        name = ACTIVATION_FUNCTIONS[node.target]
+        if not node.args or node.args[0] is not value or len(node.args) > 2:
+            return None
+        extra = dict(node.kwargs)
+        if len(node.args) == 2:  # F.relu(x, inplace) / F.gelu(x, approximate) by position
+            extra["approximate" if name == "gelu" else "inplace"] = node.args[1]
+        if extra.get("approximate", "none") != "none" or set(extra) - {"inplace", "approximate"}:
+            return None
+        return name
+    if node.op == "call_method" and node.target in ACTIVATION_FUNCTIONS and node.args == (value,) and not node.kwargs:
+        return ACTIVATION_FUNCTIONS[node.target]
+    return None
+
+
+def _residual(node: fx.Node, value: fx.Node, order: dict[fx.Node, int], conv: fx.Node) -> fx.Node | None:
+    """The other operand when ``node`` is ``value + other`` (or ``other + value``) with ``other`` a tensor computed
+    before ``conv`` (so it exists when the fused conv runs)."""
+    is_add = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+    if not is_add or len(node.args) != 2 or node.kwargs:  # alpha= or out= change the meaning
+        return None
+    a, b = node.args
+    other = b if a is value else a if b is value else None
+    if not isinstance(other, fx.Node) or other is value or order.get(other, len(order)) >= order[conv]:
+        return None
+    if node.op == "call_method" and node.args[0] is not value:  # other.add_(value) would write into other
+        return None
+    if node.op == "call_function" and node.target is operator.iadd and node.args[0] is not value:
+        return None
+    return other
+
+
+def plan_fusions(gm: fx.GraphModule) -> list[FusionPlan]:
+    """Every fusable ``CoRaConv2d [-> BN] [-> + residual] [-> act]`` chain of a traced model (see the module
+    docstring), in graph order; chains that would fuse nothing beyond the conv are left out."""
+    from .deploy import _foldable
+
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    calls = _module_calls(gm)
+    plans = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(modules.get(node.target)) is not CoRaConv2d:
+            continue
+        if len(node.args) != 1 or node.kwargs or calls[node.target] != 1:  # a shared conv keeps its other uses
+            continue
+        plan = FusionPlan(conv=node)
+        nxt = _only_user(node)
+        if nxt is not None and nxt.op == "call_module" and _foldable(modules.get(nxt.target)) \
+                and nxt.args == (node,) and not nxt.kwargs and not modules[nxt.target].training:
+            plan.bn, nxt = nxt, _only_user(nxt)
+        if nxt is not None:
+            other = _residual(nxt, plan.tail, order, node)
+            if other is not None:
+                plan.add, plan.residual, nxt = nxt, other, _only_user(nxt)
+        if nxt is not None:
+            name = _activation(nxt, modules, plan.tail)
+            if name is not None:
+                plan.act, plan.activation = nxt, name
+        if plan.swallowed:
+            plans.append(plan)
+    return plans
+
+
+def _module_calls(gm: fx.GraphModule) -> collections.Counter:
+    """How many times the graph calls each submodule (by name)."""
+    return collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule | None:
+    try:
+        return fx.GraphModule(model, _Tracer().trace(model), class_name=type(model).__name__)
+    except Exception:  # data-dependent control flow and the like: the model cannot be fused by tracing
+        return None
+
+
+def _in_place(plan: FusionPlan, calls: collections.Counter) -> bool:
+    """Whether the chain can be fused without changing any forward: no residual add, and the conv, BatchNorm and
+    activation are modules called once (they become the DeployedConv and two ``nn.Identity``)."""
+    nodes = [plan.conv, *plan.swallowed]
+    return plan.add is None and all(n.op == "call_module" and calls[n.target] == 1 for n in nodes)
+
+
+def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
+    """``model`` with every chain of :func:`plan_fusions` replaced by one :class:`~cora.deploy.DeployedConv`.
+
+    Chains made of modules alone (conv, BatchNorm, activation module; no residual add) are fused in place: the
+    conv's name holds the DeployedConv, the BatchNorm's and activation's an ``nn.Identity``, and the model keeps
+    its class and forward. When other chains remain (a residual add, a functional activation), the result is a
+    ``torch.fx.GraphModule`` (same submodule names, ``cora_*`` attributes copied) whose graph calls the
+    DeployedConv with the residual and skips the fused nodes. ``stats`` gets ``traced_fusions`` (chains fused),
+    adds the BatchNorms folded to ``folded_bn`` and sets ``traced`` (False when ``torch.fx`` could not trace the
+    model, which is then returned unchanged).
+    """
+    from .deploy import DeployedConv
+
+    stats.setdefault("traced_fusions", 0)
+    gm = _trace(model)
+    stats["traced"] = gm is not None
+    if gm is None:
+        return model
+    plans = plan_fusions(gm)
+    calls = _module_calls(gm)
+    for plan in [p for p in plans if _in_place(p, calls)]:
+        bn = model.get_submodule(plan.bn.target) if plan.bn is not None else None
+        conv = model.get_submodule(plan.conv.target)
+        _set_submodule(model, plan.conv.target, DeployedConv(conv, bn, activation=plan.activation))
+        for n in plan.swallowed:
+            _set_submodule(model, n.target, nn.Identity())
+        stats["folded_bn"] += int(bn is not None)
+        stats["traced_fusions"] += 1
+    if all(_in_place(p, calls) for p in plans):
+        return model
+    gm = _trace(model)  # the in-place fusions are leaves now; what is left needs the graph
+    fused_into: dict[fx.Node, fx.Node] = {}  # an earlier chain's erased tail -> its conv node
+    for plan in plan_fusions(gm):
+        conv = gm.get_submodule(plan.conv.target)
+        bn = gm.get_submodule(plan.bn.target) if plan.bn is not None else None
+        _set_submodule(gm, plan.conv.target, DeployedConv(conv, bn, activation=plan.activation))
+        if plan.residual is not None:
+            plan.conv.kwargs = {"residual": fused_into.get(plan.residual, plan.residual)}
+        plan.tail.replace_all_uses_with(plan.conv)
+        fused_into[plan.tail] = plan.conv
+        for n in plan.swallowed:  # act, add, bn: each one's only user is erased before it
+            gm.graph.erase_node(n)
+        stats["folded_bn"] += int(bn is not None)
+        stats["traced_fusions"] += 1
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    for key, value in vars(model).items():  # the report, architecture, preprocessing a checkpoint carries
+        if key.startswith("cora_"):
+            setattr(gm, key, value)
+    return gm
