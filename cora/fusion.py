@@ -6,7 +6,8 @@ not from class names, so blocks of any library are fused when their dataflow fit
 otherwise:
 
 * a ``CoRaConv2d`` call whose value goes only to
-* an eval-mode ``nn.BatchNorm2d`` of exactly that type (folded into the fp32 epilogue), then only to
+* an eval-mode ``nn.BatchNorm2d`` of exactly that type (folded into the fp32 epilogue; or timm's
+  ``BatchNormAct2d``, whose own activation is then the fused one and ends the chain), then only to
 * an addition of one other tensor computed earlier (the residual of a ResNet or inverted-residual
   block; its shape is checked when the layer runs, see :class:`cora.deploy.DeployedConv`), then only to
 * one activation the epilogue computes (:data:`ACTIVATION_MODULES` / :data:`ACTIVATION_FUNCTIONS`:
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -51,10 +52,12 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 
 @dataclass
 class FusionPlan:
-    """One fused conv: the nodes it swallows (``bn``, ``add``, ``act``: None when absent), the residual node, and
-    the activation's name."""
+    """One fused conv: ``chain``, the nodes it swallows in execution order (BatchNorm, the add, the activation
+    and any eval-mode identities between them), the BatchNorm / add / activation nodes among them (None when
+    absent), the residual node and the activation's name."""
 
     conv: fx.Node
+    chain: list[fx.Node] = field(default_factory=list)
     bn: fx.Node | None = None
     add: fx.Node | None = None
     residual: fx.Node | None = None
@@ -63,11 +66,12 @@ class FusionPlan:
 
     @property
     def tail(self) -> fx.Node:
-        return self.act or self.add or self.bn or self.conv
+        """The node whose value the fused conv computes."""
+        return self.chain[-1] if self.chain else self.conv
 
     @property
-    def swallowed(self) -> list[fx.Node]:
-        return [n for n in (self.act, self.add, self.bn) if n is not None]
+    def fuses(self) -> bool:
+        return any(n is not None for n in (self.bn, self.add, self.act))
 
 
 class _Tracer(fx.Tracer):
@@ -77,7 +81,8 @@ class _Tracer(fx.Tracer):
         from .deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv
 
         leaves = (CoRaConv2d, QuantLinear, DeployedConv, DeployedBasicBlock, DeployedBottleneck)
-        return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+        timm_bn = isinstance(m, nn.BatchNorm2d) and type(m).__module__.startswith("timm.")  # a call, not its insides
+        return isinstance(m, leaves) or timm_bn or super().is_leaf_module(m, qualname)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -106,6 +111,37 @@ def _activation(node: fx.Node, modules: dict[str, nn.Module], value: fx.Node) ->
     if node.op == "call_method" and node.target in ACTIVATION_FUNCTIONS and node.args == (value,) and not node.kwargs:
         return ACTIVATION_FUNCTIONS[node.target]
     return None
+
+
+def _timm_bn_act(m) -> str | None:
+    """For timm's ``BatchNormAct2d`` (a BatchNorm2d subclass whose forward is the eval BatchNorm, then ``drop``,
+    then ``act``), in eval mode with running statistics, a no-op ``drop`` and an activation the epilogue computes:
+    that activation's name ("" for ``nn.Identity``); None for anything else, which is then not folded."""
+    t = type(m)
+    if t.__name__ != "BatchNormAct2d" or not t.__module__.startswith("timm.") or m.training:
+        return None
+    if m.running_mean is None or m.running_var is None or set(dict(m.named_children())) != {"drop", "act"}:
+        return None
+    if not (type(m.drop) is nn.Identity or (isinstance(m.drop, nn.modules.dropout._DropoutNd) and not m.drop.training)):
+        return None
+    if type(m.act) is nn.Identity:
+        return ""
+    name = ACTIVATION_MODULES.get(type(m.act))
+    return None if name == "gelu" and m.act.approximate != "none" else name
+
+
+def _identity(node: fx.Node, modules: dict[str, nn.Module], value: fx.Node) -> bool:
+    """Whether ``node`` returns ``value`` unchanged in eval mode: ``nn.Identity``, an eval-mode dropout module,
+    torchvision's ``stochastic_depth(value, p, mode, training=False)``."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        dropout = isinstance(m, nn.modules.dropout._DropoutNd) and not m.training
+        return (type(m) is nn.Identity or dropout) and node.args == (value,) and not node.kwargs
+    if node.op == "call_function" and getattr(node.target, "__name__", "") == "stochastic_depth" \
+            and getattr(node.target, "__module__", "").startswith("torchvision."):
+        args = dict(zip(("input", "p", "mode", "training"), node.args), **node.kwargs)
+        return args.get("input") is value and args.get("training", True) is False
+    return False
 
 
 def _residual(node: fx.Node, value: fx.Node, order: dict[fx.Node, int], conv: fx.Node) -> fx.Node | None:
@@ -141,19 +177,36 @@ def plan_fusions(gm: fx.GraphModule) -> list[FusionPlan]:
         if len(node.args) != 1 or node.kwargs or calls[node.target] != 1:  # a shared conv keeps its other uses
             continue
         plan = FusionPlan(conv=node)
-        nxt = _only_user(node)
-        if nxt is not None and nxt.op == "call_module" and _foldable(modules.get(nxt.target)) \
-                and nxt.args == (node,) and not nxt.kwargs and not modules[nxt.target].training:
-            plan.bn, nxt = nxt, _only_user(nxt)
-        if nxt is not None:
-            other = _residual(nxt, plan.tail, order, node)
-            if other is not None:
-                plan.add, plan.residual, nxt = nxt, other, _only_user(nxt)
-        if nxt is not None:
-            name = _activation(nxt, modules, plan.tail)
-            if name is not None:
-                plan.act, plan.activation = nxt, name
-        if plan.swallowed:
+
+        def step():  # the tail's only user, past eval-mode identities (swallowed with the chain)
+            nxt = _only_user(plan.tail)
+            while nxt is not None and _identity(nxt, modules, plan.tail):
+                plan.chain.append(nxt)
+                nxt = _only_user(nxt)
+            return nxt
+
+        nxt = step()
+        mod = modules.get(nxt.target) if nxt is not None and nxt.op == "call_module" else None
+        bn_act = _timm_bn_act(mod) if mod is not None else None
+        if mod is not None and ((_foldable(mod) and not mod.training) or bn_act is not None) \
+                and nxt.args == (plan.tail,) and not nxt.kwargs:
+            plan.bn = nxt
+            plan.chain.append(nxt)
+            if bn_act:  # its activation comes right after its BatchNorm, before any add: the chain ends here
+                plan.act, plan.activation = nxt, bn_act
+            nxt = None if bn_act else step()
+        other = _residual(nxt, plan.tail, order, node) if nxt is not None else None
+        if other is not None:
+            plan.add, plan.residual = nxt, other
+            plan.chain.append(nxt)
+            nxt = step()
+        name = _activation(nxt, modules, plan.tail) if nxt is not None else None
+        if name is not None:
+            plan.act, plan.activation = nxt, name
+            plan.chain.append(nxt)
+        while plan.chain and plan.chain[-1] not in (plan.bn, plan.add, plan.act):
+            plan.chain.pop()  # identities after the last fused step stay in the graph
+        if plan.fuses:
             plans.append(plan)
     return plans
 
@@ -178,7 +231,7 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
 def _in_place(plan: FusionPlan, calls: collections.Counter) -> bool:
     """Whether the chain can be fused without changing any forward: no residual add, and the conv, BatchNorm and
     activation are modules called once (they become the DeployedConv and two ``nn.Identity``)."""
-    nodes = [plan.conv, *plan.swallowed]
+    nodes = [plan.conv, *plan.chain]
     return plan.add is None and all(n.op == "call_module" and calls[n.target] == 1 for n in nodes)
 
 
@@ -206,7 +259,7 @@ def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
         bn = model.get_submodule(plan.bn.target) if plan.bn is not None else None
         conv = model.get_submodule(plan.conv.target)
         _set_submodule(model, plan.conv.target, DeployedConv(conv, bn, activation=plan.activation))
-        for n in plan.swallowed:
+        for n in plan.chain:
             _set_submodule(model, n.target, nn.Identity())
         stats["folded_bn"] += int(bn is not None)
         stats["traced_fusions"] += 1
@@ -222,7 +275,7 @@ def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
             plan.conv.kwargs = {"residual": fused_into.get(plan.residual, plan.residual)}
         plan.tail.replace_all_uses_with(plan.conv)
         fused_into[plan.tail] = plan.conv
-        for n in plan.swallowed:  # act, add, bn: each one's only user is erased before it
+        for n in reversed(plan.chain):  # from the tail back: each node's only user is erased before it
             gm.graph.erase_node(n)
         stats["folded_bn"] += int(bn is not None)
         stats["traced_fusions"] += 1

@@ -183,3 +183,36 @@ def test_deployed_conv_activation_arguments():
         DeployedConv(conv, relu=True, activation="silu")
     with pytest.raises(ValueError, match="activation must be one of"):
         DeployedConv(conv, activation="tanh")
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Stands in for timm's class of that name (the same forward: eval BatchNorm, ``drop``, ``act``)."""
+
+    def __init__(self, channels: int, act: nn.Module) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), act
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+BatchNormAct2d.__module__ = "timm.layers.norm_act"
+
+
+class _Tanh(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+def test_timm_batchnorm_act_folds_with_its_activation(monkeypatch):
+    """timm's BatchNorm + activation module: folded with its activation fused when the epilogue computes it,
+    left alone otherwise; a plain BatchNorm2d subclass from elsewhere is never folded (test_deploy)."""
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, nn.SiLU()), nn.Conv2d(4, 4, 1), BatchNormAct2d(4, _Tanh()),
+                        nn.Conv2d(4, 4, 1), BatchNormAct2d(4, nn.Identity()), nn.ReLU6())
+    model = _convert(seq, seed=15)
+    dep = deploy(model)
+    assert [type(m).__name__ for m in dep] == ["DeployedConv", "Identity", "CoRaConv2d", "BatchNormAct2d",
+                                               "DeployedConv", "Identity", "Identity"]
+    assert (dep[0].activation, dep[0].has_bn, dep[4].activation, dep[4].has_bn) == ("silu", True, "relu6", True)
+    _check_same(dep, model, (2, 3, 6, 6))
