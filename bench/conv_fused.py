@@ -106,6 +106,36 @@ def correctness_sweep():
     print(f"worst rel err {worst:.2e}")
 
 
+def profile_host(shape, bits: int, calls: int, dev) -> None:
+    """Where the CPU time of an eager fused call goes: ``calls`` calls of one layer (batch 1, fp16) through
+    the public op under cProfile, the top functions by own time.  The GPU is left to catch up after each
+    call would hide nothing: the calls are issued back to back, as a model's forward issues them."""
+    import cProfile
+    import pstats
+
+    from cora_kernels import cora_conv2d
+
+    c_in, c_out, k, s, p, h = shape
+    planes, scale, zero, a, b, bias = make_layer(c_in, c_out, k, bits, budget_rank(c_in, c_out, k), dev)
+    x = torch.randn(1, c_in, h, h, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    kw = dict(bits=bits, kernel_size=k, stride=s, padding=p, dilation=1)
+    cora_conv2d(x, planes, scale, zero, a, b, bias, **kw)  # tuned before profiling
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        cora_conv2d(x, planes, scale, zero, a, b, bias, **kw)
+    host = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    print(f"\nhost time per eager call through cora_conv2d, C_in={c_in} C_out={c_out} k={k} H={h}: {host:.1f} us")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        cora_conv2d(x, planes, scale, zero, a, b, bias, **kw)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
@@ -114,6 +144,9 @@ def main(argv=None):
     ap.add_argument("--time-cap", type=float, default=None, help="stop starting new rows after this many seconds")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/conv_fused_<device>.csv)")
     add_tuning_option(ap)
+    ap.add_argument("--profile-host", type=int, default=0, metavar="CALLS",
+                    help="after the table: cProfile CALLS eager calls of the first layer through the public op "
+                         "(cora_kernels.cora_conv2d) and print where the CPU time goes")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -227,6 +260,8 @@ def main(argv=None):
         if capped:
             break
     write_csv(rows, out_csv)
+    if args.profile_host and shapes:
+        profile_host(shapes[0][1], args.bits[0], args.profile_host, dev)
     if capped:
         print(f"# time cap of {args.time_cap:.0f}s reached: {len(rows)} rows measured")
     print(f"# CSV: {out_csv}")

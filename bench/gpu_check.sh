@@ -39,7 +39,7 @@ echo "pytest rc=$test_rc" | tee -a "$OUT/pytest.log"
 
 echo "== benchmark (time cap ${BENCH_CAP:-150}s) =="
 timeout $(( ${BENCH_CAP:-100} + 60 )) "$PYTHON" bench/conv_fused.py --time-cap "${BENCH_CAP:-100}" \
-  --batches 1 64 --tuning "$TUNING" --out "$OUT/conv_fused.csv" 2>&1 | tee "$OUT/bench.log"
+  --batches 1 64 --tuning "$TUNING" --profile-host 300 --out "$OUT/conv_fused.csv" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "bench rc=$bench_rc" | tee -a "$OUT/bench.log"
 # ResNet-18 and MobileNetV2 (depthwise convs on the grouped kernel); batch 1 and 64
