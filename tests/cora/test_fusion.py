@@ -216,3 +216,27 @@ def test_timm_batchnorm_act_folds_with_its_activation(monkeypatch):
                                                "DeployedConv", "Identity", "Identity"]
     assert (dep[0].activation, dep[0].has_bn, dep[4].activation, dep[4].has_bn) == ("silu", True, "relu6", True)
     _check_same(dep, model, (2, 3, 6, 6))
+
+
+def test_traced_deploy_compiles_fullgraph_one_op_per_conv(monkeypatch):
+    """The GraphModule deploy returns for inverted-residual blocks compiles as one graph: one cora::conv2d per
+    conv (the activation and residual inside it), no BatchNorm, activation or add left."""
+    monkeypatch.setenv("CORA_BACKEND", "reference")
+    torch._dynamo.reset()
+    model = _convert(nn.Sequential(InvertedResidual(4, nn.SiLU()), InvertedResidual(4, nn.Hardswish())), seed=17)
+    dep = deploy(model)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        eager = dep(x)
+        compiled = torch.compile(dep, fullgraph=True, backend=backend)(x)
+    assert_close_rel(compiled, eager, torch.float32)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("cora.conv2d" in t for t in targets) == 6
+    assert not any(k in t for t in targets for k in ("batch_norm", "silu", "hardswish", "add"))
