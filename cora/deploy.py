@@ -11,7 +11,7 @@ applies the BatchNorm, the residual add and the ReLU:
 * torchvision ``Bottleneck`` -> :class:`DeployedBottleneck` (three launches plus the shortcut);
 * the stem ``conv1``/``bn1`` (+ReLU) of ``CifarResNet`` and torchvision ``ResNet``;
 * then, anywhere else, ``CoRaConv2d [-> BatchNorm2d] [-> + residual] [-> activation]`` chains found in
-  the model's ``torch.fx`` graph (:mod:`cora.fusion`; activations ReLU, ReLU6, SiLU, Hardswish, GELU):
+  the model's ``torch.fx`` graph (:mod:`cora.fusion`; activations ReLU, ReLU6, SiLU, Hardswish, GELU, Sigmoid, Hardsigmoid):
   MobileNet / EfficientNet inverted-residual blocks, RepVGG-style and unknown blocks alike;
 * for a model ``torch.fx`` cannot trace, ``CoRaConv2d -> BatchNorm2d (-> activation)`` and
   ``CoRaConv2d -> activation`` runs inside an ``nn.Sequential`` (the folded BN and fused activation

@@ -11,7 +11,7 @@ otherwise:
 * an addition of one other tensor computed earlier (the residual of a ResNet or inverted-residual
   block; its shape is checked when the layer runs, see :class:`cora.deploy.DeployedConv`), then only to
 * one activation the epilogue computes (:data:`ACTIVATION_MODULES` / :data:`ACTIVATION_FUNCTIONS`:
-  ReLU, ReLU6, SiLU, Hardswish and exact GELU, as modules of exactly those types, functions or
+  ReLU, ReLU6, SiLU, Hardswish, exact GELU, Sigmoid and Hardsigmoid, as modules of exactly those types, functions or
   tensor methods),
 
 each step optional, becomes one :class:`~cora.deploy.DeployedConv` call. That is the epilogue's own
@@ -41,11 +41,13 @@ __all__ = ["ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS", "FusionPlan", "fuse_tra
 # module type (exact) -> the op's activation name
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.GELU: "gelu",
+    nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
 }
 # function or tensor-method name -> the op's activation name
 ACTIVATION_FUNCTIONS: dict[object, str] = {
     F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish", F.gelu: "gelu",
-    "relu": "relu", "relu_": "relu",
+    torch.sigmoid: "sigmoid", F.hardsigmoid: "hardsigmoid",
+    "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid",
 }
 _ADDS = {operator.add, operator.iadd, torch.add}
 

@@ -14,7 +14,7 @@ activation tile to two tensor-core products: ``acc += x @ (q - zero)`` and ``t +
 The epilogue applies ``acc * scale[n] + t @ B^T`` and the rest.  The input is read once.
 
 The activation is the constexpr ``ACT`` (:func:`cora_kernels.geometry.activation_code`: 0 none,
-1 relu, 2 relu6, 3 silu, 4 hardswish, 5 exact erf gelu), applied last by :func:`_activation` to the
+1 relu, 2 relu6, 3 silu, 4 hardswish, 5 exact erf gelu, 6 sigmoid, 7 hardsigmoid), applied last by :func:`_activation` to the
 fp32 tile, before the one rounding to the output dtype; the grouped kernel shares it.
 
 Numerics (documented choice):
@@ -136,6 +136,10 @@ def _activation(y, ACT: tl.constexpr):
         y = y * (tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0)
     elif ACT == 5:  # gelu, exact: tl.math.erf is in triton 3.6 (GPU machine) and 3.8, also interpreted
         y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 6:  # sigmoid (the gate of squeeze-and-excitation blocks)
+        y = 1.0 / (1.0 + tl.exp(-y))
+    elif ACT == 7:  # hardsigmoid: relu6(y + 3) / 6
+        y = tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
     return y
 
 

@@ -52,12 +52,12 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # The fused activations; the kernels' ``ACT`` code is the position here plus one (0: none).  gelu is
 # the exact erf form (``F.gelu(approximate="none")``).  The kernels' ``_activation`` and the
 # reference's table follow this order.
-ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "gelu")
+ACTIVATIONS = ("relu", "relu6", "silu", "hardswish", "gelu", "sigmoid", "hardsigmoid")
 
 
 def activation_code(activation=None, relu: bool = False) -> int:
     """The kernels' ``ACT`` for ``activation`` (None or one of :data:`ACTIVATIONS`) and the older
-    ``relu`` flag: 0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish, 5 gelu.
+    ``relu`` flag: 0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish, 5 gelu, 6 sigmoid, 7 hardsigmoid.
 
     ``relu=True`` means ``activation="relu"`` (kept for existing callers); together with another
     activation it is ambiguous and raises ValueError, as does a name outside :data:`ACTIVATIONS`.

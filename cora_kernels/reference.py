@@ -28,7 +28,8 @@ from .packing import dequantize_adapter, from_gemm_layout, unpack_codes
 __all__ = ["TORCH_ACTIVATIONS", "dequantize_gemm", "dequantize_weight", "cora_conv2d_reference"]
 
 # torch's own function for each name of geometry.ACTIVATIONS (F.gelu's default is the exact erf form)
-TORCH_ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
+TORCH_ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
+                     "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
 
 
 def dequantize_gemm(qweight, scale, zero, bits: int, K: int, dtype=torch.float32) -> torch.Tensor:

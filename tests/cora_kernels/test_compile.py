@@ -65,9 +65,9 @@ def _variant_jobs(cc):
 
 
 # The fused activations that add instructions to the epilogue (geometry.activation_code: 4 hardswish,
-# 5 exact gelu, erf): sm_90 only, one fused config (fp16 and bf16), the split-K reduction and one tile
-# of the grouped kernel; relu (1) is in every other job, relu6 / silu are cheaper than these two.
-ACT_CODES = (4, 5)
+# 5 exact gelu, erf; 6 sigmoid, exp): sm_90 only, one fused config (fp16 and bf16), the split-K reduction and
+# one tile of the grouped kernel; relu (1) is in every other job, relu6 / silu / hardsigmoid are no costlier.
+ACT_CODES = (4, 5, 6)
 
 
 def _act_jobs():
@@ -182,7 +182,7 @@ def test_variants_compile(cc, record_property):
 
 @pytest.mark.parametrize("act", ACT_CODES, ids=lambda a: f"act{a}")
 def test_activations_compile(act, record_property):
-    """hardswish and exact gelu (tl.math.erf) in the fused kernel's epilogue (fp16; bf16 with int8
+    """hardswish, exact gelu (tl.math.erf) and sigmoid in the fused kernel's epilogue (fp16; bf16 with int8
     adapters), the split-K reduction and the grouped kernel, for sm_90: compile, no spills."""
     for job in _act_jobs():
         if job["act"] == act:

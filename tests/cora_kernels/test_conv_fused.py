@@ -89,7 +89,8 @@ def test_fused_activation_matches_reference(case, activation):
     _check(case, activation=activation, wide=True)
 
 
-_TORCH_ACT = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu}
+_TORCH_ACT = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
+              "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
