@@ -299,9 +299,8 @@ def quantize_base(
         for name, mod in layers.items():
             bits = _layer_bits(name, config)
             w = mod.weight.detach().float().cpu()
-            scale, zero = compute_qparams(
-                w, bits, per_channel=q.granularity == "channel", method=q.range_for(bits, adapters), std_k=q.std_k
-            )
+            method = q.range_for(bits, config.budget if adapters else 0.0)
+            scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)
             h = None  # no statistics: not needed, too wide, or the layer never runs on these images
             if name in wanted and sequential:
                 h = paired_moments_of(float_inputs, quant_inputs, name, seed=config.seed)[0]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from cora import AdapterConfig, CoRaConfig, QuantizerConfig, SearchConfig, TuneConfig
 from cora.config import (
     CONFIG_VERSION, DEPRECATED_METHODS, FLAT_FIELDS, LABEL_FREE_BLOCKS_MAX_BITS, LAYER_DEFAULTS, METHODS, SUPPORTED_BITS,
+    TWO_BIT_MSE_MIN_BUDGET,
 )
 from cora_kernels.packing import SUPPORTED_BITS as PACKED_BITS
 
@@ -217,10 +218,12 @@ def test_copy_and_pickle_round_trip():
     assert pickle.loads(pickle.dumps(c)).iterations == 7
 
 
-def test_auto_range_is_minmax_for_2_bit_gptq_without_adapters_only():
+def test_auto_range_is_minmax_for_2_bit_gptq_below_the_adapter_budget_threshold_only():
     q = QuantizerConfig()
     assert q.range_method == "auto"
-    assert [q.range_for(b, adapters=False) for b in (2, 3, 4, 8)] == ["minmax", "mse", "mse", "mse"]
+    assert [q.range_for(b, adapter_budget=0.0) for b in (2, 3, 4, 8)] == ["minmax", "mse", "mse", "mse"]
+    assert [q.range_for(b, adapter_budget=0.025) for b in (2, 3, 4, 8)] == ["minmax", "mse", "mse", "mse"]
+    assert [q.range_for(b, adapter_budget=TWO_BIT_MSE_MIN_BUDGET) for b in (2, 3, 4, 8)] == ["mse"] * 4
     assert [q.range_for(b) for b in (2, 3, 4, 8)] == ["mse"] * 4
-    assert QuantizerConfig(rounding="nearest").range_for(2, adapters=False) == "mse"
-    assert QuantizerConfig(range_method="std").range_for(2, adapters=False) == "std"  # an explicit choice is kept
+    assert QuantizerConfig(rounding="nearest").range_for(2, adapter_budget=0.0) == "mse"
+    assert QuantizerConfig(range_method="std").range_for(2, adapter_budget=0.0) == "std"  # an explicit choice is kept
