@@ -2,8 +2,8 @@
 
 After :func:`cora.convert` a ResNet block still runs conv -> BN -> ReLU -> conv -> BN -> add -> ReLU
 as separate steps.  :func:`deploy` rewrites the model so that every ``CoRaConv2d`` directly followed
-by a ``BatchNorm2d`` becomes one :class:`DeployedConv`, a single ``cora::conv2d`` call whose epilogue
-applies the BatchNorm, the residual add and the ReLU:
+by a ``BatchNorm2d`` (and/or a residual add, an activation) becomes one :class:`DeployedConv`, a single
+``cora::conv2d`` call whose epilogue applies the BatchNorm, the residual add and the activation:
 
 * ``CifarBasicBlock`` and torchvision ``BasicBlock`` -> :class:`DeployedBasicBlock`
   (two launches, plus the shortcut: a folded 1x1 conv+BN ``downsample`` or the parameter-free
@@ -11,8 +11,9 @@ applies the BatchNorm, the residual add and the ReLU:
 * torchvision ``Bottleneck`` -> :class:`DeployedBottleneck` (three launches plus the shortcut);
 * the stem ``conv1``/``bn1`` (+ReLU) of ``CifarResNet`` and torchvision ``ResNet``;
 * then, anywhere else, ``CoRaConv2d [-> BatchNorm2d] [-> + residual] [-> activation]`` chains found in
-  the model's ``torch.fx`` graph (:mod:`cora.fusion`; activations ReLU, ReLU6, SiLU, Hardswish, GELU, Sigmoid, Hardsigmoid):
-  MobileNet / EfficientNet inverted-residual blocks, RepVGG-style and unknown blocks alike;
+  the model's ``torch.fx`` graph (:mod:`cora.fusion`; activations ReLU, ReLU6, SiLU, Hardswish, GELU,
+  Sigmoid, Hardsigmoid): MobileNet / EfficientNet inverted-residual blocks, RepVGG-style and unknown
+  blocks alike;
 * for a model ``torch.fx`` cannot trace, ``CoRaConv2d -> BatchNorm2d (-> activation)`` and
   ``CoRaConv2d -> activation`` runs inside an ``nn.Sequential`` (the folded BN and fused activation
   become ``nn.Identity`` so indices and names stay).
