@@ -16,12 +16,16 @@ otherwise:
 
 each step optional, becomes one :class:`~cora.deploy.DeployedConv` call. That is the epilogue's own
 order, ``act((conv + adapter + bias) * bn_scale + bn_shift + residual)``; any other order (an
-activation before the add, a BatchNorm subclass that applies its own activation, a value used twice)
-stops the match there, so nothing is ever fused that the epilogue would compute differently.
+activation before the add, a BatchNorm subclass other than timm's that applies its own activation, a
+value used twice, a conv called twice) stops the match there, so nothing is ever fused that the
+epilogue would compute differently. Eval-mode identities (``nn.Identity``, dropout, torchvision's
+stochastic depth) between the steps are passed over.
 
-The result is a ``torch.fx.GraphModule`` with the same submodule names (the fused conv's name now
-holds the :class:`~cora.deploy.DeployedConv`); a model with nothing to fuse, or that ``torch.fx``
-cannot trace (data-dependent control flow), is returned unchanged.
+Chains of modules alone (no add, module activations) are fused in place: the model keeps its class, the
+conv's name holds the :class:`~cora.deploy.DeployedConv` and the BatchNorm's and activation's an
+``nn.Identity``. Any other chain needs the forward changed: the result is then a
+``torch.fx.GraphModule`` with the same submodule names. A model with nothing to fuse, or that
+``torch.fx`` cannot trace (data-dependent control flow), is returned unchanged.
 """
 from __future__ import annotations
 
