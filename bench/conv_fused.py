@@ -120,12 +120,7 @@ def profile_host(shape, bits: int, calls: int, dev) -> None:
     x = torch.randn(1, c_in, h, h, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     kw = dict(bits=bits, kernel_size=k, stride=s, padding=p, dilation=1)
     cora_conv2d(x, planes, scale, zero, a, b, bias, **kw)  # tuned before profiling
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        cora_conv2d(x, planes, scale, zero, a, b, bias, **kw)
-    host = (time.perf_counter() - t) / calls * 1e6
-    torch.cuda.synchronize()
+    host = host_time_us(lambda: cora_conv2d(x, planes, scale, zero, a, b, bias, **kw), calls)
     print(f"\nhost time per eager call through cora_conv2d, C_in={c_in} C_out={c_out} k={k} H={h}: {host:.1f} us")
     prof = cProfile.Profile()
     prof.enable()

@@ -79,15 +79,6 @@ def _foldable(bn) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.running_mean is not None and bn.running_var is not None
 
 
-def _activation_name(m) -> str | None:
-    """The op's name for an activation module the epilogue computes exactly (exact types: a subclass's forward
-    may differ), else None."""
-    from .fusion import ACTIVATION_MODULES
-
-    name = ACTIVATION_MODULES.get(type(m))
-    return None if name == "gelu" and m.approximate != "none" else name
-
-
 class DeployedConv(nn.Module):
     """One ``cora::conv2d`` launch: ``act((conv(x) + adapter(x) + bias) * out_scale + out_shift + residual)``.
 
@@ -95,16 +86,18 @@ class DeployedConv(nn.Module):
     and bias are used as stored; ``bn`` (optional, eval statistics) is folded into fp32
     ``out_scale``/``out_shift`` ``[C_out]``; ``activation`` (one of :data:`cora_kernels.ACTIVATIONS`, or
     None; ``relu=True`` is ``activation="relu"``) is applied last.  Input ``[N, C_in, H, W]``
-    (float32/float16/bfloat16, NCHW or channels_last); ``residual`` ``[N, C_out, OH, OW]`` or None; a
-    residual of another shape (a broadcasting add found by tracing) is added outside the kernel, before
-    the activation, so the result is what the unfused model computes.
+    (float32/float16/bfloat16, NCHW or channels_last); ``residual`` ``[N, C_out, OH, OW]`` or None.
+    ``check_residual`` (set for adds found by tracing, whose shapes are not known in advance): a residual
+    of another shape (a broadcasting add) is added outside the kernel, before the activation, so the
+    result is what the unfused model computes; the typed blocks' residuals always fit and skip the check.
     Non-zero padding modes and asymmetric ``'same'`` padding are applied to the input first, as
     :meth:`CoRaConv2d.op_forward` (which builds the op's arguments) does.  ``backend``: as for
     :class:`CoRaConv2d` (None: the conv's, then ``CORA_BACKEND``).  Inference only (no autograd).
     """
 
     def __init__(self, conv: CoRaConv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False,
-                 backend: Backend | str | None = None, activation: str | None = None) -> None:
+                 backend: Backend | str | None = None, activation: str | None = None,
+                 check_residual: bool = False) -> None:
         super().__init__()
         if not isinstance(conv, CoRaConv2d):
             raise TypeError(f"DeployedConv wraps a CoRaConv2d, got {type(conv).__name__}")
@@ -115,6 +108,7 @@ class DeployedConv(nn.Module):
             raise ValueError(f"activation must be one of {tuple(TORCH_ACTIVATIONS)} or None, got {activation!r}")
         self.conv = conv
         self.activation = activation
+        self.check_residual = bool(check_residual)
         self.backend = None if backend is None else Backend(backend)
         # The op takes the zero point as a floating tensor; uint8 values are exact in float16.
         self.register_buffer("zero_f", conv.zero.detach().to(torch.float16))
@@ -137,7 +131,7 @@ class DeployedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         kw = dict(zero=self.zero_f, out_scale=self.out_scale, out_shift=self.out_shift, backend=self.backend)
-        if residual is None or self._fits(x, residual):
+        if residual is None or not self.check_residual or self._fits(x, residual):
             return self.conv.op_forward(x, residual=residual, activation=self.activation, **kw)
         y = self.conv.op_forward(x, **kw) + residual
         return y if self.activation is None else TORCH_ACTIVATIONS[self.activation](y)
@@ -146,12 +140,12 @@ class DeployedConv(nn.Module):
         """Whether the kernel can add ``residual``: a floating tensor of exactly the output's shape on x's device."""
         if not isinstance(residual, torch.Tensor) or not residual.is_floating_point() or residual.device != x.device:
             return False
-        from cora_kernels.geometry import conv_output_size
-
         c = self.conv
-        xp, pad = c._padded_input(x)
-        oh, ow = conv_output_size(xp.shape[2], xp.shape[3], c.kernel_size, c.stride, pad, c.dilation)
-        return tuple(residual.shape) == (xp.shape[0], c.out_channels, oh, ow)
+        left, right, top, bottom = c._pad_lrtb  # the padding in full, wherever it is applied (no copy here)
+        (kh, kw), (sh, sw), (dh, dw) = c.kernel_size, c.stride, c.dilation
+        oh = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        ow = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+        return tuple(residual.shape) == (x.shape[0], c.out_channels, oh, ow)
 
     def extra_repr(self) -> str:
         return f"bn_folded={self.has_bn}, activation={self.activation}"
@@ -246,7 +240,9 @@ def _deploy_stem(model: nn.Module, stats: dict) -> None:
 
 
 def _deploy_sequential(seq: nn.Sequential, stats: dict) -> None:
-    """Fuse ``CoRaConv2d -> BatchNorm2d (-> ReLU)`` and ``CoRaConv2d -> ReLU`` runs in place."""
+    """Fuse ``CoRaConv2d -> BatchNorm2d (-> activation)`` and ``CoRaConv2d -> activation`` runs in place."""
+    from .fusion import module_activation  # fusion imports this module
+
     keys = list(seq._modules)
     i = 0
     while i < len(keys):
@@ -259,7 +255,7 @@ def _deploy_sequential(seq: nn.Sequential, stats: dict) -> None:
         if j < len(keys) and _foldable(seq._modules[keys[j]]):
             bn = seq._modules[keys[j]]
             j += 1
-        act = _activation_name(seq._modules[keys[j]]) if j < len(keys) else None
+        act = module_activation(seq._modules[keys[j]]) if j < len(keys) else None
         if bn is None and act is None:
             i += 1
             continue

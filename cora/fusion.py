@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .modules import CoRaConv2d, QuantLinear
 
-__all__ = ["ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS", "FusionPlan", "fuse_traced"]
+__all__ = ["ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS", "FusionPlan", "fuse_traced", "module_activation"]
 
 # module type (exact) -> the op's activation name
 ACTIVATION_MODULES: dict[type, str] = {
@@ -91,6 +91,13 @@ class _Tracer(fx.Tracer):
         return isinstance(m, leaves) or timm_bn or super().is_leaf_module(m, qualname)
 
 
+def module_activation(m) -> str | None:
+    """The op's name for an activation module the epilogue computes exactly (exact types: a subclass's forward
+    may differ; GELU only in its exact erf form), else None."""
+    name = ACTIVATION_MODULES.get(type(m))
+    return None if name == "gelu" and m.approximate != "none" else name
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -99,10 +106,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 def _activation(node: fx.Node, modules: dict[str, nn.Module], value: fx.Node) -> str | None:
     """The op's name for ``node`` when it is a supported activation applied to ``value`` alone."""
     if node.op == "call_module":
-        m = modules.get(node.target)
-        name = ACTIVATION_MODULES.get(type(m))
-        if name == "gelu" and m.approximate != "none":
-            return None
+        name = module_activation(modules.get(node.target))
         return name if name and node.args == (value,) and not node.kwargs else None
     if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
         name = ACTIVATION_FUNCTIONS[node.target]
@@ -130,10 +134,7 @@ def _timm_bn_act(m) -> str | None:
         return None
     if not (type(m.drop) is nn.Identity or (isinstance(m.drop, nn.modules.dropout._DropoutNd) and not m.drop.training)):
         return None
-    if type(m.act) is nn.Identity:
-        return ""
-    name = ACTIVATION_MODULES.get(type(m.act))
-    return None if name == "gelu" and m.act.approximate != "none" else name
+    return "" if type(m.act) is nn.Identity else module_activation(m.act)
 
 
 def _identity(node: fx.Node, modules: dict[str, nn.Module], value: fx.Node) -> bool:
@@ -276,7 +277,8 @@ def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
     for plan in plan_fusions(gm):
         conv = gm.get_submodule(plan.conv.target)
         bn = gm.get_submodule(plan.bn.target) if plan.bn is not None else None
-        _set_submodule(gm, plan.conv.target, DeployedConv(conv, bn, activation=plan.activation))
+        _set_submodule(gm, plan.conv.target, DeployedConv(conv, bn, activation=plan.activation,
+                                                          check_residual=plan.residual is not None))
         if plan.residual is not None:
             plan.conv.kwargs = {"residual": fused_into.get(plan.residual, plan.residual)}
         plan.tail.replace_all_uses_with(plan.conv)

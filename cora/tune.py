@@ -55,63 +55,54 @@ def _fake_int8(w: torch.Tensor) -> torch.Tensor:
     return w + (dequantize_adapter(q, s).reshape(w.shape) - w).detach()
 
 
-class _TrainableAdapterConv(nn.Module):
-    """Stand-in for a ``CoRaConv2d`` during tuning: frozen ``Q(W)`` and bias, float32 ``A``/``B`` parameters.
+class _TrainableAdapter(nn.Module):
+    """What both stand-ins share: the layer, its frozen dequantized weight ``weight_q`` and bias ``bias_f``
+    (float32), the float32 masters ``a`` / ``b`` of its adapter (:func:`adapter_factors`: the stored adapters
+    may be float16, which would lose the small updates), and :meth:`write_back`."""
 
-    ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]`` are float32 masters (the stored adapters
-    may be float16, which would lose the small updates); like ``CoRaConv2d.reference_forward`` the
-    conv runs in the input's dtype, so a half-precision model keeps its dtypes between layers. For an
-    int8 layer the forward uses the masters rounded to int8 (:func:`_fake_int8`).
-    """
-
-    def __init__(self, layer: CoRaConv2d) -> None:
+    def __init__(self, layer: CoRaConv2d | QuantLinear) -> None:
         super().__init__()
         self.layer = layer
         self.register_buffer("weight_q", layer.dequantized_weight().float())
-        a, b = layer.adapter_conv_weights()
+        a, b = adapter_factors(layer)
         self.a = nn.Parameter(a.detach().float().clone())
         self.b = nn.Parameter(b.detach().float().clone())
         self.register_buffer("bias_f", None if layer.bias is None else layer.bias.detach().float())
+
+    def _terms(self, dt: torch.dtype):
+        """Bias and masters in ``dt`` (int8 layers: the masters rounded as :func:`_fake_int8` does)."""
+        bias = None if self.bias_f is None else self.bias_f.to(dt)
+        a, b = (_fake_int8(self.a), _fake_int8(self.b)) if self.layer.adapter_int8 else (self.a, self.b)
+        return bias, a.to(dt), b.to(dt)
+
+    def write_back(self) -> CoRaConv2d | QuantLinear:
+        """Store the trained factors in the layer (its storage dtype; int8 rounds them again) and return it."""
+        self.layer.set_adapter(self.a.detach(), self.b.detach())
+        return self.layer
+
+
+class _TrainableAdapterConv(_TrainableAdapter):
+    """Stand-in for a ``CoRaConv2d`` during tuning: frozen ``Q(W)`` and bias, float32 ``A``/``B`` parameters.
+
+    ``A`` ``[r, C_in, kh, kw]`` and ``B`` ``[C_out, r, 1, 1]``; like ``CoRaConv2d.reference_forward`` the
+    conv runs in the input's dtype, so a half-precision model keeps its dtypes between layers.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lay, dt = self.layer, x.dtype
         x, pad = lay._padded_input(x)
-        bias = None if self.bias_f is None else self.bias_f.to(dt)
+        bias, a, b = self._terms(dt)
         y = F.conv2d(x, self.weight_q.to(dt), bias, lay.stride, pad, lay.dilation, lay.groups)
-        a, b = (_fake_int8(self.a), _fake_int8(self.b)) if lay.adapter_int8 else (self.a, self.b)
-        return y + F.conv2d(F.conv2d(x, a.to(dt), None, lay.stride, pad, lay.dilation), b.to(dt))
-
-    def write_back(self) -> CoRaConv2d:
-        """Store the trained factors in the layer (its storage dtype; int8 rounds them again) and return it."""
-        self.layer.set_adapter(self.a.detach(), self.b.detach())
-        return self.layer
+        return y + F.conv2d(F.conv2d(x, a, None, lay.stride, pad, lay.dilation), b)
 
 
-class _TrainableAdapterLinear(nn.Module):
+class _TrainableAdapterLinear(_TrainableAdapter):
     """Stand-in for a ``QuantLinear`` during tuning: frozen ``Q(W)`` and bias, float32 ``A`` ``[r, in]`` /
-    ``B`` ``[out, r]`` masters; ``linear(x; Q) + linear(linear(x; A); B) + bias`` in the input's dtype
-    (int8 layers: masters rounded as :func:`_fake_int8` does)."""
-
-    def __init__(self, layer: QuantLinear) -> None:
-        super().__init__()
-        self.layer = layer
-        self.register_buffer("weight_q", layer.dequantized_weight().float())
-        a, b = layer.adapter_weights()
-        self.a = nn.Parameter(a.detach().float().clone())
-        self.b = nn.Parameter(b.detach().float().clone())
-        self.register_buffer("bias_f", None if layer.bias is None else layer.bias.detach().float())
+    ``B`` ``[out, r]`` masters; ``linear(x; Q) + linear(linear(x; A); B) + bias`` in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        bias = None if self.bias_f is None else self.bias_f.to(dt)
-        y = F.linear(x, self.weight_q.to(dt), bias)
-        a, b = (_fake_int8(self.a), _fake_int8(self.b)) if self.layer.adapter_int8 else (self.a, self.b)
-        return y + F.linear(F.linear(x, a.to(dt)), b.to(dt))
-
-    def write_back(self) -> QuantLinear:
-        """Store the trained factors in the layer (its storage dtype; int8 rounds them again) and return it."""
-        self.layer.set_adapter(self.a.detach(), self.b.detach())
-        return self.layer
+        bias, a, b = self._terms(x.dtype)
+        return F.linear(x, self.weight_q.to(x.dtype), bias) + F.linear(F.linear(x, a), b)
 
 
 def trainable_adapter(layer: CoRaConv2d | QuantLinear) -> nn.Module:

@@ -8,7 +8,7 @@ from cora.budget import AdaptedLayer
 from cora.quantizer import compute_qparams, fake_quantize
 from cora.residual import ResidualFactors, factorize_residual, full_rank
 
-__all__ = ["randomise_bn", "fake_adapted_layer", "ToyCNN", "toy_setup"]
+__all__ = ["randomise_bn", "fake_adapted_layer", "ToyCNN", "toy_setup", "compile_fullgraph"]
 
 
 def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
@@ -71,3 +71,19 @@ def toy_setup(seed=0, n=64, bits=2):
         layers.append(AdaptedLayer(name, qw, factorize_residual(w - qw, method="weight")))
     conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
     return model, layers, x, y, conv_params
+
+
+def compile_fullgraph(model: nn.Module, x: torch.Tensor):
+    """``model(x)`` eager and through ``torch.compile(fullgraph=True)`` with a recording backend (no grad):
+    ``(eager, compiled, graphs)``, ``graphs`` the FX graphs dynamo handed to the backend."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(x)
+    return eager, compiled, graphs

@@ -12,7 +12,7 @@ import cora
 from cora.deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv, deploy, warmup, weight_bytes
 from cora.experiments.cifar_resnet import CifarBasicBlock
 from cora.experiments.models import cifar_resnet
-from tests.helpers import randomise_bn
+from tests.helpers import compile_fullgraph, randomise_bn
 from tests.tolerances import assert_close_rel
 
 tv_resnet = pytest.importorskip("torchvision.models.resnet")
@@ -209,18 +209,7 @@ def test_int8_adapter_resnet_deploy_matches(bits, monkeypatch):
 
 def test_torch_compile_fullgraph_one_op_per_conv(resnet8, monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "reference")
-    torch._dynamo.reset()
-    dep = deploy(resnet8)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        eager = dep(x)
-        compiled = torch.compile(dep, fullgraph=True, backend=backend)(x)
+    eager, compiled, graphs = compile_fullgraph(deploy(resnet8), torch.randn(2, 3, 32, 32))
     assert_close_rel(compiled, eager, torch.float32)
     assert len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]

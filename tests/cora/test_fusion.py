@@ -11,7 +11,7 @@ import cora
 from cora.deploy import DeployedConv, deploy
 from cora.fusion import ACTIVATION_MODULES
 from tests.cora.test_deploy import _count
-from tests.helpers import randomise_bn
+from tests.helpers import compile_fullgraph, randomise_bn
 from tests.tolerances import assert_close_rel
 
 torch.set_num_threads(1)
@@ -222,19 +222,8 @@ def test_traced_deploy_compiles_fullgraph_one_op_per_conv(monkeypatch):
     """The GraphModule deploy returns for inverted-residual blocks compiles as one graph: one cora::conv2d per
     conv (the activation and residual inside it), no BatchNorm, activation or add left."""
     monkeypatch.setenv("CORA_BACKEND", "reference")
-    torch._dynamo.reset()
     model = _convert(nn.Sequential(InvertedResidual(4, nn.SiLU()), InvertedResidual(4, nn.Hardswish())), seed=17)
-    dep = deploy(model)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    x = torch.randn(2, 4, 6, 6)
-    with torch.no_grad():
-        eager = dep(x)
-        compiled = torch.compile(dep, fullgraph=True, backend=backend)(x)
+    eager, compiled, graphs = compile_fullgraph(deploy(model), torch.randn(2, 4, 6, 6))
     assert_close_rel(compiled, eager, torch.float32)
     assert len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
