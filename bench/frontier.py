@@ -5,7 +5,7 @@ the function behind ``python -m cora quantize MODEL --bits B --budget F [--no-la
 config: our defaults, seed 0, 250 search / tuning iterations), evaluated on the 10,000 shared test images.
 Budget 0 means no adapters: ``--method none`` (the config's budget must be in (0, 1], and ``none``
 ignores it). ``labels`` no is ``--no-labels``: the conversion gets the calibration images only (auto then
-means uniform ranks, and block reconstruction of the adapters at 2 bits, no tuning above); yes: ranks
+means uniform ranks, and block reconstruction of the adapters and BatchNorms up to 3 bits, budget 0 included, no tuning above); yes: ranks
 searched by CE and adapters tuned by CE on the labels.
 At budget 0 the labels are not used by the base quantizer, so the two points of a bit width coincide.
 

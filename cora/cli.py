@@ -199,9 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--iters", type=_positive_int, default=250, help="search iterations (default 250)")
     q.add_argument("--tune-iters", type=_nonnegative_int, default=None,
                    help="adapter tuning iterations after the ranks are fixed (default 250; 0: off; --paper: 0)")
+    q.add_argument("--tune-lr", type=_positive_float, default=None,
+                   help="adapter tuning learning rate (default 1e-3; 3e-3 for the label-free block reconstruction)")
     q.add_argument("--tune-loss", choices=("auto",) + TUNE_LOSSES, default=None,
                    help="adapter tuning loss (default auto: ce with the calibration labels; without them blocks,"
-                        " the label-free block reconstruction, at 2 bits and no tuning above)")
+                        " the label-free block reconstruction, up to 3 bits, and no tuning above)")
+    q.add_argument("--no-tune-norms", action="store_true",
+                   help="the block reconstruction fits the adapters only (default: the BatchNorm scale and shift too)")
     q.add_argument("--bn-reestimate", action="store_true",
                    help="re-estimate BatchNorm statistics on the calibration images (default: keep the float model's)")
     q.add_argument("--seed", type=_seed, default=0)
@@ -313,6 +317,10 @@ def _config(args):
     )
     if args.tune_iters is not None:
         overrides["tune_iterations"] = args.tune_iters
+    if args.tune_lr is not None:
+        overrides["tune_lr"] = args.tune_lr
+    if args.no_tune_norms:
+        overrides["tune_norms"] = False
     for key in ("method", "loss", "factorization", "rounding", "range_method", "tune_loss", "adapter_dtype"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)

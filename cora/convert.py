@@ -428,7 +428,9 @@ def tune_layers(
     conversion itself does not fail).
     """
     t = config.tune
-    if config.method == "none" or not t.iterations or not any(ranks.ranks.values()):
+    adapters = config.method != "none" and any(ranks.ranks.values())
+    norms_only = t.loss == "blocks" and t.norms  # the block reconstruction fits BatchNorms without adapters too
+    if not t.iterations or not (adapters or norms_only):
         return TuneOutcome()
     loss, note = t.loss, None
     if loss == "blocks":
@@ -436,9 +438,12 @@ def tune_layers(
         if chain is not None:
             rep = reconstruct_blocks(
                 output, float_model, chain, data.images, iterations=t.iterations, lr=t.lr, batch_size=t.batch_size,
-                seed=config.seed, progress=config.progress,
+                norms=t.norms, seed=config.seed, progress=config.progress,
             )
             return TuneOutcome("blocks", rep.iterations, rep.seconds)
+        if not adapters:
+            return TuneOutcome(warning="block reconstruction needs a model torch.fx can trace exactly; "
+                                       "with no adapters there was nothing else to tune")
         loss = "kl"
         note = "block reconstruction needs a model torch.fx can trace exactly; the adapters were tuned end to end (kl)"
     try:
@@ -532,11 +537,14 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         # P: before anything is replaced (inplace=True); linear weights count only where linears are quantized
         weight_params = budget_weight_count(float_model, linear=config.quantize_linear)
         float_logits = _FloatLogits(float_model, data, config.output)
+        # the block reconstruction runs the float model beside the converted one: in place, keep a float copy
+        blocks = config.tune.loss == "blocks" and config.tune.iterations > 0
+        reference = copy.deepcopy(float_model) if blocks and output is float_model else float_model
 
         base = quantize_base(float_model, output, layers, data, config, weight_params)
         ranks = choose_ranks(float_model, base, data, config, float_logits, weight_params)
         storage = build_layers(float_model, output, layers, base, ranks, data, config)
-        tuning = tune_layers(float_model, output, base, ranks, data, config, float_logits)
+        tuning = tune_layers(reference, output, base, ranks, data, config, float_logits)
     for name, p in model.named_parameters():
         p.requires_grad_(grads[name])
     if dtype != torch.float32:

@@ -11,7 +11,11 @@ applied to the adapters; the integer codes are not touched). The blocks come fro
 so any traceable architecture works; each block's nonlinearities and residual adds are part of what
 its adapters are fitted through, which a layer-wise fit cannot see.
 
-Only ``A`` and ``B`` move, ranks (hence the budget) stay, BatchNorm runs in eval mode.
+With ``norms`` the scale and shift of every affine BatchNorm the block calls are fitted too (a
+per-channel correction of the quantized layer's output: float parameters the model has anyway, so
+they cost no storage and deploy folds them into the conv as before), and blocks are cut at every
+quantized layer, so a model without adapters (budget 0) is reconstructed as well. Ranks (hence the
+budget) stay, the integer codes stay, BatchNorm runs in eval mode (its running statistics stay).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from ._modules_util import kept_modes, set_submodule
 from .graph import StageChain
 from .progress import progress_bar
+from .modules import CoRaConv2d, QuantLinear
 from .tune import adapted_layers, trainable_adapter
 
 __all__ = ["ReconstructReport", "reconstruct_blocks", "adapter_blocks"]
@@ -34,11 +39,12 @@ __all__ = ["ReconstructReport", "reconstruct_blocks", "adapter_blocks"]
 
 @dataclass
 class ReconstructReport:
-    blocks: int  # blocks whose adapters were fitted
+    blocks: int  # blocks whose adapters (or BatchNorms) were fitted
     iterations: int  # optimizer steps in all
     first_loss: float  # mean block loss (relative to the float block output's mean square) before fitting
     last_loss: float  # the same after
     seconds: float
+    norms: int = 0  # BatchNorm layers whose scale and shift were fitted (and kept)
 
 
 def adapter_blocks(chain: StageChain, adapted: set[str]) -> list[tuple[list[int], list[str]]]:
@@ -80,6 +86,7 @@ def reconstruct_blocks(
     iterations: int = 200,
     lr: float = 1e-3,
     batch_size: int = 32,
+    norms: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> ReconstructReport:
@@ -88,30 +95,51 @@ def reconstruct_blocks(
     ``chain``: the stages of the float model (:func:`cora.graph.trace_stages`), run on both models by
     module name. ``images``: ``[N, C, H, W]`` calibration images on the models' device (no labels);
     both models' block inputs are kept for all of them. Per block, ``iterations`` Adam steps on
-    ``batch_size`` images drawn with ``seed`` (a private generator), cosine learning-rate decay. A
-    block whose loss ends higher than it started keeps its adapters as they were.
+    ``batch_size`` images drawn with ``seed`` (a private generator), cosine learning-rate decay.
+    ``norms``: fit the BatchNorm scale and shift of each block as well (same learning rate), blocks
+    cut at every quantized layer. A block whose loss ends higher than it started keeps its adapters
+    (and BatchNorms) as they were. ``model``'s BatchNorms must be its own, not ``float_model``'s.
     """
     adapted = set(adapted_layers(model))
-    blocks = adapter_blocks(chain, adapted)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, (CoRaConv2d, QuantLinear))}
+    blocks = adapter_blocks(chain, quantized if norms else adapted)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    first, last, steps, fitted = [], [], 0, 0
+    first, last, steps, fitted, fitted_norms = [], [], 0, 0, 0
     x_f = x_q = images
     eval_batch = max(batch_size, 100)
     with kept_modes(model, float_model, train=False), progress_bar(len(blocks), "reconstruct", progress) as bar:
         for stages, names in blocks:
             target = _run_all(chain, float_model, stages, x_f, eval_batch)
-            if names:
-                before, after = _fit_block(model, chain, stages, names, x_q, target, iterations, lr, batch_size, gen)
+            names = [n for n in names if n in adapted]
+            block_norms = _block_norms(chain, model, stages) if norms else {}
+            if names or block_norms:
+                before, after, x_next = _fit_block(
+                    model, chain, stages, names, block_norms, x_q, target, iterations, lr, batch_size, gen, eval_batch
+                )
                 first.append(before)
                 last.append(after)
                 steps += iterations
                 fitted += 1
-            x_q = _run_all(chain, model, stages, x_q, eval_batch)
-            x_f = target
+                fitted_norms += len(block_norms) if after < before else 0
+            else:
+                x_next = _run_all(chain, model, stages, x_q, eval_batch)
+            x_q, x_f = x_next, target
             bar.update(1)
     mean = (lambda v: sum(v) / len(v)) if first else (lambda v: math.nan)
-    return ReconstructReport(fitted, steps, mean(first), mean(last), time.perf_counter() - t0)
+    return ReconstructReport(fitted, steps, mean(first), mean(last), time.perf_counter() - t0, fitted_norms)
+
+
+def _block_norms(chain: StageChain, model: nn.Module, stages: list[int]) -> dict[str, nn.Module]:
+    """The affine BatchNorm modules (by name) that the block's stages call in ``model``."""
+    found = {}
+    for k in stages:
+        for node in chain.stages[k]:
+            if node.op == "call_module":
+                m = model.get_submodule(node.target)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                    found[node.target] = m
+    return found
 
 
 def _block_loss(chain, model, stages, x, target) -> torch.Tensor:
@@ -130,12 +158,23 @@ def _loss_on_all(chain, model, stages, xs, target, batch_size: int = 100) -> flo
     return err / max(ref, 1e-300)
 
 
-def _fit_block(model, chain, stages, names, x_q, target, iterations, lr, batch_size, gen) -> tuple[float, float]:
-    """Train the adapters of ``names`` on one block; returns the block loss on all images before and after."""
+def _relative_error(y: torch.Tensor, target: torch.Tensor) -> float:
+    return float((y - target).double().pow(2).sum()) / max(float(target.double().pow(2).sum()), 1e-300)
+
+
+def _fit_block(
+    model, chain, stages, names, norms, x_q, target, iterations, lr, batch_size, gen, eval_batch
+) -> tuple[float, float, torch.Tensor]:
+    """Train the adapters of ``names`` (and the BatchNorms ``norms``) on one block.
+
+    Returns the block loss on all images before and after, and the block's output on all of ``x_q``
+    as kept (the next block's input; computing the loss from it saves a pass over the images).
+    """
     n = x_q.shape[0]
-    before = _loss_on_all(chain, model, stages, x_q, target)
+    before = _loss_on_all(chain, model, stages, x_q, target, eval_batch)
     frozen = {p: p.requires_grad for p in model.parameters()}
-    saved = {name: copy.deepcopy(model.get_submodule(name)) for name in names}  # small: codes and adapters
+    # small: codes, adapters and per-channel BatchNorm vectors
+    saved = {name: copy.deepcopy(model.get_submodule(name)) for name in [*names, *norms]}
     wrappers = {name: trainable_adapter(model.get_submodule(name)) for name in names}
     try:
         for p in frozen:
@@ -143,6 +182,9 @@ def _fit_block(model, chain, stages, names, x_q, target, iterations, lr, batch_s
         for name, w in wrappers.items():
             set_submodule(model, name, w)
         params = [p for w in wrappers.values() for p in (w.a, w.b)]
+        params += [p for m in norms.values() for p in (m.weight, m.bias)]
+        for p in params:
+            p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iterations))
         for _ in range(iterations):
@@ -157,9 +199,11 @@ def _fit_block(model, chain, stages, names, x_q, target, iterations, lr, batch_s
             set_submodule(model, name, w.write_back())
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    after = _loss_on_all(chain, model, stages, x_q, target)
+    out = _run_all(chain, model, stages, x_q, eval_batch)
+    after = _relative_error(out, target)
     if not math.isfinite(after) or after > before:  # never leave a block worse than it came
         for name, layer in saved.items():
             set_submodule(model, name, layer)
+        out = _run_all(chain, model, stages, x_q, eval_batch)
         after = before
-    return before, after
+    return before, after, out

@@ -127,6 +127,7 @@ BAD = {
     "tune_iters_neg": (lambda r, t: ["quantize", "cifar_resnet20", "--tune-iters", "-1"], "--tune-iters"),
     "tune_iters_text": (lambda r, t: ["quantize", "cifar_resnet20", "--tune-iters", "x"], "--tune-iters"),
     "tune_loss_bad": (lambda r, t: ["quantize", "cifar_resnet20", "--tune-loss", "mse"], "--tune-loss"),
+    "tune_lr_zero": (lambda r, t: ["quantize", "cifar_resnet20", "--tune-lr", "0"], "--tune-lr"),
     "bad_method": (lambda r, t: ["quantize", "cifar_resnet20", "--method", "magic"], "magic"),
     "seed_neg": (lambda r, t: ["quantize", "cifar_resnet20", "--seed", "-1"], "--seed"),
     "seed_huge": (lambda r, t: _q("--seed", str(2**64)), "--seed"),
@@ -498,6 +499,16 @@ def test_old_method_names_still_work_with_a_warning(old, new, capsys):
     assert "deprecated" in err and f"--method {new}" in err
     assert build_parser().parse_args(["quantize", "cifar_resnet20", "--method", new]).method == new
     assert capsys.readouterr().err == ""
+
+
+def test_tuning_options_reach_the_config():
+    from cora.cli import _config, build_parser
+
+    parse = lambda *extra: _config(build_parser().parse_args(["quantize", "cifar_resnet20", *extra]))  # noqa: E731
+    default = parse()
+    assert default.tune.norms is True and default.tune.lr == 1e-3
+    changed = parse("--tune-lr", "0.004", "--no-tune-norms")
+    assert changed.tune.norms is False and changed.tune.lr == 0.004
 
 
 def test_device_cuda_without_a_gpu_is_one_error_line(capsys, monkeypatch):

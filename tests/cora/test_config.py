@@ -57,7 +57,7 @@ ALTERNATIVES = {
     "refine": False,
     "adapter_dtype": "float32", "loss": "kl", "budget_mode": "penalty", "optimizer": "sgd", "iterations": 7,
     "batch_size": 8, "lr": 0.5, "order": 2, "gamma": 2.0, "grad_clip": 0.5, "rho_init": None, "search_bn": "eval",
-    "tune_iterations": 3, "tune_loss": "ce", "tune_lr": 0.1, "tune_batch_size": 8,
+    "tune_iterations": 3, "tune_loss": "ce", "tune_lr": 0.1, "tune_batch_size": 8, "tune_norms": False,
 }
 
 
@@ -133,7 +133,7 @@ def test_resolved_choices_and_label_checks():
     assert (c.resolved(True).method, c.resolved(True).search.loss, c.resolved(True).tune.loss) == ("search", "ce", "ce")
     r = c.resolved(False)
     assert (r.method, r.search.loss, r.tune.loss, r.tune.iterations) == ("uniform", "kl", "kl", 0)
-    for bits in SUPPORTED_BITS:  # label-free: block reconstruction at 2 bits only (what the held-back images chose)
+    for bits in SUPPORTED_BITS:  # label-free: block reconstruction up to 3 bits (what the held-back images chose)
         r = CoRaConfig(bits=bits).resolved(False)
         want = ("blocks", 100, 3e-3) if bits <= LABEL_FREE_BLOCKS_MAX_BITS else ("kl", 0, 1e-3)
         assert (r.tune.loss, r.tune.iterations, r.tune.lr) == want, bits
@@ -189,6 +189,16 @@ def test_from_dict_reads_version_1_flat_dicts():
         c = CoRaConfig.from_dict(old)
     assert c == CoRaConfig(bits=3, method="uniform", loss="kl", tune_iterations=0, tune_loss="kl", layer_bits=(("fc", 8),),
                            range_method="mse")  # what old files recorded stays (the default is now auto)
+
+
+def test_from_dict_of_a_config_written_before_norms_were_tuned_says_they_were_not():
+    d = CoRaConfig(bits=2).to_dict()
+    assert d["tune"]["norms"] is True
+    del d["tune"]["norms"]  # what a checkpoint written before TuneConfig.norms holds
+    assert CoRaConfig.from_dict(d).tune.norms is False
+    assert CoRaConfig(tune_norms=False).tune.norms is False  # the flat alias
+    with pytest.raises((TypeError, ValueError), match="tune_norms"):
+        CoRaConfig(tune_norms="yes")
 
 
 def test_from_dict_rejects_unknown_versions_and_fields():

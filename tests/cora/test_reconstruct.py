@@ -103,9 +103,57 @@ def test_a_block_that_does_not_improve_keeps_its_adapters():
     assert kept  # at least one block rejected its diverged fit
 
 
+def test_norms_fit_batchnorm_scale_and_shift_with_the_adapters():
+    model, q, images = _converted()
+    chain = trace_stages(model, list(q.cora_report.quantized), images[:2])
+    before = copy.deepcopy(q)
+    rep = reconstruct_blocks(q, model, chain, images, iterations=60, lr=3e-3, batch_size=16, norms=True)
+    assert rep.last_loss < rep.first_loss and rep.norms > 0
+    sd_before, sd_after = before.state_dict(), q.state_dict()
+    changed = {k for k, v in sd_before.items() if isinstance(v, torch.Tensor) and not torch.equal(v, sd_after[k])}
+    assert any(k.endswith("bn1.weight") for k in changed) and any(k.endswith("bn1.bias") for k in changed)
+    assert any(".adapter_" in k for k in changed)
+    # the running statistics, the codes and the float model are not touched
+    assert not any(k.endswith(("running_mean", "running_var")) or ".codes" in k for k in changed), changed
+    assert _same_tensors(model, _converted_once()[0])
+
+
+def test_norms_alone_reconstruct_a_model_without_adapters():
+    model, _, images = _converted_once()
+    cfg = _fast(method="none", tune_loss="blocks", tune_iterations=40, tune_lr=3e-3)
+    q = cora.convert(model, images, cfg)
+    plain = cora.convert(model, images, cfg.replace(tune_iterations=0))
+    assert q.cora_report.tune_loss == "blocks" and not any(q.cora_report.ranks.values())
+    assert plain.cora_report.tune_loss is None
+    x = torch.randn(256, 3, 10, 10, generator=torch.Generator().manual_seed(6))  # fresh images
+    with torch.no_grad():
+        ref = model(x)
+        err_plain = (plain(x) - ref).norm() / ref.norm()
+        err_tuned = (q(x) - ref).norm() / ref.norm()
+    assert err_tuned < err_plain
+    off = cora.convert(model, images, cfg.replace(tune_norms=False))  # nothing to fit: norms off, no adapters
+    assert off.cora_report.tune_loss is None
+    assert _same_tensors(off, plain)
+
+
+def test_in_place_conversion_reconstructs_against_the_float_model_too():
+    model, _, images = _converted_once()
+    cfg = _fast(tune_loss="blocks", tune_iterations=10, tune_lr=3e-3)
+    copied = cora.convert(model, images, cfg)
+    in_place = cora.convert(copy.deepcopy(model), images, cfg, inplace=True)
+    assert copied.cora_report.tune_loss == "blocks" and _same_tensors(copied, in_place)
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k, v in sa.items() if isinstance(v, torch.Tensor)]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
 def _fast(**kw) -> cora.CoRaConfig:
-    return cora.CoRaConfig(bits=2, method="uniform", budget=0.2, calib_images=32, rounding="nearest", sequential=False,
-                           refine=False, progress=False, **kw)
+    settings = dict(bits=2, method="uniform", budget=0.2, calib_images=32, rounding="nearest", sequential=False,
+                    refine=False, progress=False)
+    return cora.CoRaConfig(**{**settings, **kw})
 
 
 def test_convert_runs_it_as_the_tuning_phase():
