@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tune-lr", type=_positive_float, default=None,
                    help="adapter tuning learning rate (default 1e-3; 3e-3 for the label-free block reconstruction)")
     q.add_argument("--tune-loss", choices=("auto",) + TUNE_LOSSES, default=None,
-                   help="adapter tuning loss (default auto: ce with the calibration labels; without them blocks,"
-                        " the label-free block reconstruction, up to 3 bits, and no tuning above)")
+                   help="adapter tuning loss (default auto: with the calibration labels ce, at 2 bits blocks+ce, the block"
+                        " reconstruction first; without them blocks, the label-free block reconstruction, up to 3 bits,"
+                        " and no tuning above)")
     q.add_argument("--no-tune-norms", action="store_true",
                    help="the block reconstruction fits the adapters only (default: the BatchNorm scale and shift too)")
     q.add_argument("--bn-reestimate", action="store_true",
@@ -352,7 +353,7 @@ def _table(res: dict) -> str:
     head = f"{res['model']}  ({res['eval_images']} {res['eval_split']} images)"
     lines = [head] + [f"  {k:<{width}}  {v}" for k, v in rows]
     searched_ce = res.get("method") == "search" and res.get("loss") == "ce"
-    if res.get("tune_loss") == "ce" or searched_ce:  # say why the result can beat the float model
+    if res.get("tune_loss") in ("ce", "blocks+ce") or searched_ce:  # say why the result can beat the float model
         lines.append("  note: the calibration labels were used (CE), which also fits the model to the calibration images'\n"
                      "  domain: compare with the same run at --bits 8 rather than with the float model (README, Results)")
     return "\n".join(lines)

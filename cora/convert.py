@@ -35,7 +35,7 @@ import torch.nn as nn
 from ._modules_util import kept_modes, module_modes, set_submodule
 from .budget import AdaptedLayer, adapter_fraction, affordable_rank, budget_shares, budget_weight_count, uniform_ranks
 from .calibration import CalibrationSet, Objective, model_logits
-from .config import CoRaConfig
+from .config import BLOCKS_ITERATIONS, BLOCKS_LR, CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
 from .progress import progress_bar
 from .quantizer import compute_qparams, dequantize, gptq_quantize, prepare_hessian, quantize
@@ -423,39 +423,53 @@ def tune_layers(
 
     ``ce`` / ``kl``: all adapters jointly, end to end (:mod:`cora.tune`). ``blocks``: block by block
     against ``float_model``'s block outputs (:mod:`cora.reconstruct`); a model ``torch.fx`` cannot
-    trace exactly is tuned end to end with ``kl`` instead, with a warning. When the tuning diverges or
+    trace exactly is tuned end to end with ``kl`` instead, with a warning. ``blocks+ce``: the block
+    reconstruction (``BLOCKS_ITERATIONS`` steps per block at ``BLOCKS_LR``), then ``ce`` at the
+    config's steps and rate (``ce`` alone, with a note, when the model cannot be traced). When the tuning diverges or
     its adapters are not finite, the untuned adapters stay and the outcome carries a warning (the
     conversion itself does not fail).
     """
     t = config.tune
     adapters = config.method != "none" and any(ranks.ranks.values())
-    norms_only = t.loss == "blocks" and t.norms  # the block reconstruction fits BatchNorms without adapters too
+    blocks = t.loss in ("blocks", "blocks+ce")
+    norms_only = blocks and t.norms  # the block reconstruction fits BatchNorms without adapters too
     if not t.iterations or not (adapters or norms_only):
         return TuneOutcome()
-    loss, note = t.loss, None
-    if loss == "blocks":
+    loss, note, pre = t.loss, None, None
+    if blocks:
         chain = base.chain or trace_stages(float_model, list(base.weights), data.images[:2])
         if chain is not None:
-            rep = reconstruct_blocks(
-                output, float_model, chain, data.images, iterations=t.iterations, lr=t.lr, batch_size=t.batch_size,
+            # "blocks+ce": the block reconstruction at its own steps and rate first, then cross-entropy
+            iterations, lr = (t.iterations, t.lr) if loss == "blocks" else (BLOCKS_ITERATIONS, BLOCKS_LR)
+            pre = reconstruct_blocks(
+                output, float_model, chain, data.images, iterations=iterations, lr=lr, batch_size=t.batch_size,
                 norms=t.norms, seed=config.seed, progress=config.progress,
             )
-            return TuneOutcome("blocks", rep.iterations, rep.seconds)
-        if not adapters:
+            if loss == "blocks" or not adapters:
+                return TuneOutcome(loss, pre.iterations, pre.seconds)
+        elif not adapters:
             return TuneOutcome(warning="block reconstruction needs a model torch.fx can trace exactly; "
                                        "with no adapters there was nothing else to tune")
-        loss = "kl"
-        note = "block reconstruction needs a model torch.fx can trace exactly; the adapters were tuned end to end (kl)"
+        elif loss == "blocks":
+            loss = "kl"
+            note = "block reconstruction needs a model torch.fx can trace exactly; the adapters were tuned end to end (kl)"
+        else:
+            loss = "ce"
+            note = "block reconstruction needs a model torch.fx can trace exactly; the adapters were tuned end to end (ce) only"
+    end_to_end = "ce" if loss == "blocks+ce" else loss
+    pre_steps, pre_seconds = (pre.iterations, pre.seconds) if pre is not None else (0, 0.0)
     try:
         rep = tune_adapters(
-            output, data.images, float_logits.objective(loss), iterations=t.iterations, lr=t.lr,
+            output, data.images, float_logits.objective(end_to_end), iterations=t.iterations, lr=t.lr,
             batch_size=t.batch_size, seed=config.seed, progress=config.progress,
         )
     except FloatingPointError as exc:
+        if pre is not None:  # the block reconstruction stands
+            return TuneOutcome("blocks", pre_steps, pre_seconds, f"{exc}; the block-reconstructed adapters are kept")
         return TuneOutcome(warning=f"{exc}; the untuned adapters are kept")
     if rep.warning is not None:
-        return TuneOutcome(None, 0, rep.seconds, rep.warning)
-    return TuneOutcome(loss, rep.iterations, rep.seconds, note)
+        return TuneOutcome("blocks" if pre is not None else None, pre_steps, pre_seconds + rep.seconds, rep.warning)
+    return TuneOutcome(loss, pre_steps + rep.iterations, pre_seconds + rep.seconds, note)
 
 
 def make_report(
@@ -570,7 +584,7 @@ def _probe_outputs(float_model: nn.Module, data: CalibrationSet, config: CoRaCon
     out = model_logits(float_model, data.images[:1], output=config.output)
     if out.dim() < 2 or out.shape[0] != 1:
         raise ValueError(f"the model's output must have a batch dimension, [N, classes], got shape {list(out.shape)}")
-    uses_labels = (search and config.search.loss == "ce") or (tuning and config.tune.loss == "ce")
+    uses_labels = (search and config.search.loss == "ce") or (tuning and config.tune.loss in ("ce", "blocks+ce"))
     if uses_labels:
         if out.dim() != 2:
             raise ValueError(

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from cora import AdapterConfig, CoRaConfig, QuantizerConfig, SearchConfig, TuneConfig
 from cora.config import (
-    CONFIG_VERSION, DEPRECATED_METHODS, FLAT_FIELDS, LABEL_FREE_BLOCKS_MAX_BITS, LAYER_DEFAULTS, METHODS, SUPPORTED_BITS,
-    TWO_BIT_MSE_MIN_BUDGET,
+    CONFIG_VERSION, DEPRECATED_METHODS, FLAT_FIELDS, LABEL_FREE_BLOCKS_MAX_BITS, LABELLED_BLOCKS_MAX_BITS, LAYER_DEFAULTS,
+    METHODS, SUPPORTED_BITS, TWO_BIT_MSE_MIN_BUDGET,
 )
 from cora_kernels.packing import SUPPORTED_BITS as PACKED_BITS
 
@@ -131,6 +131,10 @@ def test_new_method_names_do_not_warn():
 def test_resolved_choices_and_label_checks():
     c = CoRaConfig()
     assert (c.resolved(True).method, c.resolved(True).search.loss, c.resolved(True).tune.loss) == ("search", "ce", "ce")
+    for bits in SUPPORTED_BITS:  # labelled: the block reconstruction before the cross-entropy at 2 bits only
+        r = CoRaConfig(bits=bits).resolved(True)
+        assert r.tune.loss == ("blocks+ce" if bits <= LABELLED_BLOCKS_MAX_BITS else "ce"), bits
+        assert (r.tune.iterations, r.tune.lr) == (250, 1e-3)  # the ce phase's; the blocks phase has its own
     r = c.resolved(False)
     assert (r.method, r.search.loss, r.tune.loss, r.tune.iterations) == ("uniform", "kl", "kl", 0)
     for bits in SUPPORTED_BITS:  # label-free: block reconstruction up to 3 bits (what the held-back images chose)
@@ -143,6 +147,8 @@ def test_resolved_choices_and_label_checks():
         CoRaConfig(method="search", loss="ce").resolved(False)
     with pytest.raises(ValueError, match="tune_loss='ce' needs labelled"):
         CoRaConfig(tune_loss="ce").resolved(False)
+    with pytest.raises(ValueError, match="tune_loss='blocks\\+ce' needs labelled"):
+        CoRaConfig(tune_loss="blocks+ce").resolved(False)
     # no adapters: the tuning loss does not matter
     assert CoRaConfig(method="none", tune_loss="ce").resolved(False).method == "none"
     # auto search without labels becomes uniform, so an explicit CE search loss is not an error

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import cora
+from cora.config import BLOCKS_LR
 from cora.graph import trace_stages
 from cora.reconstruct import adapter_blocks, reconstruct_blocks
 from tests.helpers import randomise_bn
@@ -161,6 +163,18 @@ def test_convert_runs_it_as_the_tuning_phase():
     rep = cora.convert(model, images, _fast(tune_loss="blocks", tune_iterations=4)).cora_report
     assert rep.tune_loss == "blocks" and rep.tune_iterations == 4 * 4  # four blocks hold adapters (one the linear head)
     assert not rep.warnings
+
+
+def test_blocks_then_cross_entropy_runs_both_phases(monkeypatch):
+    monkeypatch.setattr(sys.modules["cora.convert"], "BLOCKS_ITERATIONS", 20)  # the blocks phase's own steps, cut short
+    model, _, images = _converted_once()
+    labels = torch.randint(0, 5, (images.shape[0],), generator=torch.Generator().manual_seed(3))
+    q = cora.convert(model, (images, labels), _fast(tune_loss="blocks+ce", tune_iterations=3))
+    rep = q.cora_report
+    # the stem, two residual blocks and the head: 4 blocks of 20 steps, then 3 ce steps
+    assert rep.tune_loss == "blocks+ce" and rep.tune_iterations == 4 * 20 + 3, rep.tune_iterations
+    blocks_only = cora.convert(model, (images, labels), _fast(tune_loss="blocks", tune_iterations=20, tune_lr=BLOCKS_LR))
+    assert not _same_tensors(q, blocks_only)  # the cross-entropy steps moved the adapters further
 
 
 class Untraceable(nn.Module):
