@@ -86,7 +86,10 @@ def test_auto_choices_follow_the_labels(model, data):
     rep = convert(model, (x, y), cfg).cora_report  # labels: ranks searched by CE, adapters tuned by CE
     got = (rep.method, rep.config["search"]["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations)
     assert got == ("search", "ce", "ce", 5, 2)
-    rep = convert(model, x, cfg).cora_report  # no labels: uniform ranks, no tuning (KL showed no reliable gain)
+    rep = convert(model, x, cfg).cora_report  # no labels, 3 bits: uniform ranks, block reconstruction
+    got = (rep.method, rep.config["search"]["loss"], rep.tune_loss, rep.iterations)
+    assert got == ("uniform", "kl", "blocks", 0) and rep.tune_iterations > 0 and rep.tune_iterations % 2 == 0
+    rep = convert(model, x, cfg.replace(bits=4)).cora_report  # 4 bits: no tuning (none showed a reliable gain)
     got = (rep.method, rep.config["search"]["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations)
     assert got == ("uniform", "kl", None, 0, 0)
     assert rep.config["method"] == "uniform" and rep.config["tune"]["iterations"] == 0
