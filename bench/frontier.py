@@ -7,8 +7,8 @@ Budget 0 means no adapters: ``--method none`` (the config's budget must be in (0
 ignores it). ``labels`` no is ``--no-labels``: the conversion gets the calibration images only (auto then
 means uniform ranks, and block reconstruction of the adapters and BatchNorms up to 3 bits, budget 0
 included, no tuning above); yes: ranks searched by CE and adapters tuned by CE on the labels. At budget 0
-the labelled point is the base alone (nothing to search or tune), the label-free one the base plus the
-BatchNorms' block reconstruction.
+both are the base plus the BatchNorms' block reconstruction up to the width where each mode runs it
+(labelled: 2 bits, the first phase of ``blocks+ce``; label-free: 3 bits), the base alone above.
 
 Grid (default): cifar_resnet20 and cifar_resnet32, bits {2, 3, 4} x budget {0, 0.025, 0.05, 0.10} x
 labels {yes, no} = 48 points, plus one W8 control per model and label mode (our defaults at bits 8,

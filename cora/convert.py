@@ -445,8 +445,8 @@ def tune_layers(
                 output, float_model, chain, data.images, iterations=iterations, lr=lr, batch_size=t.batch_size,
                 norms=t.norms, seed=config.seed, progress=config.progress,
             )
-            if loss == "blocks" or not adapters:
-                return TuneOutcome(loss, pre.iterations, pre.seconds)
+            if loss == "blocks" or not adapters:  # without adapters "blocks+ce" has nothing for its ce phase
+                return TuneOutcome("blocks", pre.iterations, pre.seconds)
         elif not adapters:
             return TuneOutcome(warning="block reconstruction needs a model torch.fx can trace exactly; "
                                        "with no adapters there was nothing else to tune")
@@ -552,7 +552,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         weight_params = budget_weight_count(float_model, linear=config.quantize_linear)
         float_logits = _FloatLogits(float_model, data, config.output)
         # the block reconstruction runs the float model beside the converted one: in place, keep a float copy
-        blocks = config.tune.loss == "blocks" and config.tune.iterations > 0
+        blocks = config.tune.loss in ("blocks", "blocks+ce") and config.tune.iterations > 0
         reference = copy.deepcopy(float_model) if blocks and output is float_model else float_model
 
         base = quantize_base(float_model, output, layers, data, config, weight_params)

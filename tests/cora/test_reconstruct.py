@@ -138,12 +138,24 @@ def test_norms_alone_reconstruct_a_model_without_adapters():
     assert _same_tensors(off, plain)
 
 
-def test_in_place_conversion_reconstructs_against_the_float_model_too():
+def test_in_place_conversion_reconstructs_against_the_float_model_too(monkeypatch):
+    monkeypatch.setattr(sys.modules["cora.convert"], "BLOCKS_ITERATIONS", 10)
     model, _, images = _converted_once()
-    cfg = _fast(tune_loss="blocks", tune_iterations=10, tune_lr=3e-3)
-    copied = cora.convert(model, images, cfg)
-    in_place = cora.convert(copy.deepcopy(model), images, cfg, inplace=True)
-    assert copied.cora_report.tune_loss == "blocks" and _same_tensors(copied, in_place)
+    labels = torch.randint(0, 5, (images.shape[0],), generator=torch.Generator().manual_seed(3))
+    for loss, calib in (("blocks", images), ("blocks+ce", (images, labels))):
+        cfg = _fast(tune_loss=loss, tune_iterations=10, tune_lr=3e-3)
+        copied = cora.convert(model, calib, cfg)
+        in_place = cora.convert(copy.deepcopy(model), calib, cfg, inplace=True)
+        assert copied.cora_report.tune_loss == loss and _same_tensors(copied, in_place), loss
+
+
+def test_blocks_then_ce_without_adapters_reports_the_blocks_phase(monkeypatch):
+    monkeypatch.setattr(sys.modules["cora.convert"], "BLOCKS_ITERATIONS", 10)
+    model, _, images = _converted_once()
+    labels = torch.randint(0, 5, (images.shape[0],), generator=torch.Generator().manual_seed(3))
+    rep = cora.convert(model, (images, labels), _fast(method="none", tune_loss="blocks+ce")).cora_report
+    # the stem and the two residual blocks hold BatchNorms; the head has neither a BatchNorm nor an adapter
+    assert rep.tune_loss == "blocks" and rep.tune_iterations == 10 * 3 and not any(rep.ranks.values())
 
 
 def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
