@@ -14,6 +14,7 @@ from cora.calibration import Objective, model_logits
 from cora.config import SearchConfig
 from cora.search import butterworth_mask, search_ranks
 from tests.helpers import toy_setup
+from tests.tolerances import FLOAT64_ULPS_RTOL
 
 torch.set_num_threads(1)
 
@@ -180,7 +181,9 @@ def test_mask_count_is_the_head_of_the_full_mask(rank, rho, order, frac):
     count = int(frac * rank)
     full = butterworth_mask(torch.tensor(rho, dtype=torch.float64), rank, order)
     head = butterworth_mask(torch.tensor(rho, dtype=torch.float64), rank, order, count)
-    assert head.shape == (count,) and torch.equal(head, full[:count])
+    assert head.shape == (count,)
+    # equal up to float64 rounding: the vectorised pow / rsqrt may round an entry of a shorter tensor differently
+    torch.testing.assert_close(head, full[:count], rtol=FLOAT64_ULPS_RTOL, atol=0.0)
 
 
 def test_mask_margin_bounds_the_dropped_weight():
