@@ -147,18 +147,8 @@ def _block_loss(chain, model, stages, x, target) -> torch.Tensor:
     return F.mse_loss(_run(chain, model, stages, x), target) / target.pow(2).mean().clamp_min(1e-12)
 
 
-@torch.no_grad()
-def _loss_on_all(chain, model, stages, xs, target, batch_size: int = 100) -> float:
-    """:func:`_block_loss` over all images, in batches."""
-    err = ref = 0.0
-    for i in range(0, xs.shape[0], batch_size):
-        y, t = _run(chain, model, stages, xs[i : i + batch_size]), target[i : i + batch_size]
-        err += float((y - t).double().pow(2).sum())
-        ref += float(t.double().pow(2).sum())
-    return err / max(ref, 1e-300)
-
-
 def _relative_error(y: torch.Tensor, target: torch.Tensor) -> float:
+    """:func:`_block_loss` of a whole output, in float64 (the before / after loss of a block)."""
     return float((y - target).double().pow(2).sum()) / max(float(target.double().pow(2).sum()), 1e-300)
 
 
@@ -171,7 +161,7 @@ def _fit_block(
     as kept (the next block's input; computing the loss from it saves a pass over the images).
     """
     n = x_q.shape[0]
-    before = _loss_on_all(chain, model, stages, x_q, target, eval_batch)
+    before = _relative_error(_run_all(chain, model, stages, x_q, eval_batch), target)
     frozen = {p: p.requires_grad for p in model.parameters()}
     # small: codes, adapters and per-channel BatchNorm vectors
     saved = {name: copy.deepcopy(model.get_submodule(name)) for name in [*names, *norms]}
