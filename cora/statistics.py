@@ -33,8 +33,8 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor, max_rows: int | None = 
     """The rows the layer multiplies by its weight: im2col ``[rows, C_in·kh·kw]`` (PyTorch K order).
 
     With ``max_rows``, a random subset of at most that many output positions is taken *before* the
-    patches are copied out (a strided view of the padded input is indexed), which is much cheaper than
-    a full ``F.unfold`` on a CPU.
+    patches are copied out (only the picked patches are gathered), which is much cheaper than a full
+    ``F.unfold`` on a CPU.
     """
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, x.shape[-1])
@@ -44,16 +44,21 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor, max_rows: int | None = 
     lrtb = explicit_padding(module.padding, module.kernel_size, module.dilation)
     x = F.pad(x, lrtb, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    # [N, C, OH, OW, span_h, span_w] view, then keep every d-th element of the span (dilation)
-    view = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
-    n, c, oh, ow = view.shape[:4]
-    view = view.permute(0, 2, 3, 1, 4, 5)  # [N, OH, OW, C, kh, kw]
+    n, c, hp, wp = x.shape
+    oh, ow = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
     total = n * oh * ow
     if max_rows is not None and total > max_rows:
         pick = torch.randperm(total, generator=generator)[:max_rows].to(x.device)
-        i_n, rest = pick // (oh * ow), pick % (oh * ow)
-        return view[i_n, rest // ow, rest % ow].reshape(-1, c * kh * kw)
-    return view.reshape(total, c * kh * kw)
+    else:
+        pick = torch.arange(total, device=x.device)
+    # Gather whole channel vectors from a channels-last copy (one index per output position and tap):
+    # several times faster on a CPU than indexing a 6-D strided unfold view, and the same values.
+    i_n, rest = pick // (oh * ow), pick % (oh * ow)
+    corner = i_n * (hp * wp) + (rest // ow) * (sh * wp) + (rest % ow) * sw  # top-left tap, [P]
+    taps = (torch.arange(kh, device=x.device) * (dh * wp))[:, None] + torch.arange(kw, device=x.device) * dw
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, c)  # [N·Hp·Wp, C]
+    patches = pixels[corner[:, None] + taps.reshape(1, -1)]  # [P, kh·kw, C]
+    return patches.transpose(1, 2).reshape(-1, c * kh * kw)  # PyTorch's (C, kh, kw) order
 
 
 @torch.no_grad()

@@ -41,6 +41,10 @@ def test_layer_input_rows_are_the_im2col_of_the_conv(opts):
     assert sub.shape == (min(7, rows.shape[0]), rows.shape[1])
     for r in sub:
         assert (rows - r).abs().sum(1).min() == 0
+    # ... at exactly the positions the generator picks (rows in (image, out row, out column) order)
+    if rows.shape[0] > 7:
+        pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(1))[:7]
+        assert torch.equal(sub, rows[pick])
     # collect_hessians with no subsampling is exactly E[x x^T] over all rows
     model = torch.nn.Sequential(conv)
     h = collect_hessians(model, {"0": conv}, x, batch_size=1, max_rows=10**9)["0"]
