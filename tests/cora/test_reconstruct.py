@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import cora
 from cora.config import BLOCKS_LR
 from cora.graph import trace_stages
-from cora.reconstruct import adapter_blocks, reconstruct_blocks
+from cora.reconstruct import _fitting_layout, adapter_blocks, reconstruct_blocks
 from tests.helpers import randomise_bn
 
 
@@ -208,3 +208,33 @@ def test_untraceable_model_falls_back_to_end_to_end_kl_with_a_warning():
     rep = cora.convert(Untraceable().eval(), images, _fast(tune_loss="blocks", tune_iterations=3)).cora_report
     assert rep.tune_loss == "kl" and rep.tune_iterations == 3
     assert any("block reconstruction needs a model torch.fx can trace" in w for w in rep.warnings), rep.warnings
+
+
+class ViewHead(nn.Module):
+    """Flattens a 4x4 feature map with ``view``, which a channels-last tensor refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.stem(x)))
+        return self.head(y.view(y.shape[0], -1))
+
+
+def test_fitting_layout_is_channels_last_only_where_the_model_computes_the_same():
+    images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert _fitting_layout(Net().eval(), images) == torch.channels_last
+    assert _fitting_layout(ViewHead().eval(), images) == torch.contiguous_format  # view() raises on it
+    assert _fitting_layout(nn.Flatten().eval(), images) == torch.channels_last  # a logical reshape is fine
+    assert _fitting_layout(Net().eval(), torch.randn(4, 3, 8)) == torch.contiguous_format  # not a 4-D batch
+
+
+def test_a_model_that_needs_the_contiguous_layout_is_still_reconstructed():
+    torch.manual_seed(0)
+    model = randomise_bn(ViewHead(), seed=1).eval()
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    rep = cora.convert(model, images, _fast(tune_loss="blocks", tune_iterations=3)).cora_report
+    assert rep.tune_loss == "blocks" and rep.tune_iterations > 0, rep.warnings
