@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="cifar_resnet20, cifar_resnet32, ... (depth 6n+2) or a torchvision name (resnet18, ...)")
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    q.add_argument("--grouped-bits", type=int, choices=SUPPORTED_BITS, default=None,
+                   help="width of the grouped and depthwise convs, which get no adapter (default: --bits); e.g. 8 keeps "
+                        "a MobileNet's depthwise convs near float for a few hundredths of a bit per weight")
     q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv and linear weights")
     q.add_argument("--method", type=_method_type(notes), default=None, metavar="{" + ",".join(METHODS) + "}",
                    help="search: searched ranks; uniform: same fraction of the full rank per layer; none: no adapters; "
@@ -316,6 +319,8 @@ def _config(args):
         skip=tuple(args.skip),
         progress=not args.quiet,
     )
+    if args.grouped_bits is not None:
+        overrides["grouped_bits"] = args.grouped_bits
     if args.tune_iters is not None:
         overrides["tune_iterations"] = args.tune_iters
     if args.tune_lr is not None:

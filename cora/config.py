@@ -325,7 +325,9 @@ class CoRaConfig:
     ``quantize_linear``, every Linear layer (:func:`cora.budget.budget_weight_count`); held exactly),
     ``calib_images``, ``seed``, ``skip`` (names or fnmatch patterns left in float; one string is one
     pattern), ``layer_bits`` (``(pattern, bits)`` pairs or a ``{pattern: bits}`` dict; a pattern
-    that matches no layer is an error at conversion), ``quantize_linear`` (Linear layers quantized, with
+    that matches no layer is an error at conversion), ``grouped_bits`` (the width of convs with
+    ``groups > 1``, depthwise ones included, which get no adapter; a ``layer_bits`` pattern still wins;
+    None: ``bits``), ``quantize_linear`` (Linear layers quantized, with
     adapters, and counted in the budget; False: left float, not counted), ``bn_reestimate``
     (re-estimate BatchNorm statistics on the calibration images after building; off: the float
     statistics are kept), ``output`` (for a model that returns a tuple or dict: the index or key of
@@ -340,6 +342,7 @@ class CoRaConfig:
     seed: int = 0
     skip: tuple[str, ...] = ()
     layer_bits: tuple[tuple[str, int], ...] = ()
+    grouped_bits: int | None = None
     quantize_linear: bool = True
     bn_reestimate: bool = False
     output: int | str | None = None
@@ -383,6 +386,8 @@ class CoRaConfig:
             _bad(f"version={self.version!r}; this cora writes version {CONFIG_VERSION} (use from_dict for older dicts)")
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
             _bad(f"bits={self.bits!r} not supported; choose one of {SUPPORTED_BITS}")
+        if self.grouped_bits is not None and (isinstance(self.grouped_bits, bool) or self.grouped_bits not in SUPPORTED_BITS):
+            _bad(f"grouped_bits={self.grouped_bits!r} not supported; choose None or one of {SUPPORTED_BITS}")
         _choice("method", self.method, METHODS)
         if isinstance(self.budget, bool) or not (isinstance(self.budget, numbers.Real) and 0.0 < self.budget <= 1.0):
             _bad(f"budget={self.budget!r} must be in (0, 1]")

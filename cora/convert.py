@@ -257,10 +257,14 @@ def _stored_rank(shape, config: CoRaConfig, weight_params: int) -> int:
     return affordable_rank(tuple(shape), config.budget, weight_params, margin=margin)
 
 
-def _layer_bits(name: str, config: CoRaConfig) -> int:
+def _layer_bits(name: str, layer: nn.Module, config: CoRaConfig) -> int:
+    """A layer's width: the first ``layer_bits`` pattern it matches, else ``grouped_bits`` for a grouped
+    conv, else ``bits``."""
     for pattern, b in config.layer_bits:
         if _matches(name, (pattern,)):
             return b
+    if config.grouped_bits is not None and getattr(layer, "groups", 1) > 1:
+        return config.grouped_bits
     return config.bits
 
 
@@ -297,7 +301,7 @@ def quantize_base(
     adapted: list[AdaptedLayer] = []
     with progress_bar(len(layers), "quantize", config.progress) as bar:
         for name, mod in layers.items():
-            bits = _layer_bits(name, config)
+            bits = _layer_bits(name, mod, config)
             w = mod.weight.detach().float().cpu()
             method = q.range_for(bits, config.budget if adapters else 0.0)
             scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)

@@ -26,7 +26,8 @@ def test_bad_budget_raises(budget):
 
 @pytest.mark.parametrize("field,value", [
     ("bits", 5), ("bits", True), ("method", "svd"), ("loss", "mse"), ("iterations", 0), ("iterations", 2.0),
-    ("calib_images", 0), ("layer_bits", (("conv1", 6),)), ("order", 0), ("gamma", float("nan")),
+    ("calib_images", 0), ("layer_bits", (("conv1", 6),)),
+    ("grouped_bits", 5), ("grouped_bits", True), ("order", 0), ("gamma", float("nan")),
     ("grad_clip", float("nan")), ("gptq_damp", -1.0), ("rho_init", 1.5), ("refine", "no"), ("progress", 1),
     ("adapter_dtype", "int4"), ("adapter_dtype", "float8"), ("tune_iterations", -1), ("tune_lr", 0.0), ("version", 1),
 ])
@@ -164,6 +165,7 @@ configs = st.builds(
     seed=st.integers(0, 2**31),
     skip=st.lists(st.sampled_from(["conv1", "layer*.conv2", "fc"]), max_size=3).map(tuple),
     layer_bits=st.lists(st.tuples(st.sampled_from(["conv1", "fc"]), st.sampled_from(SUPPORTED_BITS)), max_size=2).map(tuple),
+    grouped_bits=st.one_of(st.none(), st.sampled_from(SUPPORTED_BITS)),
     iterations=st.integers(1, 500),
     rho_init=st.one_of(st.none(), st.floats(0.01, 1.0)),
     tune_loss=st.sampled_from(["auto", "kl", "ce"]),

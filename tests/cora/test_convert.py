@@ -169,6 +169,27 @@ def test_skip_patterns_and_layer_bits(resnet8, calib):
     assert rep.adapter_fraction <= 0.05
 
 
+def test_grouped_bits_widen_the_grouped_convs_only():
+    """grouped_bits sets the width of depthwise / grouped convs (no adapter there); a layer_bits pattern wins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 6, 1),
+    ).eval()
+    x = torch.randn(16, 3, 8, 8)
+    base = dict(method="uniform", calib_images=16, rounding="nearest", tune_iterations=0, progress=False)
+    q = convert(model, x, CoRaConfig(bits=4, grouped_bits=8, **base))
+    assert [q.get_submodule(n).bits for n in ("0", "2", "4", "6")] == [4, 8, 8, 4]
+    assert q.get_submodule("2").rank == 0 and q.get_submodule("6").rank > 0
+    same = convert(model, x, CoRaConfig(bits=4, **base))
+    assert q.cora_report.equiv_bits > same.cora_report.equiv_bits  # counted at their real width
+    with torch.no_grad():
+        ref = model(x)
+        assert (q(x) - ref).norm() < (same(x) - ref).norm()
+    first = convert(model, x, CoRaConfig(bits=4, grouped_bits=8, layer_bits={"4": 3}, **base))
+    assert [first.get_submodule(n).bits for n in ("2", "4")] == [8, 3]
+
+
 def test_quantize_linear_off(resnet8, calib):
     """quantize_linear=False: linears stay float, get no adapter and are not counted in the budget."""
     q = convert(resnet8, calib, _cheap(method="uniform", quantize_linear=False))
