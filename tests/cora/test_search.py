@@ -31,7 +31,9 @@ def test_shape_first_and_monotone(rank, rho, order):
     assert t.shape == (rank,) and t.dtype == torch.float32
     assert float(t[0]) == 1.0
     assert torch.isfinite(t).all() and (t > 0).all() and (t <= 1).all()
-    assert (t[1:] <= t[:-1]).all()
+    # monotone up to one float32 ulp: the vectorised body and the scalar tail of the pow may round an
+    # entry differently (the same cause as test_mask_count_is_the_head_of_the_full_mask's slack)
+    assert (t[1:] <= torch.nextafter(t[:-1], torch.tensor(float("inf")))).all()
 
 
 @pytest.mark.parametrize("rank", [8, 20, 64, 100])
