@@ -351,6 +351,7 @@ def _table(res: dict) -> str:
         ("evaluation images", f"{res['eval_images']} ({res['eval_split']})"),
         ("search time", f"{res['search_seconds']:.1f} s"),
         ("adapter tuning", f"{res['tune_iterations']} iterations ({res['tune_loss']}), {res['tune_seconds']:.1f} s"
+         + (f", {res['tune_norms']} BatchNorms fitted" if res.get("tune_norms") else "")
          if res.get("tune_iterations") else "off"),
         ("quantize time (all)", f"{res['quantize_seconds']:.1f} s"),
     ]

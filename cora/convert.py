@@ -92,6 +92,7 @@ class ConversionReport:
     warnings: list[str] = field(default_factory=list)  # what the conversion did differently from the config, and why
     no_adapter: dict[str, str] = field(default_factory=dict)  # quantized layers that get no adapter, and why
     budget_share: dict[str, float] = field(default_factory=dict)  # adapted layer -> its adapter parameters / P
+    tune_norms: int = 0  # BatchNorm layers whose scale and shift the block reconstruction fitted and kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +149,7 @@ class TuneOutcome:
     iterations: int = 0
     seconds: float = 0.0
     warning: str | None = None
+    norms: int = 0  # BatchNorms the block reconstruction fitted and kept
 
 
 class _FloatLogits:
@@ -450,7 +452,7 @@ def tune_layers(
                 norms=t.norms, seed=config.seed, progress=config.progress,
             )
             if loss == "blocks" or not adapters:  # without adapters "blocks+ce" has nothing for its ce phase
-                return TuneOutcome("blocks", pre.iterations, pre.seconds)
+                return TuneOutcome("blocks", pre.iterations, pre.seconds, norms=pre.norms)
         elif not adapters:
             return TuneOutcome(warning="block reconstruction needs a model torch.fx can trace exactly; "
                                        "with no adapters there was nothing else to tune")
@@ -461,7 +463,7 @@ def tune_layers(
             loss = "ce"
             note = "block reconstruction needs a model torch.fx can trace exactly; the adapters were tuned end to end (ce) only"
     end_to_end = "ce" if loss == "blocks+ce" else loss
-    pre_steps, pre_seconds = (pre.iterations, pre.seconds) if pre is not None else (0, 0.0)
+    pre_steps, pre_seconds, pre_norms = (pre.iterations, pre.seconds, pre.norms) if pre is not None else (0, 0.0, 0)
     try:
         rep = tune_adapters(
             output, data.images, float_logits.objective(end_to_end), iterations=t.iterations, lr=t.lr,
@@ -469,11 +471,11 @@ def tune_layers(
         )
     except FloatingPointError as exc:
         if pre is not None:  # the block reconstruction stands
-            return TuneOutcome("blocks", pre_steps, pre_seconds, f"{exc}; the block-reconstructed adapters are kept")
+            return TuneOutcome("blocks", pre_steps, pre_seconds, f"{exc}; the block-reconstructed adapters are kept", pre_norms)
         return TuneOutcome(warning=f"{exc}; the untuned adapters are kept")
     if rep.warning is not None:
-        return TuneOutcome("blocks" if pre is not None else None, pre_steps, pre_seconds + rep.seconds, rep.warning)
-    return TuneOutcome(loss, pre_steps + rep.iterations, pre_seconds + rep.seconds, note)
+        return TuneOutcome("blocks" if pre is not None else None, pre_steps, pre_seconds + rep.seconds, rep.warning, pre_norms)
+    return TuneOutcome(loss, pre_steps + rep.iterations, pre_seconds + rep.seconds, note, pre_norms)
 
 
 def make_report(
@@ -512,6 +514,7 @@ def make_report(
         warnings=warnings,
         no_adapter=dict(base.no_adapter),
         budget_share=budget_shares(ranks.ranks, base.adapted, weight_params),
+        tune_norms=tuning.norms,
     )
 
 

@@ -182,6 +182,7 @@ def quantize_and_evaluate(
         tune_loss=rep.tune_loss,
         tune_iterations=rep.tune_iterations,
         tune_seconds=rep.tune_seconds,
+        tune_norms=rep.tune_norms,
         ranks=rep.ranks,
         seed=config.seed,
     )
