@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grouped-bits", type=int, choices=SUPPORTED_BITS, default=None,
                    help="width of the grouped and depthwise convs, which get no adapter (default: --bits); e.g. 8 keeps "
                         "a MobileNet's depthwise convs near float for a few hundredths of a bit per weight")
+    q.add_argument("--target-bits", type=_positive_float, default=None, metavar="B",
+                   help="mixed precision: each layer gets one of the two widths around what B leaves for the codes (at "
+                        "most --bits), chosen so that the equivalent bits per weight, adapters included, are at most B "
+                        "(default: every layer at --bits)")
     q.add_argument("--budget", type=_budget, default=0.05, help="adapter parameters as a fraction of the conv and linear weights")
     q.add_argument("--method", type=_method_type(notes), default=None, metavar="{" + ",".join(METHODS) + "}",
                    help="search: searched ranks; uniform: same fraction of the full rank per layer; none: no adapters; "
@@ -321,6 +325,8 @@ def _config(args):
     )
     if args.grouped_bits is not None:
         overrides["grouped_bits"] = args.grouped_bits
+    if args.target_bits is not None:
+        overrides["target_bits"] = args.target_bits
     if args.tune_iters is not None:
         overrides["tune_iterations"] = args.tune_iters
     if args.tune_lr is not None:

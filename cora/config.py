@@ -327,7 +327,10 @@ class CoRaConfig:
     pattern), ``layer_bits`` (``(pattern, bits)`` pairs or a ``{pattern: bits}`` dict; a pattern
     that matches no layer is an error at conversion), ``grouped_bits`` (the width of convs with
     ``groups > 1``, depthwise ones included, which get no adapter; a ``layer_bits`` pattern still wins;
-    None: ``bits``), ``quantize_linear`` (Linear layers quantized, with
+    None: ``bits``), ``target_bits`` (mixed precision, :mod:`cora.precision`: every other layer gets one of
+    the two widths around the bits left for the codes, at most ``bits``, so that ``equiv_bits``, adapters
+    included, is at most this; the "auto" choices then follow ``floor(target_bits)``; None: every layer at
+    ``bits``), ``quantize_linear`` (Linear layers quantized, with
     adapters, and counted in the budget; False: left float, not counted), ``bn_reestimate``
     (re-estimate BatchNorm statistics on the calibration images after building; off: the float
     statistics are kept), ``output`` (for a model that returns a tuple or dict: the index or key of
@@ -343,6 +346,7 @@ class CoRaConfig:
     skip: tuple[str, ...] = ()
     layer_bits: tuple[tuple[str, int], ...] = ()
     grouped_bits: int | None = None
+    target_bits: float | None = None
     quantize_linear: bool = True
     bn_reestimate: bool = False
     output: int | str | None = None
@@ -388,6 +392,12 @@ class CoRaConfig:
             _bad(f"bits={self.bits!r} not supported; choose one of {SUPPORTED_BITS}")
         if self.grouped_bits is not None and (isinstance(self.grouped_bits, bool) or self.grouped_bits not in SUPPORTED_BITS):
             _bad(f"grouped_bits={self.grouped_bits!r} not supported; choose None or one of {SUPPORTED_BITS}")
+        if self.target_bits is not None:
+            t = self.target_bits
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (math.isfinite(t) and t > 0):
+                _bad(f"target_bits={t!r} must be None or a positive number of bits per weight")
+            if self.adapter.dtype == "int8":
+                _bad("target_bits with adapter_dtype='int8' is not supported (int8 adapters' scales depend on the ranks)")
         _choice("method", self.method, METHODS)
         if isinstance(self.budget, bool) or not (isinstance(self.budget, numbers.Real) and 0.0 < self.budget <= 1.0):
             _bad(f"budget={self.budget!r} must be in (0, 1]")
@@ -458,8 +468,8 @@ class CoRaConfig:
             changes["loss"] = "ce" if has_labels else "kl"
         if self.tune.loss == "auto":
             if has_labels:
-                changes["tune_loss"] = "blocks+ce" if self.bits <= LABELLED_BLOCKS_MAX_BITS else "ce"
-            elif self.bits <= LABEL_FREE_BLOCKS_MAX_BITS:
+                changes["tune_loss"] = "blocks+ce" if self.typical_bits <= LABELLED_BLOCKS_MAX_BITS else "ce"
+            elif self.typical_bits <= LABEL_FREE_BLOCKS_MAX_BITS:
                 changes["tune_loss"] = "blocks"
                 # the end-to-end defaults (250 steps, lr 1e-3) are not the blocks' (per block): left at
                 # their defaults, they become the blocks' own
@@ -468,6 +478,13 @@ class CoRaConfig:
             else:
                 changes["tune_loss"], changes["tune_iterations"] = "kl", 0
         return self.replace(**changes) if changes else self
+
+    @property
+    def typical_bits(self) -> int:
+        """The width the "auto" choices follow: ``bits``, or with ``target_bits`` its floor (within 2..``bits``)."""
+        if self.target_bits is None:
+            return self.bits
+        return max(2, min(self.bits, math.floor(self.target_bits)))
 
     def replace(self, **changes) -> "CoRaConfig":
         """A copy with some fields changed (top-level, section or flat alias names), validated again."""

@@ -37,6 +37,7 @@ from .budget import AdaptedLayer, adapter_fraction, affordable_rank, budget_shar
 from .calibration import CalibrationSet, Objective, model_logits
 from .config import BLOCKS_ITERATIONS, BLOCKS_LR, CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
+from .precision import SENSITIVITY_IMAGES, adapter_reserve_bits, choose_widths, layer_cost_bits, sensitivities, width_choices
 from .progress import progress_bar
 from .quantizer import compute_qparams, dequantize, gptq_quantize, prepare_hessian, quantize
 from .residual import adapter_from_factors, factorize_residual, regression_residual
@@ -93,6 +94,7 @@ class ConversionReport:
     no_adapter: dict[str, str] = field(default_factory=dict)  # quantized layers that get no adapter, and why
     budget_share: dict[str, float] = field(default_factory=dict)  # adapted layer -> its adapter parameters / P
     tune_norms: int = 0  # BatchNorm layers whose scale and shift the block reconstruction fitted and kept
+    widths: dict[str, int] = field(default_factory=dict)  # quantized layer -> its width in bits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,21 +261,62 @@ def _stored_rank(shape, config: CoRaConfig, weight_params: int) -> int:
     return affordable_rank(tuple(shape), config.budget, weight_params, margin=margin)
 
 
-def _layer_bits(name: str, layer: nn.Module, config: CoRaConfig) -> int:
-    """A layer's width: the first ``layer_bits`` pattern it matches, else ``grouped_bits`` for a grouped
-    conv, else ``bits``."""
+def _fixed_bits(name: str, layer: nn.Module, config: CoRaConfig) -> int | None:
+    """A width the config fixes: the first ``layer_bits`` pattern the layer matches, else ``grouped_bits``
+    for a grouped conv, else None."""
     for pattern, b in config.layer_bits:
         if _matches(name, (pattern,)):
             return b
     if config.grouped_bits is not None and getattr(layer, "groups", 1) > 1:
         return config.grouped_bits
-    return config.bits
+    return None
+
+
+def _layer_bits(name: str, layer: nn.Module, config: CoRaConfig, widths: dict[str, int] | None = None) -> int:
+    """A layer's width: fixed by the config, else chosen for ``target_bits`` (``widths``), else ``bits``."""
+    fixed = _fixed_bits(name, layer, config)
+    if fixed is not None:
+        return fixed
+    return widths[name] if widths and name in widths else config.bits
+
+
+def choose_layer_widths(
+    float_model: nn.Module, layers: dict[str, nn.Module], data: CalibrationSet, config: CoRaConfig, weight_params: int,
+) -> dict[str, int]:
+    """Phase 0 (``target_bits`` only): the width of every layer the config does not fix (:mod:`cora.precision`).
+
+    The bits left for them are ``target_bits`` times the quantized weights, less what the fixed layers and the
+    adapters (``budget · P`` parameters at their storage width) can take.
+    """
+    per_channel = config.quantizer.granularity == "channel"
+    order = execution_order(float_model, list(layers), data.images[:1])
+    fixed = {n: b for n in order if (b := _fixed_bits(n, layers[n], config)) is not None}
+    free = {n: layers[n] for n in order if n not in fixed}
+    total_weights = sum(m.weight.numel() for m in layers.values())
+    budget_bits = (
+        config.target_bits * total_weights - adapter_reserve_bits(config, weight_params)
+        - sum(layer_cost_bits(layers[n], b, per_channel) for n, b in fixed.items())
+    )
+    if not free:
+        return {}
+    choices = width_choices(config.bits, budget_bits / sum(m.weight.numel() for m in free.values()))
+    images = data.statistics_subset(SENSITIVITY_IMAGES, config.seed)
+    errors = sensitivities(float_model, free, choices, config, images)
+    try:
+        return choose_widths(free, errors, budget_bits, per_channel)
+    except ValueError as exc:
+        narrowest = sum(layer_cost_bits(m, choices[0], per_channel) for m in free.values())
+        floor_bits = (narrowest + config.target_bits * total_weights - budget_bits) / total_weights
+        raise ValueError(
+            f"target_bits={config.target_bits} is below what this model can store with these settings "
+            f"({floor_bits:.3f} equivalent bits at the narrowest widths, adapters at their full budget): {exc}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- phases
 def quantize_base(
     float_model: nn.Module, output: nn.Module, layers: dict[str, nn.Module], data: CalibrationSet,
-    config: CoRaConfig, weight_params: int,
+    config: CoRaConfig, weight_params: int, widths: dict[str, int] | None = None,
 ) -> BaseQuantization:
     """Phase 1: ranges and rounding of every chosen layer, in execution order, and the residual factors.
 
@@ -303,7 +346,7 @@ def quantize_base(
     adapted: list[AdaptedLayer] = []
     with progress_bar(len(layers), "quantize", config.progress) as bar:
         for name, mod in layers.items():
-            bits = _layer_bits(name, mod, config)
+            bits = _layer_bits(name, mod, config, widths)
             w = mod.weight.detach().float().cpu()
             method = q.range_for(bits, config.budget if adapters else 0.0)
             scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)
@@ -515,6 +558,7 @@ def make_report(
         no_adapter=dict(base.no_adapter),
         budget_share=budget_shares(ranks.ranks, base.adapted, weight_params),
         tune_norms=tuning.norms,
+        widths={name: qw.bits for name, qw in base.weights.items()},
     )
 
 
@@ -562,7 +606,8 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         blocks = config.tune.loss in ("blocks", "blocks+ce") and config.tune.iterations > 0
         reference = copy.deepcopy(float_model) if blocks and output is float_model else float_model
 
-        base = quantize_base(float_model, output, layers, data, config, weight_params)
+        widths = choose_layer_widths(float_model, layers, data, config, weight_params) if config.target_bits else None
+        base = quantize_base(float_model, output, layers, data, config, weight_params, widths)
         ranks = choose_ranks(float_model, base, data, config, float_logits, weight_params)
         storage = build_layers(float_model, output, layers, base, ranks, data, config)
         tuning = tune_layers(reference, output, base, ranks, data, config, float_logits)

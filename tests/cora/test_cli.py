@@ -510,6 +510,7 @@ def test_tuning_options_reach_the_config():
     changed = parse("--tune-lr", "0.004", "--no-tune-norms")
     assert changed.tune.norms is False and changed.tune.lr == 0.004
     assert default.grouped_bits is None and parse("--grouped-bits", "8").grouped_bits == 8
+    assert default.target_bits is None and parse("--target-bits", "2.85").target_bits == 2.85
 
 
 def test_device_cuda_without_a_gpu_is_one_error_line(capsys, monkeypatch):

@@ -166,6 +166,7 @@ configs = st.builds(
     skip=st.lists(st.sampled_from(["conv1", "layer*.conv2", "fc"]), max_size=3).map(tuple),
     layer_bits=st.lists(st.tuples(st.sampled_from(["conv1", "fc"]), st.sampled_from(SUPPORTED_BITS)), max_size=2).map(tuple),
     grouped_bits=st.one_of(st.none(), st.sampled_from(SUPPORTED_BITS)),
+    target_bits=st.one_of(st.none(), st.floats(1.0, 16.0)),
     iterations=st.integers(1, 500),
     rho_init=st.one_of(st.none(), st.floats(0.01, 1.0)),
     tune_loss=st.sampled_from(["auto", "kl", "ce"]),
