@@ -20,6 +20,12 @@ add by fitting the calibration images' domain; ``--no-control`` leaves them out)
         --calib 50 --eval-limit 200 --out /tmp/f.csv --png /tmp/f.png              # a quick check
     python bench/frontier.py --plot-only                        # redraw the PNG from the CSV
 
+**Mixed precision** (``--target-bits T [T ...]``): points of ``python -m cora quantize MODEL --bits W
+--target-bits T``, W the widest of ``--bits``: every layer gets one of the two widths around what ``T``
+leaves for the codes, so that the equivalent bits are at most ``T`` (``cora.precision``). They are run
+for every budget and label mode given, and tagged ``<tag>-t<T>`` (their ``bits`` column is W); the
+plot draws them in their own colour, one line per budget and label mode joining the targets.
+
 **Resumable.** Every finished run is appended at once to ``--out`` (default ``bench/results/frontier.csv``),
 keyed by ``(model, bits, budget, labels, tag)``; a rerun skips the keys already there, so an interrupted
 sweep resumes where it stopped. ``--force`` reruns them (the new row replaces the old). ``tag`` names the
@@ -64,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import ROOT, append_csv, git_commit, machine  # noqa: E402
 
-__all__ = ["COLUMNS", "config_tag", "row_key", "read_rows", "store_row", "plan", "pending", "plot", "main"]
+__all__ = ["COLUMNS", "config_tag", "target_tag", "target_of", "row_key", "read_rows", "store_row", "plan", "pending", "plot", "main"]
 
 MODELS = ("cifar_resnet20", "cifar_resnet32")
 BITS = (2, 3, 4)
@@ -93,6 +99,17 @@ def config_tag(calib: int = DEFAULT_CALIB, eval_limit: int | None = None, seed: 
     if seed:
         tag += f"-s{seed}"
     return tag
+
+
+def target_tag(tag: str, target: float) -> str:
+    """The tag of a mixed-precision point: ``tag`` plus ``-t<target>``."""
+    return f"{tag}-t{float(target):g}"
+
+
+def target_of(row: dict) -> float | None:
+    """The target of a mixed-precision row or point (from its tag), None for a uniform one."""
+    tag = row["tag"]
+    return float(tag.rsplit("-t", 1)[1]) if "-t" in tag else None
 
 
 def _budget_text(budget) -> str:
@@ -141,12 +158,17 @@ def store_row(row: dict, path) -> None:
         append_csv([row], path)
 
 
-def plan(models, bits, budgets, label_modes, control: bool = True, tag: str = config_tag()) -> list[dict]:
-    """The points of the sweep in run order: per model, the grid, then the W8 control per label mode."""
+def plan(models, bits, budgets, label_modes, control: bool = True, tag: str = config_tag(), targets=()) -> list[dict]:
+    """The points of the sweep in run order: per model, the grid (or with ``targets`` the mixed-precision
+    points at the widest of ``bits``), then the W8 control per label mode."""
     points = []
     for model in models:
         for labels in label_modes:
-            points += [dict(model=model, bits=b, budget=float(f), labels=labels, tag=tag) for b in bits for f in budgets]
+            if targets:
+                points += [dict(model=model, bits=max(bits), budget=float(f), labels=labels, tag=target_tag(tag, t))
+                           for t in targets for f in budgets]
+            else:
+                points += [dict(model=model, bits=b, budget=float(f), labels=labels, tag=tag) for b in bits for f in budgets]
         if control:
             points += [dict(model=model, bits=CONTROL_BITS, budget=CONTROL_BUDGET, labels=labels, tag=tag)
                        for labels in label_modes]
@@ -162,11 +184,12 @@ def pending(points: list[dict], done_rows: list[dict], force: bool = False) -> l
 
 
 # ----------------------------------------------------------------------------- one run
-def make_config(bits: int, budget: float, calib: int, seed: int):
-    """The CLI's config for ``--bits B --budget F --calib N --seed S --quiet``; budget 0 is ``--method none``."""
+def make_config(bits: int, budget: float, calib: int, seed: int, target_bits: float | None = None):
+    """The CLI's config for ``--bits B --budget F --calib N --seed S [--target-bits T] --quiet``; budget 0 is
+    ``--method none``."""
     from cora import CoRaConfig
 
-    common = dict(bits=bits, calib_images=calib, seed=seed, progress=False)
+    common = dict(bits=bits, calib_images=calib, seed=seed, target_bits=target_bits, progress=False)
     if budget == 0:
         return CoRaConfig(method="none", **common)  # the budget must be > 0 and "none" ignores it
     return CoRaConfig(budget=budget, **common)
@@ -177,7 +200,7 @@ def run_point(point: dict, args, env: dict, float_cache: dict) -> dict:
     from cora.experiments.pipeline import quantize_and_evaluate
 
     t = time.perf_counter()
-    cfg = make_config(point["bits"], point["budget"], args.calib, args.seed)
+    cfg = make_config(point["bits"], point["budget"], args.calib, args.seed, target_of(point))
     need_float = point["model"] not in float_cache
     _, res = quantize_and_evaluate(point["model"], cfg, shared=args.shared, eval_limit=args.eval_limit,
                                    with_float=need_float, with_rtn=False, device=env["device"],
@@ -231,14 +254,20 @@ def sweep(todo: list[dict], args) -> float:
 
 
 def _describe(p: dict) -> str:
-    return f"{p['model']} W{p['bits']} budget {_budget_text(p['budget'])} {'labels' if _as_bool(p['labels']) else 'no labels'}"
+    return f"{p['model']} {_width_text(p)} budget {_budget_text(p['budget'])} {'labels' if _as_bool(p['labels']) else 'no labels'}"
+
+
+def _width_text(p: dict) -> str:
+    t = target_of(p)
+    return f"W{p['bits']}" if t is None else f"mixed W<={p['bits']} at {t:g} bits"
 
 
 # ----------------------------------------------------------------------------- the table
 def selected(rows: list[dict], models, tag: str) -> list[dict]:
     """The rows of ``tag`` for ``models``, in a stable reading order."""
-    out = [r for r in rows if r["tag"] == tag and r["model"] in models]
-    return sorted(out, key=lambda r: (r["model"], int(r["bits"]), not _as_bool(r["labels"]), float(r["budget"])))
+    out = [r for r in rows if (r["tag"] == tag or r["tag"].startswith(tag + "-t")) and r["model"] in models]
+    return sorted(out, key=lambda r: (r["model"], target_of(r) is not None, int(r["bits"]), not _as_bool(r["labels"]),
+                                      float(r["budget"]), target_of(r) or 0.0))
 
 
 def print_table(rows: list[dict]) -> float:
@@ -247,7 +276,7 @@ def print_table(rows: list[dict]) -> float:
           "quantize s | run s | commit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | W{r['bits']} | {r['budget']} | {'yes' if _as_bool(r['labels']) else 'no'} | "
+        print(f"| {r['model']} | {_width_text(r)} | {r['budget']} | {'yes' if _as_bool(r['labels']) else 'no'} | "
               f"{float(r['acc']):.2f} | {float(r['float_acc']):.2f} | {float(r['equiv_bits']):.3f} | "
               f"{float(r['adapter_fraction']):.4f} | {r['method']} | {r['quantize_seconds']} | {r['run_seconds']} | "
               f"{r['commit']} |")
@@ -266,6 +295,7 @@ PEER_FAMILIES = [  # (prefix of the method column of peers.csv, label, marker)
     ("brecq_like", "BRECQ-like", "P"),
 ]
 BIT_COLOURS = {2: "tab:red", 3: "tab:green", 4: "tab:blue"}
+MIXED_COLOUR = "tab:orange"
 PEER_JITTER = 0.02  # bits between two peer families drawn at the same width (display only)
 
 
@@ -299,6 +329,8 @@ def _draw_ours(ax, rows: list[dict]) -> None:
     """Our points: one line per (bits, label mode) joining its budgets, each point marked with its budget."""
     groups: dict = {}
     for r in rows:
+        if target_of(r) is not None:
+            continue
         if int(r["bits"]) != CONTROL_BITS:
             groups.setdefault((int(r["bits"]), _as_bool(r["labels"])), []).append(r)
     for (bits, labels), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
@@ -310,6 +342,22 @@ def _draw_ours(ax, rows: list[dict]) -> None:
         for x, y, r in zip(xs, ys, rs):
             ax.annotate(f"{100 * float(r['budget']):g}%", (x, y), textcoords="offset points", xytext=(4, -9 if labels else 4),
                         fontsize=6, color=BIT_COLOURS.get(bits, "black"))
+
+
+def _draw_mixed(ax, rows: list[dict]) -> None:
+    """Mixed-precision points: one line per (budget, label mode) joining the targets, each marked with its target."""
+    groups: dict = {}
+    for r in rows:
+        if target_of(r) is not None:
+            groups.setdefault((float(r["budget"]), _as_bool(r["labels"])), []).append(r)
+    for (budget, labels), rs in sorted(groups.items()):
+        rs.sort(key=target_of)
+        xs, ys = [float(r["equiv_bits"]) for r in rs], [float(r["acc"]) for r in rs]
+        ax.plot(xs, ys, color=MIXED_COLOUR, marker="s", linestyle="-" if labels else ":", markersize=6, linewidth=1.5,
+                label=f"CoRa mixed widths, adapters {100 * budget:g}%, {'labels' if labels else 'no labels'}")
+        for x, y, r in zip(xs, ys, rs):
+            ax.annotate(f"T {target_of(r):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                        color=MIXED_COLOUR)
 
 
 def _draw_peers(ax, peers: list[dict]) -> None:
@@ -348,6 +396,7 @@ def plot(rows: list[dict], peers_path, png, models, tag: str) -> Path:
         _draw_lines(ax, mine, peers)
         _draw_peers(ax, peers)
         _draw_ours(ax, mine)
+        _draw_mixed(ax, mine)
         n_eval = sorted({r["eval_images"] for r in mine})
         ax.set_title(f"{model}  (ours: {'/'.join(n_eval) or '-'} test images; peers: 10000)", fontsize=10)
         ax.set_xlabel("equivalent bits per weight (adapters included)")
@@ -378,6 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the W8 control runs on its own (--no-control leaves it out)")
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="0 = no adapters (--method none)")
     p.add_argument("--labels", choices=tuple(LABEL_MODES), default="both")
+    p.add_argument("--target-bits", nargs="+", type=float, default=[], metavar="T",
+                   help="mixed-precision points instead of the grid: --target-bits T at the widest of --bits")
     p.add_argument("--no-control", action="store_true", help="leave out the W8 control runs")
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images (CIFAR: a multiple of 10)")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test images")
@@ -394,6 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(not 0 <= b <= 1 for b in args.budgets):
         p.error("--budgets must be in [0, 1]")
+    if any(not t > 0 for t in args.target_bits):
+        p.error("--target-bits must be positive")
     if args.plot_only and args.no_plot:
         p.error("--plot-only and --no-plot contradict each other")
     return args
@@ -404,7 +457,8 @@ def run(args) -> int:
     if not args.no_plot:
         _pyplot()  # a missing matplotlib fails now, not after hours of runs
     if not args.plot_only:
-        points = plan(args.models, args.bits, args.budgets, LABEL_MODES[args.labels], not args.no_control, tag)
+        points = plan(args.models, args.bits, args.budgets, LABEL_MODES[args.labels], not args.no_control, tag,
+                      args.target_bits)
         todo = pending(points, read_rows(args.out), args.force)
         print(f"# tag {tag}: {len(points)} points, {len(points) - len(todo)} already in {args.out}, {len(todo)} to run")
         wall = sweep(todo, args)

@@ -60,6 +60,19 @@ def test_plan_covers_the_grid_and_one_control_per_model_and_label_mode():
     assert not fr.plan(["m"], [4], [0], (True,), control=False)[0]["budget"]
 
 
+def test_mixed_precision_points_have_their_own_keys_and_reach_the_config():
+    points = fr.plan(["cifar_resnet20"], [2, 3, 4], [0, 0.05], (False,), control=False, targets=[2.5, 2.85])
+    assert len(points) == 4 and {p["bits"] for p in points} == {4}
+    assert {p["tag"] for p in points} == {"c1600-t2.5", "c1600-t2.85"}
+    uniform = fr.plan(["cifar_resnet20"], [4], [0, 0.05], (False,), control=False)
+    assert not {fr.row_key(p) for p in points} & {fr.row_key(p) for p in uniform}  # never the W4 points' rows
+    assert [fr.target_of(p) for p in points] == [2.5, 2.5, 2.85, 2.85] and fr.target_of(uniform[0]) is None
+    cfg = fr.make_config(4, 0.0, 1600, 0, fr.target_of(points[0]))
+    assert cfg.target_bits == 2.5 and cfg.method == "none" and cfg.bits == 4
+    rows = [_row(), _row(tag="c1600-t2.5"), _row(tag="c50-t2.5")]
+    assert [r["tag"] for r in fr.selected(rows, ["cifar_resnet20"], "c1600")] == ["c1600", "c1600-t2.5"]
+
+
 def test_pending_skips_cached_keys_and_force_reruns_them(tmp_path):
     path = tmp_path / "f.csv"
     points = fr.plan(["cifar_resnet20"], [4], [0, 0.05], (False,), control=False)
@@ -120,6 +133,8 @@ def test_plot_only_draws_a_png_from_a_tiny_csv(tmp_path, capsys):
                 fr.store_row(_row(bits=bits, labels=labels, budget=budget, acc=75 + bits + 10 * budget + labels), path)
     fr.store_row(_row(bits=8, labels=True, budget=0.05, acc=84.2), path)
     fr.store_row(_row(bits=4, budget=0.05, tag="c50-e200", acc=10.0), path)  # a quick check: must not be drawn
+    for target in (2.5, 2.85):  # two mixed-precision points: drawn as their own line
+        fr.store_row(_row(bits=4, budget=0.0, tag=f"c1600-t{target}", acc=78.0 + target, equiv_bits=target - 0.01), path)
     peers.write_text("model,bits,method,acc,float_acc,bits_per_weight\n"
                      "cifar_resnet20,4,rtn_minmax,79.4,81.03,4.052\n"
                      "cifar_resnet20,3,gptq_actorder_minmax,80.5,81.03,3.0494\n"
@@ -129,7 +144,8 @@ def test_plot_only_draws_a_png_from_a_tiny_csv(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert "13 points" in out  # 12 grid points and the control, not the c50-e200 row
+    assert "15 points" in out  # 12 grid points, the control and the 2 mixed ones, not the c50-e200 row
+    assert "mixed W<=4 at 2.85 bits" in out
 
 
 def test_peer_labels_are_short():
