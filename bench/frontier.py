@@ -70,7 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import ROOT, append_csv, git_commit, machine  # noqa: E402
 
-__all__ = ["COLUMNS", "config_tag", "target_tag", "target_of", "row_key", "read_rows", "store_row", "plan", "pending", "plot", "main"]
+__all__ = ["COLUMNS", "config_tag", "target_tag", "target_of", "row_key", "read_rows", "store_row", "plan", "pending",
+           "plot", "main"]
 
 MODELS = ("cifar_resnet20", "cifar_resnet32")
 BITS = (2, 3, 4)
@@ -254,7 +255,8 @@ def sweep(todo: list[dict], args) -> float:
 
 
 def _describe(p: dict) -> str:
-    return f"{p['model']} {_width_text(p)} budget {_budget_text(p['budget'])} {'labels' if _as_bool(p['labels']) else 'no labels'}"
+    labels = "labels" if _as_bool(p["labels"]) else "no labels"
+    return f"{p['model']} {_width_text(p)} budget {_budget_text(p['budget'])} {labels}"
 
 
 def _width_text(p: dict) -> str:

@@ -301,9 +301,9 @@ def choose_layer_widths(
         return {}
     choices = width_choices(config.bits, budget_bits / sum(m.weight.numel() for m in free.values()))
     images = data.statistics_subset(SENSITIVITY_IMAGES, config.seed)
-    errors = sensitivities(float_model, free, choices, config, images)
+    losses = sensitivities(float_model, free, choices, config, images)
     try:
-        return choose_widths(free, errors, budget_bits, per_channel)
+        return choose_widths(free, losses, budget_bits, per_channel)
     except ValueError as exc:
         narrowest = sum(layer_cost_bits(m, choices[0], per_channel) for m in free.values())
         floor_bits = (narrowest + config.target_bits * total_weights - budget_bits) / total_weights

@@ -96,28 +96,28 @@ def _loss(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def choose_widths(
-    layers: dict[str, nn.Module], errors: dict[str, dict[int, float]], budget_bits: float, per_channel: bool
+    layers: dict[str, nn.Module], losses: dict[str, dict[int, float]], budget_bits: float, per_channel: bool
 ) -> dict[str, int]:
-    """Widths for ``layers`` that store at most ``budget_bits`` (codes and ranges) with the least summed error.
+    """Widths for ``layers`` that store at most ``budget_bits`` (codes and ranges) with the least summed loss.
 
-    Greedy on error removed per bit: each layer starts at its narrowest width in ``errors``; while a
+    Greedy on loss removed per bit: each layer starts at its narrowest width in ``losses``; while a
     step fits, the layer whose next width removes the most error per added bit moves up one width.
     Raises ``ValueError`` when even the narrowest widths do not fit.
     """
-    widths = {n: min(errors[n]) for n in layers}
+    widths = {n: min(losses[n]) for n in layers}
     used = sum(layer_cost_bits(layers[n], b, per_channel) for n, b in widths.items())
     if used > budget_bits:
         raise ValueError(f"needs {used} bits at the narrowest widths, the target leaves {int(budget_bits)}")
     while True:
         best, best_gain = None, 0.0
         for n, b in widths.items():
-            wider = [c for c in sorted(errors[n]) if c > b]
+            wider = [c for c in sorted(losses[n]) if c > b]
             if not wider:
                 continue
             extra = layer_cost_bits(layers[n], wider[0], per_channel) - layer_cost_bits(layers[n], b, per_channel)
             if used + extra > budget_bits:
                 continue
-            gain = (errors[n][b] - errors[n][wider[0]]) / extra
+            gain = (losses[n][b] - losses[n][wider[0]]) / extra
             if best is None or gain > best_gain:
                 best, best_gain = (n, wider[0], extra), gain
         if best is None:
