@@ -168,3 +168,21 @@ def save_tuning_file(path) -> None:
         tmp = Path(f"{path}.tmp")
         save_tuning(tmp)
         os.replace(tmp, path)
+
+
+def random_model(arch: str, size: int, calib: int, **kwargs):
+    """A torchvision ``arch`` with random weights (seed 0) and BatchNorm statistics fitted on random images,
+    in eval mode, with ``calib`` calibration images and 8 probe images ``[N, 3, size, size]`` (seeded):
+    ``(model, images, probe)``. The random-weight stand-in of the architecture benchmarks."""
+    import torch
+    import torchvision
+
+    from cora.statistics import reestimate_batchnorm
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(calib, 3, size, size, generator=gen)
+    probe = torch.randn(8, 3, size, size, generator=gen)
+    reestimate_batchnorm(model, torch.randn(32, 3, size, size, generator=gen), batch_size=16)
+    return model.eval(), images, probe

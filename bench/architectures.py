@@ -55,19 +55,12 @@ def _rel(y, ref) -> float:
 def measure(arch: str, size: int, calib: int, bits: int) -> dict:
     """One architecture, in this process (see the module docstring)."""
     import torch
-    import torchvision
 
     import cora
     from cora.deploy import DeployedConv
-    from cora.statistics import reestimate_batchnorm
+    from _harness import random_model
 
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None, **EXTRA_KWARGS.get(arch, {}))
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(calib, 3, size, size, generator=gen)
-    probe = torch.randn(8, 3, size, size, generator=gen)
-    reestimate_batchnorm(model, torch.randn(32, 3, size, size, generator=gen), batch_size=16)
-    model.eval()
+    model, images, probe = random_model(arch, size, calib, **EXTRA_KWARGS.get(arch, {}))
     with torch.no_grad():
         y_float = model(probe)
     t0 = time.perf_counter()

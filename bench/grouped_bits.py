@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's cora, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ARCHS = ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5", "regnet_y_400mf"]
 FIELDS = ["arch", "grouped_convs", "grouped_weight_share", "bits", "grouped_bits", "equiv_bits", "equiv_bits_widened",
@@ -34,18 +35,11 @@ FIELDS = ["arch", "grouped_convs", "grouped_weight_share", "bits", "grouped_bits
 def measure(arch: str, size: int, bits: int, grouped_bits: int, calib: int = 32) -> dict:
     """One architecture (see the module docstring)."""
     import torch
-    import torchvision
 
     import cora
-    from cora.statistics import reestimate_batchnorm
+    from _harness import random_model
 
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None)
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(calib, 3, size, size, generator=gen)
-    probe = torch.randn(8, 3, size, size, generator=gen)
-    reestimate_batchnorm(model, torch.randn(32, 3, size, size, generator=gen), batch_size=16)
-    model.eval()
+    model, images, probe = random_model(arch, size, calib)
     with torch.no_grad():
         y = model(probe)
     weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -72,7 +66,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _harness import git_commit
 
     out = Path(args.out)
