@@ -157,8 +157,7 @@ def test_resolved_choices_and_label_checks():
 
 
 # ---------------------------------------------------------------------------------- dicts
-configs = st.builds(
-    CoRaConfig,
+_config_fields = dict(
     bits=st.sampled_from(SUPPORTED_BITS),
     method=st.sampled_from(METHODS),
     budget=st.floats(1e-4, 1.0),
@@ -166,13 +165,17 @@ configs = st.builds(
     skip=st.lists(st.sampled_from(["conv1", "layer*.conv2", "fc"]), max_size=3).map(tuple),
     layer_bits=st.lists(st.tuples(st.sampled_from(["conv1", "fc"]), st.sampled_from(SUPPORTED_BITS)), max_size=2).map(tuple),
     grouped_bits=st.one_of(st.none(), st.sampled_from(SUPPORTED_BITS)),
-    target_bits=st.one_of(st.none(), st.floats(1.0, 16.0)),
     iterations=st.integers(1, 500),
     rho_init=st.one_of(st.none(), st.floats(0.01, 1.0)),
     tune_loss=st.sampled_from(["auto", "kl", "ce"]),
     tune_lr=st.floats(1e-6, 1.0),
     range_method=st.sampled_from(["mse", "minmax", "std"]),
-    adapter_dtype=st.sampled_from(["float16", "bfloat16", "float32", "int8"]),
+)
+# target_bits is refused with int8 adapters: float adapters with or without a target, int8 ones without
+configs = st.one_of(
+    st.builds(CoRaConfig, **_config_fields, target_bits=st.one_of(st.none(), st.floats(1.0, 16.0)),
+              adapter_dtype=st.sampled_from(["float16", "bfloat16", "float32"])),
+    st.builds(CoRaConfig, **_config_fields, adapter_dtype=st.just("int8")),
 )
 
 
