@@ -8,6 +8,7 @@ import torch.nn as nn
 from cora import CoRaConfig, convert
 from cora.precision import choose_widths, layer_cost_bits, sensitivities, width_choices
 from tests.helpers import randomise_bn
+from tests.tolerances import assert_close_rel
 
 torch.set_num_threads(1)
 
@@ -103,3 +104,19 @@ def test_target_bits_config():
     assert c.typical_bits == 2 and CoRaConfig(bits=4).typical_bits == 4 and CoRaConfig(bits=3, target_bits=7.0).typical_bits == 3
     assert c.resolved(has_labels=False).tune.loss == "blocks"  # the label-free default of a ~2-bit model
     assert CoRaConfig.from_dict(c.to_dict()) == c
+
+
+def test_a_mixed_width_model_saves_loads_and_deploys_as_it_computes(tmp_path):
+    import cora
+
+    model = _net()
+    q = convert(model, _images(), _cfg(target_bits=2.7))
+    assert len(set(q.cora_report.widths.values())) == 2
+    path = tmp_path / "mixed.safetensors"
+    cora.save(q, path)
+    back = cora.load(path, model=_net())
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+        assert_close_rel(cora.deploy(back)(x), q(x))
+    assert back.cora_report.widths == q.cora_report.widths
