@@ -74,10 +74,7 @@ LABEL_FREE_BLOCKS_MAX_BITS = 3
 # larger, structured residual is what enough adapters reclaim. ResNet-20 W2 label-free defaults, the
 # same 2,000 held-back images (python -m cora quantize cifar_resnet20 --bits 2 --no-labels --range R
 # --budget B --eval-split holdout --eval-limit 2000): budget 2.5 %: 77.55 MSE, 79.80 min-max;
-# 5 %: 82.00 MSE, 80.45 min-max. So MSE from a 5 % budget up, min-max below it. Once the block reconstruction
-# also fits the BatchNorms (a per-channel correction of each quantized layer), MSE wins at every budget:
-# all 3,400 held-back images, label-free defaults: no adapters 79.32 MSE, 78.59 min-max; 2.5 %: 80.38
-# MSE, 79.50 min-max; 5 %: 82.41 MSE, 79.82 min-max. So MSE whenever the BatchNorms are fitted.
+# 5 %: 82.00 MSE, 80.45 min-max. So MSE from a 5 % budget up, min-max below it.
 TWO_BIT_MSE_MIN_BUDGET = 0.05
 # With labels, the block reconstruction (BatchNorms too) before the cross-entropy tuning, up to this
 # width: ResNet-20 W2 5 %, labelled defaults otherwise, all 3,400 held-back images: 85.76 -> 86.88
@@ -127,8 +124,7 @@ class QuantizerConfig:
     ``granularity``: one scale per output ``channel`` or per ``tensor``. ``range_method``: ``mse`` (a
     coarse-to-fine search over both ends of the range), ``minmax``, ``std`` (``mean ± std_k·std``, the
     paper's) or ``auto`` (:meth:`range_for`: ``minmax`` for a 2-bit layer rounded by GPTQ when the
-    adapter budget is below :data:`TWO_BIT_MSE_MIN_BUDGET` and the BatchNorms are not fitted, ``mse``
-    otherwise). ``rounding``: ``gptq``
+    adapter budget is below :data:`TWO_BIT_MSE_MIN_BUDGET`, ``mse`` otherwise). ``rounding``: ``gptq``
     (error-compensating, from the layer's input statistics; ``gptq_damp`` is its dampening as a fraction
     of the mean diagonal, ``gptq_act_order`` its column order) or ``nearest``. ``sequential``:
     statistics from the inputs the already-quantized model produces, layer by layer. ``stats_images``: a
@@ -149,14 +145,13 @@ class QuantizerConfig:
     stats_images: int = 512
     max_stats_features: int = 8192  # 512 MiB per float64 [K, K] matrix at the limit
 
-    def range_for(self, bits: int, adapter_budget: float = 1.0, norms_fitted: bool = False) -> str:
+    def range_for(self, bits: int, adapter_budget: float = 1.0) -> str:
         """The range method of a ``bits``-wide layer: ``range_method``, or for ``auto`` ``minmax`` for a
         2-bit layer rounded by GPTQ in a conversion whose adapter budget (0 without adapters) is below
-        :data:`TWO_BIT_MSE_MIN_BUDGET` and whose block reconstruction does not fit the BatchNorms
-        (``norms_fitted``), ``mse`` otherwise (see there for the measurements)."""
+        :data:`TWO_BIT_MSE_MIN_BUDGET`, ``mse`` otherwise (see there for the measurements)."""
         if self.range_method != "auto":
             return self.range_method
-        small = adapter_budget < TWO_BIT_MSE_MIN_BUDGET and not norms_fitted
+        small = adapter_budget < TWO_BIT_MSE_MIN_BUDGET
         return "minmax" if bits <= 2 and self.rounding == "gptq" and small else "mse"
 
     def __post_init__(self) -> None:
@@ -483,12 +478,6 @@ class CoRaConfig:
             else:
                 changes["tune_loss"], changes["tune_iterations"] = "kl", 0
         return self.replace(**changes) if changes else self
-
-    @property
-    def fits_norms(self) -> bool:
-        """Whether the tuning (a resolved config's) is the block reconstruction with the BatchNorms fitted."""
-        t = self.tune
-        return t.loss in ("blocks", "blocks+ce") and t.norms and t.iterations > 0
 
     @property
     def typical_bits(self) -> int:

@@ -348,7 +348,7 @@ def quantize_base(
         for name, mod in layers.items():
             bits = _layer_bits(name, mod, config, widths)
             w = mod.weight.detach().float().cpu()
-            method = q.range_for(bits, config.budget if adapters else 0.0, config.fits_norms)
+            method = q.range_for(bits, config.budget if adapters else 0.0)
             scale, zero = compute_qparams(w, bits, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)
             h = None  # no statistics: not needed, too wide, or the layer never runs on these images
             if name in wanted and sequential:

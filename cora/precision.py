@@ -80,7 +80,7 @@ def sensitivities(
         out[name] = {}
         try:
             for b in widths:
-                method = q.range_for(b, config.budget if config.method != "none" else 0.0, config.fits_norms)
+                method = q.range_for(b, config.budget if config.method != "none" else 0.0)
                 scale, zero = compute_qparams(w, b, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)
                 mod.weight.copy_(dequantize(quantize(w, scale, zero, b), scale, zero).to(original))
                 out[name][b] = _loss(model_logits(model, images, output=config.output), ref)

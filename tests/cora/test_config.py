@@ -249,9 +249,3 @@ def test_auto_range_is_minmax_for_2_bit_gptq_below_the_adapter_budget_threshold_
     assert [q.range_for(b) for b in (2, 3, 4, 8)] == ["mse"] * 4
     assert QuantizerConfig(rounding="nearest").range_for(2, adapter_budget=0.0) == "mse"
     assert QuantizerConfig(range_method="std").range_for(2, adapter_budget=0.0) == "std"  # an explicit choice is kept
-    # with the BatchNorms fitted by the block reconstruction, MSE at every budget
-    assert [q.range_for(2, adapter_budget=f, norms_fitted=True) for f in (0.0, 0.025, 0.05)] == ["mse"] * 3
-    label_free = CoRaConfig(bits=2, method="none").resolved(has_labels=False)
-    assert label_free.fits_norms and not label_free.replace(tune_norms=False).fits_norms
-    assert not CoRaConfig(bits=4).resolved(has_labels=False).fits_norms  # no tuning at 4 bits without labels
-    assert CoRaConfig(bits=2).resolved(has_labels=True).fits_norms  # blocks+ce
