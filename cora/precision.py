@@ -23,6 +23,7 @@ from cora_kernels.packing import SUPPORTED_BITS
 
 from .calibration import model_logits
 from .config import CoRaConfig
+from .progress import progress_bar
 from .quantizer import compute_qparams, dequantize, quantize
 
 __all__ = ["SENSITIVITY_IMAGES", "width_choices", "layer_cost_bits", "adapter_reserve_bits", "sensitivities", "choose_widths"]
@@ -74,18 +75,21 @@ def sensitivities(
     q = config.quantizer
     ref = model_logits(model, images, output=config.output)
     out: dict[str, dict[int, float]] = {}
-    for name, mod in layers.items():
-        original = mod.weight.detach().clone()
-        w = original.float().cpu()
-        out[name] = {}
-        try:
-            for b in widths:
-                method = q.range_for(b, config.budget if config.method != "none" else 0.0)
-                scale, zero = compute_qparams(w, b, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)
-                mod.weight.copy_(dequantize(quantize(w, scale, zero, b), scale, zero).to(original))
-                out[name][b] = _loss(model_logits(model, images, output=config.output), ref)
-        finally:
-            mod.weight.copy_(original)
+    with progress_bar(len(layers), "widths", config.progress) as bar:  # one forward pass per layer and width
+        for name, mod in layers.items():
+            original = mod.weight.detach().clone()
+            w = original.float().cpu()
+            out[name] = {}
+            try:
+                for b in widths:
+                    method = q.range_for(b, config.budget if config.method != "none" else 0.0)
+                    scale, zero = compute_qparams(w, b, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)
+                    mod.weight.copy_(dequantize(quantize(w, scale, zero, b), scale, zero).to(original))
+                    out[name][b] = _loss(model_logits(model, images, output=config.output), ref)
+            finally:
+                mod.weight.copy_(original)
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
     return out
 
 

@@ -120,3 +120,9 @@ def test_a_mixed_width_model_saves_loads_and_deploys_as_it_computes(tmp_path):
         assert torch.equal(back(x), q(x))
         assert_close_rel(cora.deploy(back)(x), q(x))
     assert back.cora_report.widths == q.cora_report.widths
+
+
+def test_the_width_choice_shows_progress(capsys):
+    convert(_net(), _images(), _cfg(target_bits=2.7, progress=True))
+    err = capsys.readouterr().err
+    assert "widths" in err and "widths 4/4" in err  # one step per free layer (three convs and the head)
