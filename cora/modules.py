@@ -44,13 +44,19 @@ from .config import LAYER_DEFAULTS
 from .quantizer import compute_qparams, dequantize, quantize
 from .residual import adapter_from_factors, factorize_residual, full_rank
 
-__all__ = ["CoRaConv2d", "QuantLinear", "MODULE_FORMAT_VERSION"]
+__all__ = ["CoRaConv2d", "QuantLinear", "MODULE_FORMAT_VERSION", "base_storage_bits"]
 
 MODULE_FORMAT_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 _SCALE_BITS = 32  # the int8 adapters' per-row scales are float32
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ADAPTER_BUFFERS = ("adapter_a", "adapter_b", "adapter_a_scale", "adapter_b_scale")
+
+
+def base_storage_bits(bits: int, weights: int, channels: int) -> int:
+    """Bits a ``bits``-wide base quantization of ``weights`` weights stores: the codes, and an fp16 scale
+    and a b-bit zero point for each of its ``channels`` ranges (1 per tensor, ``C_out`` per channel)."""
+    return bits * weights + (16 + bits) * channels
 
 
 def _dtype(d: str | torch.dtype) -> torch.dtype:
@@ -136,8 +142,7 @@ class _PackedWeightMixin:
         for d in self.weight_shape:
             n *= d
         per_tensor = bool((self.scale == self.scale[0]).all() and (self.zero == self.zero[0]).all())
-        channels = 1 if per_tensor else self.weight_shape[0]
-        return self.bits * n + (16 + self.bits) * channels + adapter_bits
+        return base_storage_bits(self.bits, n, 1 if per_tensor else self.weight_shape[0]) + adapter_bits
 
 
 def _check_input(name: str, x: torch.Tensor, channels: int, ref: torch.Tensor) -> None:

@@ -23,8 +23,9 @@ from cora_kernels.packing import SUPPORTED_BITS
 
 from .calibration import model_logits
 from .config import CoRaConfig
+from .modules import base_storage_bits
 from .progress import progress_bar
-from .quantizer import compute_qparams, dequantize, quantize
+from .quantizer import compute_qparams, fake_quantize
 
 __all__ = ["SENSITIVITY_IMAGES", "width_choices", "layer_cost_bits", "adapter_reserve_bits", "sensitivities", "choose_widths"]
 
@@ -48,8 +49,7 @@ def width_choices(widest: int, code_bits: float) -> list[int]:
 def layer_cost_bits(layer: nn.Module, bits: int, per_channel: bool) -> int:
     """Bits a layer's base quantization stores at ``bits``: codes, an fp16 scale and a b-bit zero per
     output channel (one pair per tensor otherwise), as ``CoRaConv2d`` / ``QuantLinear`` count them."""
-    channels = layer.weight.shape[0] if per_channel else 1
-    return bits * layer.weight.numel() + (16 + bits) * channels
+    return base_storage_bits(bits, layer.weight.numel(), layer.weight.shape[0] if per_channel else 1)
 
 
 def adapter_reserve_bits(config: CoRaConfig, weight_params: int) -> int:
@@ -57,8 +57,7 @@ def adapter_reserve_bits(config: CoRaConfig, weight_params: int) -> int:
     without adapters). int8 adapters' per-row scales depend on the ranks, so they are not supported here."""
     if config.method == "none":
         return 0
-    per_param = {"float16": 16, "bfloat16": 16, "float32": 32}[config.adapter.dtype]
-    return int(config.budget * weight_params) * per_param
+    return int(config.budget * weight_params) * torch.finfo(getattr(torch, config.adapter.dtype)).bits
 
 
 @torch.no_grad()
@@ -84,7 +83,7 @@ def sensitivities(
                 for b in widths:
                     method = q.range_for(b, config.budget if config.method != "none" else 0.0)
                     scale, zero = compute_qparams(w, b, per_channel=q.granularity == "channel", method=method, std_k=q.std_k)
-                    mod.weight.copy_(dequantize(quantize(w, scale, zero, b), scale, zero).to(original))
+                    mod.weight.copy_(fake_quantize(w, scale, zero, b).to(original))
                     out[name][b] = _loss(model_logits(model, images, output=config.output), ref)
             finally:
                 mod.weight.copy_(original)
