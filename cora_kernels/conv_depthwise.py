@@ -11,7 +11,7 @@ BLOCK_C output channels]`` of the NHWC output: for each of the ``kh*kw`` taps (a
 the input tile (zero padding, stride and dilation in the load mask), the codes of the tile's
 channels for that tap (one int32 word per channel and plane, coalesced along C_out), subtracts
 the zero point and accumulates ``x * (q - zero)`` in fp32 on the CUDA cores.  The epilogue is the
-fused kernel's (:func:`cora_kernels.conv_fused._epilogue_store`): ``scale[c]``, bias, folded
+fused kernel's (:func:`cora_kernels.jit_common.epilogue_store`): ``scale[c]``, bias, folded
 BatchNorm, residual, the activation (the same ``ACT`` codes), one store in the output's dtype and
 memory format.
 
@@ -42,8 +42,9 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .conv_fused import _epilogue_store, _nhwc_strides, is_interpreting
+from .environment import is_interpreting
 from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
+from .jit_common import epilogue_store, nhwc_strides
 from .packing_jit import load_codes_row
 
 __all__ = ["cora_conv2d_grouped_triton"]
@@ -123,10 +124,10 @@ def _cora_conv2d_grouped_kernel(
                                tap * CIG + j, zp, C_out, BITS)
 
     sc = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    _epilogue_store(acc * sc[None, :], offs_m, offs_c, m_mask, c_mask, OH, OW,
-                    bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
-                    son, soh, sow, soc, srn, srh, srw, src,
-                    HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
+    epilogue_store(acc * sc[None, :], offs_m, offs_c, m_mask, c_mask, OH, OW,
+                   bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
+                   son, soh, sow, soc, srn, srh, srw, src,
+                   HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ class _Prepared:
     has_bn: bool
     has_res: bool
     act: int                      # ACT code (geometry.activation_code)
-    upcast: bool                  # bf16 under the interpreter: round the output by hand (conv_fused._cast)
+    upcast: bool                  # bf16 under the interpreter: round the output by hand (jit_common.cast_to)
 
 
 def _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, act: int, g: ConvGeometry,
@@ -173,8 +174,8 @@ def _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, act:
         bias=bias if bias is not None else out,
         out_scale=out_scale if has_bn else out, out_shift=out_shift if has_bn else out,
         residual=residual if residual is not None else out,
-        x_strides=_nhwc_strides(xk), out_strides=_nhwc_strides(out),
-        res_strides=_nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
+        x_strides=nhwc_strides(xk), out_strides=nhwc_strides(out),
+        res_strides=nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
         bits=bits, has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, act=act,
         upcast=x.dtype == torch.bfloat16 and is_interpreting(),
     )

@@ -14,8 +14,9 @@ activation tile to two tensor-core products: ``acc += x @ (q - zero)`` and ``t +
 The epilogue applies ``acc * scale[n] + t @ B^T`` and the rest.  The input is read once.
 
 The activation is the constexpr ``ACT`` (:func:`cora_kernels.geometry.activation_code`: 0 none,
-1 relu, 2 relu6, 3 silu, 4 hardswish, 5 exact erf gelu, 6 sigmoid, 7 hardsigmoid), applied last by :func:`_activation` to the
-fp32 tile, before the one rounding to the output dtype; the grouped kernel shares it.
+1 relu, 2 relu6, 3 silu, 4 hardswish, 5 exact erf gelu, 6 sigmoid, 7 hardsigmoid), applied last by
+:func:`cora_kernels.jit_common.apply_activation` to the fp32 tile, before the one rounding to the output
+dtype; the grouped kernel shares it (and the rest of the epilogue, :mod:`cora_kernels.jit_common`).
 
 Numerics (documented choice):
 
@@ -52,7 +53,6 @@ kernel (plus the split-K reduction) for one :class:`~cora_kernels.tuning.ConvCon
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -60,18 +60,13 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .environment import is_interpreting
 from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
+from .jit_common import cast_to, epilogue_store, mma, nhwc_strides
 from .packing import plane_bits
 from .packing_jit import load_codes_aligned, load_codes_gather
 
-__all__ = ["cora_conv2d_triton", "dense_gemm_weight", "rank_pad", "is_interpreting"]
-
-
-def is_interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET`` set, not "0").
-
-    The one reader of ``TRITON_INTERPRET`` in the package."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+__all__ = ["cora_conv2d_triton", "dense_gemm_weight", "rank_pad"]
 
 
 def rank_pad(r: int) -> int:
@@ -79,27 +74,6 @@ def rank_pad(r: int) -> int:
     if r <= 0:
         return 0
     return max(16, triton.next_power_of_2(r))
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: the triton 3.8 interpreter multiplies the raw bits of bf16 operands (np.matmul on
-    # their uint16 storage); bf16 -> fp32 is exact, so upcasting there keeps the same numerics.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cast(v, dt: tl.constexpr, UPCAST: tl.constexpr):
-    # Under the interpreter (UPCAST) fp32 -> bf16 truncates; round to nearest even by hand there.
-    if UPCAST and dt == tl.bfloat16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dt)
 
 
 @triton.jit
@@ -119,56 +93,8 @@ def _int8_adapter_term(acc, t, bt, sa_ptr, sb_ptr, offs_r, r_mask, offs_n, n_mas
     sb = tl.where(b_on, sb, 1.0)
     bt = tl.where(b_on[None, :], bt, 0)
     acc = acc * (1.0 / sb)[None, :]
-    acc = _mma(_cast(t * sa[None, :], dt, UPCAST), _cast(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
+    acc = mma(cast_to(t * sa[None, :], dt, UPCAST), cast_to(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
     return acc * sb[None, :]
-
-
-@triton.jit
-def _activation(y, ACT: tl.constexpr):
-    """The fused activation on an fp32 tile; ``ACT`` as :func:`cora_kernels.geometry.activation_code`."""
-    if ACT == 1:  # relu
-        y = tl.maximum(y, 0.0)
-    elif ACT == 2:  # relu6
-        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
-    elif ACT == 3:  # silu: y * sigmoid(y); exp(-y) = inf for very negative y gives -0, not NaN
-        y = y / (1.0 + tl.exp(-y))
-    elif ACT == 4:  # hardswish
-        y = y * (tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0)
-    elif ACT == 5:  # gelu, exact: tl.math.erf is in triton 3.6 (GPU machine) and 3.8, also interpreted
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACT == 6:  # sigmoid (the gate of squeeze-and-excitation blocks)
-        y = 1.0 / (1.0 + tl.exp(-y))
-    elif ACT == 7:  # hardsigmoid: relu6(y + 3) / 6
-        y = tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
-    return y
-
-
-@triton.jit
-def _epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
-                    bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
-                    son, soh, sow, soc, srn, srh, srw, src,
-                    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_RES: tl.constexpr,
-                    ACT: tl.constexpr, UPCAST: tl.constexpr):
-    """bias -> folded BN -> residual -> activation on an fp32 tile, then store in out's dtype."""
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = y + bias[None, :]
-    if HAS_BN:
-        osc = tl.load(oscale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        osh = tl.load(oshift_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = y * osc[None, :] + osh[None, :]
-    ow = offs_m % OW
-    tmp = offs_m // OW
-    oh = tmp % OH
-    nb = (tmp // OH).to(tl.int64)
-    mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RES:
-        r_off = nb * srn + oh * srh + ow * srw
-        res = tl.load(res_ptr + r_off[:, None] + offs_n[None, :] * src, mask=mask, other=0.0)
-        y = y + res.to(tl.float32)
-    y = _activation(y, ACT)
-    o_off = nb * son + oh * soh + ow * sow
-    tl.store(out_ptr + o_off[:, None] + offs_n[None, :] * soc, _cast(y, out_ptr.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -251,11 +177,11 @@ def _cora_conv2d_kernel(
                 q = load_codes_gather(w0_ptr, w1_ptr, kk, offs_n, c_ok[:, None] & n_mask[None, :], C_out,
                                       BITS)
             wt = (q.to(tl.float32) - zp[None, :]).to(dt)
-        acc = _mma(xt, wt, acc, DOT_PREC, UPCAST)
+        acc = mma(xt, wt, acc, DOT_PREC, UPCAST)
         if R_PAD > 0:
             at = tl.load(a_ptr + offs_r[None, :] * sar + kk[:, None] * sak,
                          mask=c_ok[:, None] & r_mask[None, :], other=0)
-            t = _mma(xt, _cast(at, dt, UPCAST), t, DOT_PREC, UPCAST)
+            t = mma(xt, cast_to(at, dt, UPCAST), t, DOT_PREC, UPCAST)
 
     if BITS != 16:
         sc = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -266,13 +192,13 @@ def _cora_conv2d_kernel(
         if ADAPTER_Q:
             acc = _int8_adapter_term(acc, t, bt, sa_ptr, sb_ptr, offs_r, r_mask, offs_n, n_mask, dt, DOT_PREC, UPCAST)
         else:
-            acc = _mma(_cast(t, dt, UPCAST), _cast(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
+            acc = mma(cast_to(t, dt, UPCAST), cast_to(bt, dt, UPCAST), acc, DOT_PREC, UPCAST)
 
     if SPLIT_K == 1:
-        _epilogue_store(acc, offs_m, offs_n, m_mask, n_mask, OH, OW,
-                        bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
-                        son, soh, sow, soc, srn, srh, srw, src,
-                        HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
+        epilogue_store(acc, offs_m, offs_n, m_mask, n_mask, OH, OW,
+                       bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
+                       son, soh, sow, soc, srn, srh, srw, src,
+                       HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
     else:
         ws = ws_ptr + pid_k * M * C_out  # split-K only runs for small M: int32 offsets suffice
         tl.store(ws + offs_m[:, None] * C_out + offs_n[None, :], acc,
@@ -300,10 +226,10 @@ def _splitk_epilogue_kernel(
     y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(split_k):  # a dynamic loop: one partial tile live at a time
         y += tl.load(ws_tile + s * M * C_out, mask=mask, other=0.0)
-    _epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
-                    bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
-                    son, soh, sow, soc, srn, srh, srw, src,
-                    HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
+    epilogue_store(y, offs_m, offs_n, m_mask, n_mask, OH, OW,
+                   bias_ptr, oscale_ptr, oshift_ptr, res_ptr, out_ptr,
+                   son, soh, sow, soc, srn, srh, srw, src,
+                   HAS_BIAS, HAS_BN, HAS_RES, ACT, UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,11 +241,6 @@ def dense_gemm_weight(qweight, scale, zero, bits: int, K: int, dtype) -> torch.T
     from .reference import dequantize_gemm
 
     return dequantize_gemm(qweight, scale, zero, bits, K, torch.float32).t().contiguous().to(dtype)
-
-
-def _nhwc_strides(t: torch.Tensor):
-    sn, sc, sh, sw = t.stride()
-    return sn, sh, sw, sc
 
 
 @dataclass(frozen=True, eq=False)
@@ -357,7 +278,7 @@ class _Prepared:
     has_res: bool
     act: int                      # ACT code (geometry.activation_code)
     dot_prec: str                 # tl.dot input_precision
-    upcast: bool                  # bf16 under the interpreter (see _mma / _cast)
+    upcast: bool                  # bf16 under the interpreter (see mma / cast_to)
     aligned_ok: bool              # the aligned unpack path may apply (also needs BLOCK_K % per == 0)
 
 
@@ -390,11 +311,11 @@ def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual
         bias=bias if bias is not None else out,
         out_scale=out_scale if has_bn else out, out_shift=out_shift if has_bn else out,
         residual=residual if residual is not None else out,
-        x_strides=_nhwc_strides(xk),
+        x_strides=nhwc_strides(xk),
         a_strides=(a.stride(0), a.stride(1)) if r > 0 else (0, 0),
         b_strides=(b.stride(0), b.stride(1)) if r > 0 else (0, 0),
-        out_strides=_nhwc_strides(out),
-        res_strides=_nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
+        out_strides=nhwc_strides(out),
+        res_strides=nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
         bits=kbits, codes_per_word=per, r_pad=rank_pad(r), adapter_q=adapter_q,
         has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, act=act,
         # fp32: 3xTF32 on the GPU (tensor cores, ~fp32 accuracy); the interpreter computes in fp32 anyway

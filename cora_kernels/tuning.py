@@ -38,12 +38,13 @@ Imports only torch (Triton is imported when a candidate is first timed).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .environment import autotune_enabled, is_interpreting
 
 __all__ = [
     "ConvConfig",
@@ -470,11 +471,6 @@ def load_tuning(path) -> int:
 # the policy
 # ----------------------------------------------------------------------------------------------
 
-def autotune_enabled() -> bool:
-    """False when ``CORA_AUTOTUNE=0`` (read at call time): launches then use :func:`untimed_config`."""
-    return os.environ.get("CORA_AUTOTUNE", "1") != "0"
-
-
 def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
                   time_candidate: Callable[[ConvConfig, int], object], device: torch.device) -> TuneChoice:
     """The launch choice for one call of the fused kernel.
@@ -489,8 +485,6 @@ def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
 
     ``geometry`` is the call's :class:`~cora_kernels.geometry.ConvGeometry`.
     """
-    from .conv_fused import is_interpreting  # the one reader of TRITON_INTERPRET
-
     g = geometry
     if is_interpreting() or device.type != "cuda":
         return TuneChoice(INTERPRETER_CONFIG, 1)

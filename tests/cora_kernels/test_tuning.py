@@ -267,8 +267,6 @@ def _key(g, r_pad=16):
 
 
 def test_select_config_interpreter_or_cpu(monkeypatch):
-    import cora_kernels.conv_fused as cf
-
     cache = TuningCache()
     monkeypatch.setattr(tuning, "TUNING_CACHE", cache)
     g = _geom()
@@ -276,9 +274,9 @@ def test_select_config_interpreter_or_cpu(monkeypatch):
     def never(cfg, split):
         raise AssertionError("nothing is timed here")
 
-    monkeypatch.setattr(cf, "is_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "is_interpreting", lambda: False)
     assert tuning.select_config(_key(g), g, 16, 2, never, torch.device("cpu")) == TuneChoice(INTERPRETER_CONFIG, 1)
-    monkeypatch.setattr(cf, "is_interpreting", lambda: True)
+    monkeypatch.setattr(tuning, "is_interpreting", lambda: True)
     assert tuning.select_config(_key(g), g, 16, 2, never, torch.device("cuda")) == TuneChoice(INTERPRETER_CONFIG, 1)
     assert len(cache) == 0
 
@@ -289,10 +287,8 @@ def fake_gpu(monkeypatch):
     candidate once and reports the time ``fake_gpu.times`` gives for ``(config name, split)``."""
     import triton.testing
 
-    import cora_kernels.conv_fused as cf
-
     state = SimpleNamespace(times={}, timed=[], capturing=False, cache=TuningCache())
-    monkeypatch.setattr(cf, "is_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "is_interpreting", lambda: False)
     monkeypatch.setattr(tuning, "TUNING_CACHE", state.cache)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(multi_processor_count=132))
