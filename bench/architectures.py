@@ -71,7 +71,7 @@ def measure(arch: str, size: int, calib: int, bits: int) -> dict:
     layers = [m for m in q.modules() if isinstance(m, cora.CoRaConv2d)]
     with torch.no_grad():
         y_q, y_rtn = q(probe), rtn(probe)
-        deployed = cora.deploy(q)
+        deployed = cora.deploy(q, weights="packed")  # the op's reference path, as the columns say
         y_dep = deployed(probe)
     rep = q.cora_report
     return {

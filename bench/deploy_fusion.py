@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             want = model(x)
-            dep = cora.deploy(model)
+            dep = cora.deploy(model, weights="packed")  # dense would wrap unfused convs too
             err = float((dep(x) - want).norm() / want.norm())
         fused = [m for m in dep.modules() if isinstance(m, DeployedConv)]
         acts = Counter(m.activation or "none" for m in fused)

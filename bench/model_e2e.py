@@ -91,7 +91,7 @@ def cpu_report(args) -> int:
         row = {"model": name, "fp16": fp16["total"]}
         for bits in args.bits:
             conv = convert_model(fm, bits, calib)
-            dep = deploy(conv)
+            dep = deploy(conv, weights="packed")  # the stored form: packed codes
             wb = weight_bytes(dep)
             print(bytes_line(f"CoRa W{bits} deployed", wb))
             x = torch.randn(2, 3, 64, 64)

@@ -19,10 +19,23 @@ by a ``BatchNorm2d`` (and/or a residual add, an activation) becomes one :class:`
   become ``nn.Identity`` so indices and names stay).
 
 Everything else (pooling, ``QuantLinear``, float layers, blocks whose convs are not all
-``CoRaConv2d``) stays as it is.
+``CoRaConv2d``) stays as it is, except that ``weights="dense"`` (below) gives every ``CoRaConv2d`` and
+``QuantLinear`` left its dense form.
 
-BatchNorm folding uses the op's fp32 per-channel epilogue rather than rewriting the quantized
-weights: ``out_scale = gamma / sqrt(running_var + eps)`` and
+Weights: ``deploy(model, weights=...)`` picks how each deployed conv computes.  ``"packed"`` keeps the
+packed codes: one ``cora::conv2d`` op per conv (the fused Triton kernel on CUDA; on the CPU the op's
+pure-torch reference, which unpacks the codes and runs three convs per call, slow).  ``"dense"``
+computes once, at deploy, each conv's effective weight ``Q(W) + B·A`` in float32 with the BatchNorm
+folded into weight and bias, so a conv is one ``F.conv2d`` (oneDNN on the CPU) plus the residual add
+and the activation in torch (:meth:`DeployedConv.to_dense`; ``QuantLinear`` -> :class:`DeployedLinear`).
+``"auto"`` (the default) is dense for a model on the CPU, packed otherwise.  The dense weights are
+non-persistent buffers (moved by ``.to()``, absent from ``state_dict``, counted by
+:func:`weight_bytes` as ``dense``); the choice is recorded in ``model.cora_deploy["weights"]``.
+The deployed modules live in :mod:`cora.deployed` (imported by this module and by :mod:`cora.fusion`)
+and are re-exported here.
+
+With packed weights, BatchNorm folding uses the op's fp32 per-channel epilogue rather than rewriting
+the quantized weights: ``out_scale = gamma / sqrt(running_var + eps)`` and
 ``out_shift = beta - running_mean * out_scale`` (computed in float64, stored float32), applied as
 ``(conv + adapter + bias) * out_scale + out_shift``.  This is exact for per-channel *and*
 per-tensor quantization scales alike (folding into a per-tensor scale would force it per-channel,
@@ -36,8 +49,10 @@ the fp32 ``out_scale``/``out_shift``.
 The deployed model is for inference only (the op has no autograd), is returned in eval mode, and
 uses the BatchNorm *running* statistics (eval semantics).  Its forward has no mutable state (safe
 to call from several threads) and compiles with ``torch.compile(fullgraph=True)``: each deployed
-conv is one opaque ``cora::conv2d`` node.  Feed it float16/bfloat16/float32 inputs directly; do not
-call ``.half()`` on the deployed model (that would round the fp32 BatchNorm epilogue to fp16).
+conv is one opaque ``cora::conv2d`` node (with dense weights, an aten convolution).  Feed it
+float16/bfloat16/float32 inputs directly; with packed weights do not call ``.half()`` on the deployed
+model (that would round the fp32 BatchNorm epilogue to fp16); dense weights are cast to the input's
+dtype per call (or once, by ``.to(dtype)``).
 
 Before capturing it in a CUDA graph, call :func:`warmup` with every batch size that will be
 captured: the Triton kernels autotune on first use of each shape, and autotuning (which launches
@@ -51,131 +66,25 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from cora_kernels.ops import Backend
-from cora_kernels.reference import TORCH_ACTIVATIONS  # the epilogue's activations as torch computes them
+from cora_kernels.ops import Backend, default_backend
 
+from .deployed import (
+    DENSE_BUFFERS,
+    DeployedBasicBlock,
+    DeployedBottleneck,
+    DeployedConv,
+    DeployedLinear,
+    _foldable,
+)
+from .fusion import fuse_traced, module_activation
 from .modules import CoRaConv2d, QuantLinear
 
-__all__ = ["deploy", "warmup", "weight_bytes", "DeployedConv", "DeployedBasicBlock", "DeployedBottleneck"]
+__all__ = ["deploy", "warmup", "weight_bytes", "WEIGHTS", "DeployedConv", "DeployedBasicBlock", "DeployedBottleneck",
+           "DeployedLinear"]
 
-
-def _bn_fold(bn: nn.BatchNorm2d, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``(out_scale, out_shift)`` with ``bn(y) == y * out_scale + out_shift`` (eval mode)."""
-    if bn.num_features != channels:
-        raise ValueError(f"BatchNorm2d has {bn.num_features} features but the conv before it has {channels} outputs")
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    shift = beta - mean * scale
-    return scale.float(), shift.float()
-
-
-def _foldable(bn) -> bool:
-    """An affine eval-mode BatchNorm2d that can be folded exactly. The type must be exactly
-    ``nn.BatchNorm2d``: a subclass may do more in its forward (timm's ``BatchNormAct2d`` applies an
-    activation), and folding it would silently drop that."""
-    return type(bn) is nn.BatchNorm2d and bn.running_mean is not None and bn.running_var is not None
-
-
-class DeployedConv(nn.Module):
-    """One ``cora::conv2d`` launch: ``act((conv(x) + adapter(x) + bias) * out_scale + out_shift + residual)``.
-
-    ``conv`` is the (shared, unchanged) :class:`CoRaConv2d` whose packed codes, fp16 scale, adapters
-    and bias are used as stored; ``bn`` (optional, eval statistics) is folded into fp32
-    ``out_scale``/``out_shift`` ``[C_out]``; ``activation`` (one of :data:`cora_kernels.ACTIVATIONS`, or
-    None; ``relu=True`` is ``activation="relu"``) is applied last.  Input ``[N, C_in, H, W]``
-    (float32/float16/bfloat16, NCHW or channels_last); ``residual`` ``[N, C_out, OH, OW]`` or None.
-    ``check_residual`` (set for adds found by tracing, whose shapes are not known in advance): a residual
-    of another shape (a broadcasting add) is added outside the kernel, before the activation, so the
-    result is what the unfused model computes; the typed blocks' residuals always fit and skip the check.
-    Non-zero padding modes and asymmetric ``'same'`` padding are applied to the input first, as
-    :meth:`CoRaConv2d.op_forward` (which builds the op's arguments) does.  ``backend``: as for
-    :class:`CoRaConv2d` (None: the conv's, then ``CORA_BACKEND``).  Inference only (no autograd).
-    """
-
-    def __init__(self, conv: CoRaConv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False,
-                 backend: Backend | str | None = None, activation: str | None = None,
-                 check_residual: bool = False) -> None:
-        super().__init__()
-        if not isinstance(conv, CoRaConv2d):
-            raise TypeError(f"DeployedConv wraps a CoRaConv2d, got {type(conv).__name__}")
-        if relu and activation not in (None, "relu"):
-            raise ValueError(f"relu=True and activation={activation!r}: give one activation")
-        activation = "relu" if relu else activation
-        if activation is not None and activation not in TORCH_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(TORCH_ACTIVATIONS)} or None, got {activation!r}")
-        self.conv = conv
-        self.activation = activation
-        self.check_residual = bool(check_residual)
-        self.backend = None if backend is None else Backend(backend)
-        # The op takes the zero point as a floating tensor; uint8 values are exact in float16.
-        self.register_buffer("zero_f", conv.zero.detach().to(torch.float16))
-        if bn is not None:
-            s, t = _bn_fold(bn, conv.out_channels)
-            dev = conv.scale.device
-            self.register_buffer("out_scale", s.to(dev))
-            self.register_buffer("out_shift", t.to(dev))
-        else:
-            self.out_scale = None
-            self.out_shift = None
-
-    @property
-    def has_bn(self) -> bool:
-        return self.out_scale is not None
-
-    @property
-    def relu(self) -> bool:
-        return self.activation == "relu"
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        kw = dict(zero=self.zero_f, out_scale=self.out_scale, out_shift=self.out_shift, backend=self.backend)
-        if residual is None or not self.check_residual or self._fits(x, residual):
-            return self.conv.op_forward(x, residual=residual, activation=self.activation, **kw)
-        y = self.conv.op_forward(x, **kw) + residual
-        return y if self.activation is None else TORCH_ACTIVATIONS[self.activation](y)
-
-    def _fits(self, x: torch.Tensor, residual) -> bool:
-        """Whether the kernel can add ``residual``: a floating tensor of exactly the output's shape on x's device."""
-        if not isinstance(residual, torch.Tensor) or not residual.is_floating_point() or residual.device != x.device:
-            return False
-        c = self.conv
-        left, right, top, bottom = c._pad_lrtb  # the padding in full, wherever it is applied (no copy here)
-        (kh, kw), (sh, sw), (dh, dw) = c.kernel_size, c.stride, c.dilation
-        oh = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
-        ow = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
-        return tuple(residual.shape) == (x.shape[0], c.out_channels, oh, ow)
-
-    def extra_repr(self) -> str:
-        return f"bn_folded={self.has_bn}, activation={self.activation}"
-
-
-class DeployedBasicBlock(nn.Module):
-    """Two-conv residual block: ``conv2(conv1(x), residual=shortcut(x))``, two fused launches.
-
-    ``conv1`` fuses BN1 and the ReLU; ``conv2`` fuses BN2, the residual add and the final ReLU.
-    ``shortcut`` is ``nn.Identity``, the parameter-free option-A shortcut, or a :class:`DeployedConv`
-    (folded 1x1 conv + BN ``downsample``).
-    """
-
-    def __init__(self, conv1: DeployedConv, conv2: DeployedConv, shortcut: nn.Module) -> None:
-        super().__init__()
-        self.conv1, self.conv2, self.shortcut = conv1, conv2, shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.conv1(x), residual=self.shortcut(x))
-
-
-class DeployedBottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 bottleneck: three fused launches, the last one adds ``shortcut(x)`` and ReLUs."""
-
-    def __init__(self, conv1: DeployedConv, conv2: DeployedConv, conv3: DeployedConv, shortcut: nn.Module) -> None:
-        super().__init__()
-        self.conv1, self.conv2, self.conv3, self.shortcut = conv1, conv2, conv3, shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.conv2(self.conv1(x)), residual=self.shortcut(x))
+# deploy(weights=...): "dense" (effective weights computed once, one F.conv2d per conv), "packed" (the op on the
+# packed codes) or "auto" (dense for a model on the CPU, packed elsewhere)
+WEIGHTS = ("auto", "dense", "packed")
 
 
 # ---------------------------------------------------------------------------------------- rewriting
@@ -241,8 +150,6 @@ def _deploy_stem(model: nn.Module, stats: dict) -> None:
 
 def _deploy_sequential(seq: nn.Sequential, stats: dict) -> None:
     """Fuse ``CoRaConv2d -> BatchNorm2d (-> activation)`` and ``CoRaConv2d -> activation`` runs in place."""
-    from .fusion import module_activation  # fusion imports this module
-
     keys = list(seq._modules)
     i = 0
     while i < len(keys):
@@ -286,19 +193,55 @@ def _rewrite_sequentials(module: nn.Module, stats: dict) -> None:
         _deploy_sequential(module, stats)
 
 
-def deploy(model: nn.Module, *, inplace: bool = False, backend: Backend | str | None = None) -> nn.Module:
+def _resolve_weights(weights: str, model: nn.Module, backend: Backend | str | None) -> str:
+    """``"dense"`` or ``"packed"`` for ``deploy(weights=...)``: ``"auto"`` is dense when the model's quantized
+    convs are on the CPU and the backend asked for (``backend``, else ``CORA_BACKEND``) is not Triton (which
+    on CPU tensors is the interpreter, asked for on purpose), packed otherwise (on CUDA the kernels run)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"deploy: weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights != "auto":
+        return weights
+    choice = default_backend() if backend is None else Backend(backend)
+    on_cpu = all(m.scale.device.type == "cpu" for m in model.modules() if isinstance(m, CoRaConv2d))
+    return "dense" if on_cpu and choice is not Backend.TRITON else "packed"
+
+
+def _densify(module: nn.Module, done: dict) -> None:
+    """Every DeployedConv below ``module`` to its dense form; every CoRaConv2d / QuantLinear left (not fused)
+    replaced by a dense DeployedConv / DeployedLinear (one per layer object, also when it has several names)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, DeployedConv):
+            child.to_dense()
+        elif isinstance(child, (CoRaConv2d, QuantLinear)):
+            if id(child) not in done:
+                done[id(child)] = DeployedConv(child, dense=True) if isinstance(child, CoRaConv2d) else DeployedLinear(child)
+            setattr(module, name, done[id(child)])
+        elif not isinstance(child, DeployedLinear):
+            _densify(child, done)
+
+
+def deploy(model: nn.Module, *, inplace: bool = False, backend: Backend | str | None = None,
+           weights: str = "auto") -> nn.Module:
     """The inference form of a converted model: BatchNorm folded, activations and residual adds fused.
 
     ``model``: a model returned by :func:`cora.convert` or :func:`cora.load` (it must contain at
     least one ``CoRaConv2d``).  Returns a new model (``inplace=False``, the input is left unchanged)
     or the same one rewritten (``inplace=True``), in eval mode, with ``cora_deploy`` set to
     ``{"blocks": fused residual blocks, "folded_bn": BatchNorms folded, "traced_fusions": convs fused by
-    tracing}``.  When tracing fused something (:mod:`cora.fusion`) the result is a ``torch.fx.GraphModule``
-    with the model's submodule names, not the model's class: always use the returned model, also with
-    ``inplace=True``.  ``backend`` (see
+    tracing, "weights": "dense" or "packed"}``.  When tracing fused something (:mod:`cora.fusion`) the result
+    is a ``torch.fx.GraphModule`` with the model's submodule names, not the model's class: always use the
+    returned model, also with ``inplace=True``.  ``backend`` (see
     :class:`cora_kernels.Backend`), when given, is set on every deployed and quantized conv; None
     keeps theirs (by default ``CORA_BACKEND`` decides, at call time).  See the module docstring for
     the patterns recognised and the (exact, fp32 epilogue) BatchNorm folding.
+
+    ``weights`` (:data:`WEIGHTS`): ``"packed"`` keeps the packed codes and runs the ``cora::conv2d`` op per
+    conv (the Triton kernels on CUDA; elsewhere the pure-torch reference, which unpacks the codes per call);
+    ``"dense"`` computes every conv's effective weight ``Q(W) + B·A`` once, float32, with its BatchNorm
+    folded in (:meth:`DeployedConv.to_dense`), so each conv is one ``F.conv2d`` plus the residual add and
+    the activation in torch; quantized convs that nothing was fused with become dense
+    :class:`DeployedConv` too, and every ``QuantLinear`` a :class:`DeployedLinear`. ``"auto"`` (default):
+    dense when the model is on the CPU (and the backend asked for is not Triton), packed otherwise.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy expects an nn.Module, got {type(model).__name__}")
@@ -307,8 +250,9 @@ def deploy(model: nn.Module, *, inplace: bool = False, backend: Backend | str | 
             "deploy: the model has no CoRaConv2d layer; quantize it first with cora.convert(...) or load a "
             "CoRa checkpoint with cora.load(...)"
         )
-    from .fusion import fuse_traced
-
+    if backend is not None:
+        backend = Backend(backend)
+    weights = _resolve_weights(weights, model, backend)
     work = model if inplace else copy.deepcopy(model)
     stats = {"blocks": 0, "folded_bn": 0, "traced_fusions": 0}
     with torch.no_grad():
@@ -318,12 +262,19 @@ def deploy(model: nn.Module, *, inplace: bool = False, backend: Backend | str | 
         work = fuse_traced(work, stats)
         if not stats.pop("traced"):
             _rewrite_sequentials(work, stats)
+        if weights == "dense":
+            if isinstance(work, CoRaConv2d):  # a bare layer: its dense form is the model
+                work = DeployedConv(work)
+            if isinstance(work, DeployedConv):
+                work.to_dense()
+            else:
+                _densify(work, {})
     if backend is not None:
         for m in work.modules():
             if isinstance(m, (DeployedConv, CoRaConv2d)):
-                m.backend = Backend(backend)
+                m.backend = backend
     work.eval()
-    work.cora_deploy = stats
+    work.cora_deploy = {**stats, "weights": weights}
     return work
 
 
@@ -370,6 +321,8 @@ def _category(module: nn.Module, name: str) -> str:
             return name + "s"
         if name.startswith("adapter_"):
             return "adapters"
+    if name in DENSE_BUFFERS and isinstance(module, (DeployedConv, DeployedLinear)):
+        return "dense"
     if isinstance(module, DeployedConv):
         return "zeros" if name == "zero_f" else "bn_folded"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -381,17 +334,21 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of every parameter and buffer as stored (each storage counted once), by category.
 
     Categories: ``codes`` (packed int planes), ``scales``, ``zeros`` (incl. the deployed float
-    copy), ``adapters``, ``bn_folded`` (fp32 out_scale/out_shift), ``batchnorm`` (unfolded BN
+    copy), ``adapters``, ``bn_folded`` (fp32 out_scale/out_shift), ``dense`` (the float32 effective
+    weights and biases of a ``weights="dense"`` deployment: non-persistent buffers, counted all the same;
+    the packed layers they were computed from stay and are counted too), ``batchnorm`` (unfolded BN
     affine and running stats), ``float`` (everything else: float weights, biases); plus ``total``.
     Integer bookkeeping tensors (BatchNorm's ``num_batches_tracked``) are not counted.
     """
-    out = {k: 0 for k in ("codes", "scales", "zeros", "adapters", "bn_folded", "batchnorm", "float")}
+    out = {k: 0 for k in ("codes", "scales", "zeros", "adapters", "bn_folded", "dense", "batchnorm", "float")}
     seen = set()
     for module in model.modules():
         tensors = list(module._parameters.items()) + list(module._buffers.items())
         for name, t in tensors:
-            # non-persistent buffers are not stored (a rank-0 QuantLinear's empty adapter and its int8 scales)
-            if t is None or name == "num_batches_tracked" or name in module._non_persistent_buffers_set:
+            # non-persistent buffers are not stored (a rank-0 QuantLinear's empty adapter and its int8 scales);
+            # the dense weights are not stored either, but they are held in memory for every call
+            if t is None or name == "num_batches_tracked" or (
+                    name in module._non_persistent_buffers_set and _category(module, name) != "dense"):
                 continue
             if t.device.type == "meta":
                 key = id(t)

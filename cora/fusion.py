@@ -9,12 +9,12 @@ otherwise:
 * an eval-mode ``nn.BatchNorm2d`` of exactly that type (folded into the fp32 epilogue; or timm's
   ``BatchNormAct2d``, whose own activation is then the fused one and ends the chain), then only to
 * an addition of one other tensor computed earlier (the residual of a ResNet or inverted-residual
-  block; its shape is checked when the layer runs, see :class:`cora.deploy.DeployedConv`), then only to
+  block; its shape is checked when the layer runs, see :class:`cora.deployed.DeployedConv`), then only to
 * one activation the epilogue computes (:data:`ACTIVATION_MODULES` / :data:`ACTIVATION_FUNCTIONS`:
   ReLU, ReLU6, SiLU, Hardswish, exact GELU, Sigmoid and Hardsigmoid, as modules of exactly those types, functions or
   tensor methods),
 
-each step optional, becomes one :class:`~cora.deploy.DeployedConv` call. That is the epilogue's own
+each step optional, becomes one :class:`~cora.deployed.DeployedConv` call. That is the epilogue's own
 order, ``act((conv + adapter + bias) * bn_scale + bn_shift + residual)``; any other order (an
 activation before the add, a BatchNorm subclass other than timm's that applies its own activation, a
 value used twice, a conv called twice) stops the match there, so nothing is ever fused that the
@@ -22,7 +22,7 @@ epilogue would compute differently. Eval-mode identities (``nn.Identity``, dropo
 stochastic depth) between the steps are passed over.
 
 Chains of modules alone (no add, module activations) are fused in place: the model keeps its class, the
-conv's name holds the :class:`~cora.deploy.DeployedConv` and the BatchNorm's and activation's an
+conv's name holds the :class:`~cora.deployed.DeployedConv` and the BatchNorm's and activation's an
 ``nn.Identity``. Any other chain needs the forward changed: the result is then a
 ``torch.fx.GraphModule`` with the same submodule names. A model with nothing to fuse, or that
 ``torch.fx`` cannot trace (data-dependent control flow), is returned unchanged.
@@ -38,6 +38,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .deployed import DeployedBasicBlock, DeployedBottleneck, DeployedConv, DeployedLinear, _foldable
 from .modules import CoRaConv2d, QuantLinear
 
 __all__ = ["ACTIVATION_MODULES", "ACTIVATION_FUNCTIONS", "FusionPlan", "fuse_traced", "module_activation"]
@@ -84,9 +85,7 @@ class _Tracer(fx.Tracer):
     """fx's tracer with CoRa's layers and the deployed blocks as leaves (their forwards call the custom op)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv
-
-        leaves = (CoRaConv2d, QuantLinear, DeployedConv, DeployedBasicBlock, DeployedBottleneck)
+        leaves = (CoRaConv2d, QuantLinear, DeployedConv, DeployedBasicBlock, DeployedBottleneck, DeployedLinear)
         timm_bn = isinstance(m, nn.BatchNorm2d) and type(m).__module__.startswith("timm.")  # a call, not its insides
         return isinstance(m, leaves) or timm_bn or super().is_leaf_module(m, qualname)
 
@@ -172,8 +171,6 @@ def _residual(node: fx.Node, value: fx.Node, order: dict[fx.Node, int], conv: fx
 def plan_fusions(gm: fx.GraphModule) -> list[FusionPlan]:
     """Every fusable ``CoRaConv2d [-> BN] [-> + residual] [-> act]`` chain of a traced model (see the module
     docstring), in graph order; chains that would fuse nothing beyond the conv are left out."""
-    from .deploy import _foldable
-
     modules = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     calls = _module_calls(gm)
@@ -243,7 +240,7 @@ def _in_place(plan: FusionPlan, calls: collections.Counter) -> bool:
 
 
 def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
-    """``model`` with every chain of :func:`plan_fusions` replaced by one :class:`~cora.deploy.DeployedConv`.
+    """``model`` with every chain of :func:`plan_fusions` replaced by one :class:`~cora.deployed.DeployedConv`.
 
     Chains made of modules alone (conv, BatchNorm, activation module; no residual add) are fused in place: the
     conv's name holds the DeployedConv, the BatchNorm's and activation's an ``nn.Identity``, and the model keeps
@@ -253,8 +250,6 @@ def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
     adds the BatchNorms folded to ``folded_bn`` and sets ``traced`` (False when ``torch.fx`` could not trace the
     model, which is then returned unchanged).
     """
-    from .deploy import DeployedConv
-
     stats.setdefault("traced_fusions", 0)
     gm = _trace(model)
     stats["traced"] = gm is not None

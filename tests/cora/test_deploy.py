@@ -47,16 +47,17 @@ def _count(model, cls):
     return sum(isinstance(m, cls) for m in model.modules())
 
 
+@pytest.mark.parametrize("weights", ["packed", "dense"])
 @pytest.mark.parametrize("backend", [None, "reference"])
-def test_resnet8_deploy_matches_converted(resnet8, backend, monkeypatch):
+def test_resnet8_deploy_matches_converted(resnet8, backend, weights, monkeypatch):
     if backend:
         monkeypatch.setenv("CORA_BACKEND", backend)
     else:
         monkeypatch.delenv("CORA_BACKEND", raising=False)
-    dep = deploy(resnet8)
+    dep = deploy(resnet8, weights=weights)
     assert _count(dep, nn.BatchNorm2d) == 0
     assert _count(dep, DeployedBasicBlock) == 3
-    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7, "traced_fusions": 0}
+    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7, "traced_fusions": 0, "weights": weights}
     assert not dep.training
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -134,7 +135,7 @@ def test_sequential_conv_bn_relu_and_padding_modes(monkeypatch):
         nn.Conv2d(4, 4, 3, padding=1),  # a lone conv stays a CoRaConv2d
     )
     seq = _swap_convs(randomise_bn(seq, 10), bits=4, rank=2, seed=11)
-    dep = deploy(seq)
+    dep = deploy(seq, weights="packed")  # tests/cora/test_deployed.py: the dense form of this model
     assert [type(m).__name__ for m in dep] == ["DeployedConv", "Identity", "Identity", "DeployedConv", "Identity",
                                                "DeployedConv", "Identity", "CoRaConv2d"]
     assert (dep[0].relu, dep[0].has_bn, dep[3].relu, dep[3].has_bn, dep[5].relu, dep[5].has_bn) == (
@@ -152,7 +153,8 @@ def test_block_with_a_float_conv_is_not_a_fused_block(monkeypatch):
     model = nn.Sequential(block)
     dep = deploy(model)
     # not a fused block; its quantized conv1 -> bn1 -> relu chain is still fused, found by tracing
-    assert _count(dep, DeployedBasicBlock) == 0 and dep.cora_deploy == {"blocks": 0, "folded_bn": 1, "traced_fusions": 1}
+    assert _count(dep, DeployedBasicBlock) == 0
+    assert dep.cora_deploy == {"blocks": 0, "folded_bn": 1, "traced_fusions": 1, "weights": "dense"}
     assert _count(dep, DeployedConv) == 1 and isinstance(dep.get_submodule("0.conv2"), nn.Conv2d)
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
@@ -171,7 +173,7 @@ def test_one_fused_block_through_the_triton_interpreter(monkeypatch, adapter_dty
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         want = block(x)  # reference path (CPU default)
-        dep = deploy(nn.Sequential(block))
+        dep = deploy(nn.Sequential(block), weights="packed")  # the kernel on packed codes
         monkeypatch.setenv("CORA_BACKEND", "triton")
         import cora_kernels.conv_fused as kernel_mod
 
@@ -197,11 +199,12 @@ def test_int8_adapter_resnet_deploy_matches(bits, monkeypatch):
     model = _swap_convs(randomise_bn(cifar_resnet(8), seed=20 + bits), bits=bits, rank=3, seed=bits, adapter_dtype="int8")
     model.eval()
     assert all(m.adapter_int8 for m in model.modules() if isinstance(m, cora.CoRaConv2d))
-    dep = deploy(model)
-    assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7, "traced_fusions": 0}
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert_close_rel(dep(x), model(x), torch.float32)
+    for weights in ("packed", "dense"):
+        dep = deploy(model, weights=weights)
+        assert dep.cora_deploy == {"blocks": 3, "folded_bn": 7, "traced_fusions": 0, "weights": weights}
+        with torch.no_grad():
+            assert_close_rel(dep(x), model(x), torch.float32)
     wb = weight_bytes(model)
     convs = [m for m in model.modules() if isinstance(m, cora.CoRaConv2d)]
     assert wb["adapters"] == sum(m.adapter_params + 4 * (m.rank + m.out_channels) for m in convs)
@@ -209,7 +212,7 @@ def test_int8_adapter_resnet_deploy_matches(bits, monkeypatch):
 
 def test_torch_compile_fullgraph_one_op_per_conv(resnet8, monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "reference")
-    eager, compiled, graphs = compile_fullgraph(deploy(resnet8), torch.randn(2, 3, 32, 32))
+    eager, compiled, graphs = compile_fullgraph(deploy(resnet8, weights="packed"), torch.randn(2, 3, 32, 32))
     assert_close_rel(compiled, eager, torch.float32)
     assert len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
@@ -239,13 +242,13 @@ def test_warmup_runs_each_batch_once_and_restores_flags():
 
 
 def test_weight_bytes_counts_stored_buffers(resnet8):
-    dep = deploy(resnet8)
+    dep = deploy(resnet8, weights="packed")
     wb = weight_bytes(dep)
     convs = [m for m in dep.modules() if isinstance(m, cora.CoRaConv2d)]
     assert wb["codes"] == sum(p.numel() * 4 for m in convs for p in m.packed_planes()) + sum(
         p.numel() * 4 for p in dep.linear.packed_planes())
     assert wb["adapters"] == sum(2 * m.adapter_params for m in convs) + 2 * dep.linear.adapter_params  # linear: adapted too
-    assert wb["batchnorm"] == 0 and wb["bn_folded"] == 8 * sum(m.out_channels for m in convs)
+    assert wb["batchnorm"] == 0 and wb["bn_folded"] == 8 * sum(m.out_channels for m in convs) and wb["dense"] == 0
     assert wb["total"] == sum(v for k, v in wb.items() if k != "total")
     fp16 = weight_bytes(copy.deepcopy(cifar_resnet(8)).half())
     assert wb["codes"] < fp16["float"] / 3
@@ -259,7 +262,8 @@ def test_torchvision_resnet_stem_and_blocks(monkeypatch):
     dep = deploy(model)
     assert isinstance(dep.conv1, DeployedConv) and dep.conv1.relu and dep.conv1.has_bn
     assert isinstance(dep.bn1, nn.Identity) and isinstance(dep.relu, nn.Identity)
-    assert _count(dep, nn.BatchNorm2d) == 0 and dep.cora_deploy == {"blocks": 4, "folded_bn": 1 + 4 * 2 + 3, "traced_fusions": 0}
+    assert _count(dep, nn.BatchNorm2d) == 0 and dep.cora_deploy == {"blocks": 4, "folded_bn": 1 + 4 * 2 + 3, "traced_fusions": 0,
+                                                                    "weights": "dense"}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close_rel(dep(x), model(x), torch.float32)
@@ -340,7 +344,7 @@ def test_subclasses_with_their_own_forward_are_never_folded(monkeypatch):
         _SubBasicBlock(6, 6),
     )
     seq = _swap_convs(randomise_bn(seq, 15), bits=4, rank=2, seed=16)
-    dep = deploy(seq)
+    dep = deploy(seq, weights="packed")  # packed: the unfused conv stays a CoRaConv2d
     assert isinstance(dep[1], _BatchNormAct) and isinstance(dep[0], cora.CoRaConv2d)
     assert isinstance(dep[2], DeployedConv) and dep[2].has_bn and not dep[2].relu and isinstance(dep[4], _LeakyReLU)
     assert type(dep[5]) is _SubBasicBlock and dep.cora_deploy["blocks"] == 0

@@ -87,7 +87,7 @@ class Functional(nn.Module):
 def test_functional_activations_and_residual_order(monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "reference")
     model = _convert(Functional(), seed=5)
-    dep = deploy(model)
+    dep = deploy(model, weights="packed")  # packed: unfused convs stay CoRaConv2d (dense: tests/cora/test_deployed.py)
     acts = {name: m.activation for name, m in dep.named_modules() if isinstance(m, DeployedConv)}
     assert acts == {"c1": "silu", "c2": "hardswish", "c3": "relu"}
     assert isinstance(dep.c4, cora.CoRaConv2d)
@@ -115,7 +115,7 @@ class Shared(nn.Module):
 def test_values_used_twice_and_shared_convs_stay(monkeypatch):
     monkeypatch.setenv("CORA_BACKEND", "reference")
     model = _convert(Shared(), seed=7)
-    dep = deploy(model)
+    dep = deploy(model, weights="packed")
     fused = {name: (m.has_bn, m.activation) for name, m in dep.named_modules() if isinstance(m, DeployedConv)}
     assert fused == {"c2": (True, None)}
     assert isinstance(dep.c1, cora.CoRaConv2d) and isinstance(dep.c3, cora.CoRaConv2d)
@@ -148,7 +148,7 @@ def test_module_chains_fuse_in_place_and_keep_the_class(monkeypatch):
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 4, 1), nn.Hardswish(),
                         nn.Conv2d(4, 4, 1), nn.GELU(approximate="tanh"))
     model = _convert(seq, seed=11)
-    dep = deploy(model)
+    dep = deploy(model, weights="packed")
     assert type(dep) is nn.Sequential
     assert [type(m).__name__ for m in dep] == ["DeployedConv", "Identity", "Identity", "DeployedConv", "Identity",
                                                "CoRaConv2d", "GELU"]
@@ -172,7 +172,7 @@ def test_untraceable_model_falls_back_to_sequential_runs(monkeypatch):
     model = _convert(Untraceable(), seed=13)
     dep = deploy(model)
     assert type(dep) is Untraceable and isinstance(dep.body[0], DeployedConv) and dep.body[0].activation == "relu6"
-    assert dep.cora_deploy == {"blocks": 0, "folded_bn": 1, "traced_fusions": 0}
+    assert dep.cora_deploy == {"blocks": 0, "folded_bn": 1, "traced_fusions": 0, "weights": "dense"}
     _check_same(dep, model, (2, 3, 6, 6))
 
 
@@ -211,7 +211,7 @@ def test_timm_batchnorm_act_folds_with_its_activation(monkeypatch):
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, nn.SiLU()), nn.Conv2d(4, 4, 1), BatchNormAct2d(4, _Tanh()),
                         nn.Conv2d(4, 4, 1), BatchNormAct2d(4, nn.Identity()), nn.ReLU6())
     model = _convert(seq, seed=15)
-    dep = deploy(model)
+    dep = deploy(model, weights="packed")
     assert [type(m).__name__ for m in dep] == ["DeployedConv", "Identity", "CoRaConv2d", "BatchNormAct2d",
                                                "DeployedConv", "Identity", "Identity"]
     assert (dep[0].activation, dep[0].has_bn, dep[4].activation, dep[4].has_bn) == ("silu", True, "relu6", True)
@@ -223,7 +223,7 @@ def test_traced_deploy_compiles_fullgraph_one_op_per_conv(monkeypatch):
     conv (the activation and residual inside it), no BatchNorm, activation or add left."""
     monkeypatch.setenv("CORA_BACKEND", "reference")
     model = _convert(nn.Sequential(InvertedResidual(4, nn.SiLU()), InvertedResidual(4, nn.Hardswish())), seed=17)
-    eager, compiled, graphs = compile_fullgraph(deploy(model), torch.randn(2, 4, 6, 6))
+    eager, compiled, graphs = compile_fullgraph(deploy(model, weights="packed"), torch.randn(2, 4, 6, 6))
     assert_close_rel(compiled, eager, torch.float32)
     assert len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
