@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_parser(sub) -> None:
+    from .deploy import WEIGHTS
     from .inference import DTYPES
     from .payloads import Limits
 
@@ -260,6 +261,10 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--device", choices=DEVICES, default="auto", help="auto (default: cuda when available), cuda or cpu")
     s.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
                    help="activation dtype (auto, the default: float16 on CUDA, float32 on the CPU)")
+    s.add_argument("--deploy-weights", choices=WEIGHTS, default="auto",
+                   help="how the checkpoint's convs run: dense (effective float32 weights computed once, one conv "
+                        "each), packed (the codes as stored: the fused kernels on CUDA), auto (default: dense on "
+                        "the CPU, packed on CUDA)")
     s.add_argument("--max-batch", type=_positive_int, default=32, help="largest batch one model call takes (default 32)")
     s.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
                    help="how long a batch waits to fill up, milliseconds (default 5)")
@@ -537,6 +542,8 @@ def _serve_source(args) -> tuple[dict, dict]:
 
 def _serve(args) -> tuple[dict, None]:
     source, pre = _serve_source(args)
+    if args.float_model is not None and args.deploy_weights != "auto":
+        raise _CliError("--deploy-weights is for a checkpoint; a float model is served as it is")
     if args.address:  # the GPUs are the cluster's, not necessarily this machine's
         device = args.device if args.device != "auto" else ("cuda" if (args.gpus_per_replica or 0) > 0 else "cpu")
     else:
@@ -565,7 +572,8 @@ def _serve(args) -> tuple[dict, None]:
     if args.address is None:
         _check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
-    settings = {"device": device, "dtype": dtype, "max_batch": args.max_batch, "batch_wait_s": args.batch_wait_ms / 1000.0,
+    settings = {"device": device, "dtype": dtype, "deploy_weights": args.deploy_weights,
+                "max_batch": args.max_batch, "batch_wait_s": args.batch_wait_ms / 1000.0,
                 "max_queued": args.max_queued, "top_k": args.top_k, "max_images": args.max_images,
                 "max_body_bytes": args.max_body_bytes, "max_pixels": args.max_pixels,
                 "num_threads": max(1, int(args.num_cpus))}

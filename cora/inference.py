@@ -6,6 +6,11 @@ preprocessed images with their top-k classes. Batches are padded to a fixed set 
 per bucket can be captured once and replayed for every request: no autotuning, allocation or
 Python-level launch overhead per batch. On the CPU the same buckets are used (no graphs), which
 keeps the padding logic the same everywhere and testable without a GPU.
+
+A checkpoint is deployed with ``deploy_weights`` (``deploy(weights=...)``, :data:`cora.deploy.WEIGHTS`):
+``"auto"`` (default) is dense weights on the CPU (one ``F.conv2d`` per conv on effective weights computed
+once) and packed codes on CUDA (the fused kernels); ``"dense"`` / ``"packed"`` force one
+(``cora serve --deploy-weights``).
 """
 from __future__ import annotations
 
@@ -96,15 +101,19 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------------------ building
     @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> InferenceEngine:
-        """Load a cora checkpoint (digest verified, architecture rebuilt) and deploy it.
+    def from_checkpoint(cls, path: str | Path, *, deploy_weights: str = "auto", **kwargs) -> InferenceEngine:
+        """Load a cora checkpoint (digest verified, architecture rebuilt) and deploy it with
+        ``deploy_weights`` (``"auto"``: dense on the CPU, packed on CUDA; see the module docstring).
 
         Raises ``ValueError`` for a checkpoint without a preprocessing record (it cannot say how an
-        image becomes its input), :class:`cora.CheckpointError` for a damaged one.
+        image becomes its input) or a bad ``deploy_weights``, :class:`cora.CheckpointError` for a damaged one.
         """
         from .checkpoint import load, read_metadata
-        from .deploy import deploy
+        from .deploy import WEIGHTS, deploy
 
+        if deploy_weights not in WEIGHTS:
+            raise ValueError(f"deploy_weights must be one of {', '.join(WEIGHTS)}, got {deploy_weights!r}")
+        device = resolve_device(kwargs.get("device", "auto"))
         meta = read_metadata(path)
         pre = meta.get("preprocessing")
         if pre is None:
@@ -124,7 +133,10 @@ class InferenceEngine:
             # measured when it was quantized (cora quantize --out records it; null when the file has none)
             "accuracy": meta.get("evaluation"),
         }
-        return cls(deploy(model), pre, info=info, **kwargs)
+        # the checkpoint loads on the CPU: "auto" is decided by the serving device, not by where it loaded
+        model = deploy(model, weights="packed" if deploy_weights == "auto" and device.type != "cpu" else deploy_weights)
+        info["weights"] = model.cora_deploy["weights"]
+        return cls(model, pre, info=info, **kwargs)
 
     @classmethod
     def from_float(cls, name: str, weights=None, shared=None, **kwargs) -> InferenceEngine:
@@ -134,7 +146,7 @@ class InferenceEngine:
 
         model = load_float_model(name, weights, shared)
         info = {"architecture": name, "float": True, "bits": None, "adapter_fraction": None, "equiv_bits": None,
-                "checkpoint": None, "checkpoint_sha256": None, "accuracy": None}
+                "checkpoint": None, "checkpoint_sha256": None, "accuracy": None, "weights": None}
         return cls(model, preprocessing_for(name), info=info, **kwargs)
 
     # ------------------------------------------------------------------------------ warm-up
@@ -211,7 +223,8 @@ class InferenceEngine:
 
     def info(self) -> dict:
         """What ``GET /v1/models`` shows: the model (architecture, bits, adapter fraction, equivalent
-        bits, checkpoint digest, recorded accuracy or None, float or not) and how it runs here."""
+        bits, checkpoint digest, recorded accuracy or None, float or not) and how it runs here (device,
+        dtype, buckets, CUDA graphs, ``weights``: ``"dense"`` or ``"packed"``, None for a float model)."""
         return {**self._info, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "batch_buckets": list(self.buckets), "image_size": self.input_shape[1],
                 "num_classes": len(self.class_names) if self.class_names else None,

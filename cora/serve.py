@@ -79,8 +79,8 @@ class CoraServer:
     """One replica: the engine, the per-replica queue bound, the batcher and the counters.
 
     ``source``: ``{"checkpoint": path}`` or ``{"float": name, "weights": ..., "shared": ...}``;
-    ``settings``: ``device``, ``dtype``, ``max_batch``, ``batch_wait_s``, ``max_queued``, ``top_k``,
-    ``num_threads`` and the :class:`Limits` fields.
+    ``settings``: ``device``, ``dtype``, ``deploy_weights`` (a checkpoint's, see :class:`InferenceEngine`),
+    ``max_batch``, ``batch_wait_s``, ``max_queued``, ``top_k``, ``num_threads`` and the :class:`Limits` fields.
     """
 
     def __init__(self, source: dict, settings: dict) -> None:
@@ -115,7 +115,8 @@ class CoraServer:
                 time.sleep(delay)
             kw = dict(device=self.settings["device"], dtype=self.settings["dtype"], max_batch=self.settings["max_batch"])
             if "checkpoint" in source:
-                engine = InferenceEngine.from_checkpoint(source["checkpoint"], **kw)
+                engine = InferenceEngine.from_checkpoint(source["checkpoint"], deploy_weights=self.settings.get(
+                    "deploy_weights", "auto"), **kw)
             else:
                 engine = InferenceEngine.from_float(source["float"], source.get("weights"), source.get("shared"), **kw)
             engine.warm_up()

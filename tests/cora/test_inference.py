@@ -1,4 +1,8 @@
 """cora.inference: buckets, padding, top-k and info on the CPU (the CUDA-graph path needs a GPU)."""
+import socket
+import sys
+import types
+
 import pytest
 import torch
 
@@ -103,3 +107,38 @@ def test_info_shows_the_accuracy_recorded_at_quantization(ckpt, tmp_path):
     assert InferenceEngine.from_checkpoint(path, device="cpu", max_batch=1).info()["accuracy"] == recorded
     with pytest.raises(ValueError, match="evaluation"):
         cora.save(model, tmp_path / "bad.safetensors", evaluation={"acc": float("nan")})
+
+
+def test_deploy_weights(ckpt, images):
+    """auto deploys dense weights on the CPU; packed keeps the codes (the op's reference path); same logits."""
+    auto = InferenceEngine.from_checkpoint(ckpt, device="cpu", max_batch=2)
+    packed = InferenceEngine.from_checkpoint(ckpt, device="cpu", max_batch=2, deploy_weights="packed")
+    assert auto.info()["weights"] == "dense" and auto.model.cora_deploy["weights"] == "dense"
+    assert packed.info()["weights"] == "packed" and packed.model.cora_deploy["weights"] == "packed"
+    torch.testing.assert_close(auto.logits(images[:2]), packed.logits(images[:2]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="auto, dense, packed"):
+        InferenceEngine.from_checkpoint(ckpt, device="cpu", deploy_weights="int4")
+    assert InferenceEngine.from_float("cifar_resnet20", device="cpu", max_batch=1).info()["weights"] is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_deploy_weights(ckpt, monkeypatch, capsys):
+    """cora serve --deploy-weights reaches the replicas' settings; bad uses are refused before Ray starts
+    (cora.serve replaced by a stand-in that records what it would run)."""
+    from cora.cli import main
+
+    runs = []
+    monkeypatch.setitem(sys.modules, "cora.serve", types.SimpleNamespace(run=runs.append))
+    base = ["serve", str(ckpt), "--device", "cpu", "--port", str(_free_port()), "--metrics-port", str(_free_port())]
+    assert main(base) == 0 and main(base + ["--deploy-weights", "packed"]) == 0
+    assert [r.settings["deploy_weights"] for r in runs] == ["auto", "packed"]
+    assert main(base + ["--deploy-weights", "int4"]) == 2
+    assert "--deploy-weights" in capsys.readouterr().err
+    assert main(["serve", "--float", "cifar_resnet20", "--deploy-weights", "dense", "--device", "cpu"]) == 2
+    assert "--deploy-weights is for a checkpoint" in capsys.readouterr().err
+    assert len(runs) == 2

@@ -237,6 +237,8 @@ def test_cli_refuses_bad_serve_arguments_before_starting_ray(ckpt, tmp_path):
         ["serve", str(ckpt), "--float", "cifar_resnet20"],
         ["serve", str(ckpt), "--top-k", "11"],
         ["serve", str(ckpt), "--max-images", "9", "--max-queued", "8"],
+        ["serve", str(ckpt), "--deploy-weights", "int4"],
+        ["serve", "--float", "cifar_resnet20", "--deploy-weights", "packed"],
     ]
     if not torch.cuda.is_available():
         cases.append(["serve", str(ckpt), "--device", "cuda"])
