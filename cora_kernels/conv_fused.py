@@ -60,6 +60,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .cost_model import DEQUANT, FUSED, STRATEGIES
+from .dequantize import cora_conv2d_dequant
 from .environment import is_interpreting
 from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
 from .jit_common import cast_to, epilogue_store, mma, nhwc_strides
@@ -367,11 +369,25 @@ def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
     return p.out
 
 
+def _tune_key(x, g: ConvGeometry, bits: int, dense: bool, a, residual) -> tuning.TuneKey:
+    """The :class:`~cora_kernels.tuning.TuneKey` of a call (``dense``: the fp16-weight control, bits 16)."""
+    kbits = 16 if dense else bits
+    per = 1 if dense else max(32 // pb for pb in plane_bits(bits))
+    return tuning.TuneKey(
+        C_in=g.C_in, C_out=g.C_out, KH=g.KH, KW=g.KW, stride=g.stride, dilation=g.dilation, padding=g.padding,
+        bits=kbits, r_pad=rank_pad(g.rank), dtype=str(x.dtype).removeprefix("torch."),
+        m_bucket=triton.next_power_of_2(g.M), has_residual=residual is not None,
+        device=tuning.device_name(x.device), aligned=g.C_in % per == 0,
+        int8_adapter=g.rank > 0 and a.dtype == torch.int8)
+
+
 def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,
                        padding=0, dilation=1, out_scale=None, out_shift=None, residual=None, relu=False,
                        groups=1, in_channels=None, dense_weight=None, config=None, split_k=None, a_scale=None,
-                       b_scale=None, activation=None):
-    """Fused CoRa conv through the Triton kernel (see the module docstring).
+                       b_scale=None, activation=None, strategy=None):
+    """A ``groups == 1`` CoRa conv on the Triton backend: the fused kernel (see the module docstring) or
+    the dequantize strategy (:mod:`cora_kernels.dequantize`), whichever :func:`cora_kernels.tuning.select_config`
+    chooses for the call's shape class, batch bucket, dtype and GPU model.
 
     Shapes: x ``[N, C_in, H, W]`` (fp32/fp16/bf16, NCHW or channels_last); ``qweight`` the packed
     planes of codes ``[C_out, K]`` (:func:`cora_kernels.packing.pack_codes`); ``scale``, ``zero``
@@ -382,9 +398,10 @@ def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bi
     Returns ``[N, C_out, OH, OW]`` in x's dtype and memory format.
 
     Test / benchmark hooks: ``dense_weight`` (``[K, C_out]`` in x's dtype) selects the fp16-weight
-    control variant; ``config`` (:class:`~cora_kernels.tuning.ConvConfig`) and ``split_k`` bypass
-    the tuner.  ``groups > 1`` is not handled by this kernel: the op routes it to the direct grouped
-    kernel (:func:`cora_kernels.conv_depthwise.cora_conv2d_grouped_triton`).
+    control variant of the fused kernel; ``config`` (:class:`~cora_kernels.tuning.ConvConfig`) and
+    ``split_k`` run the fused kernel with them, bypassing the tuner; ``strategy`` (``"fused"`` or
+    ``"dequant"``) forces one strategy.  ``groups > 1`` is not handled here: the op routes it to the
+    direct grouped kernel (:func:`cora_kernels.conv_depthwise.cora_conv2d_grouped_triton`).
     """
     g = check_conv_args(x, qweight, scale, zero, a, b, bias, bits=bits, kernel_size=kernel_size, stride=stride,
                         padding=padding, dilation=dilation, out_scale=out_scale, out_shift=out_shift,
@@ -393,18 +410,36 @@ def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bi
     if g.groups != 1:
         raise NotImplementedError("the fused kernel supports groups == 1 only; groups > 1 runs "
                                   "cora_conv2d_grouped_triton (conv_depthwise)")
-    prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual,
-                    activation_code(activation, relu), g, bits, dense_weight, a_scale, b_scale)
+    if strategy not in (None, *STRATEGIES):
+        raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {strategy!r}")
+    if strategy == DEQUANT and (dense_weight is not None or config is not None):
+        raise ValueError("strategy='dequant' takes no dense_weight or config (they are the fused kernel's)")
+    act = activation_code(activation, relu)
+    r_pad = rank_pad(g.rank)
+
+    def dequant():
+        return cora_conv2d_dequant(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, act,
+                                   g=g, bits=bits, r_pad=r_pad, a_scale=a_scale, b_scale=b_scale)
+
+    if strategy == DEQUANT:
+        return dequant()
+    prep = None
+
+    def fused(cfg, split):
+        nonlocal prep
+        if prep is None:
+            prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, act, g, bits,
+                            dense_weight, a_scale, b_scale)
+        return _launch(prep, cfg, split)
+
     if config is None:
-        key = tuning.TuneKey(
-            C_in=g.C_in, C_out=g.C_out, KH=g.KH, KW=g.KW, stride=g.stride, dilation=g.dilation,
-            padding=g.padding, bits=prep.bits, r_pad=prep.r_pad, dtype=str(x.dtype).removeprefix("torch."),
-            m_bucket=triton.next_power_of_2(g.M), has_residual=prep.has_res,
-            device=tuning.device_name(x.device), aligned=g.C_in % prep.codes_per_word == 0,
-            int8_adapter=prep.adapter_q)
-        choice = tuning.select_config(key, g, prep.r_pad, x.element_size(),
-                                      lambda cfg, split: _launch(prep, cfg, split), x.device)
+        key = _tune_key(x, g, bits, dense_weight is not None, a, residual)
+        choice = tuning.select_config(key, g, r_pad, x.element_size(), fused, x.device,
+                                      time_dequant=dequant if dense_weight is None else None,
+                                      fused_only=strategy == FUSED)
+        if choice.strategy == DEQUANT:
+            return dequant()
         config = choice.config
         if split_k is None:
             split_k = choice.split_k
-    return _launch(prep, config, split_k or 1)
+    return fused(config, split_k or 1)

@@ -4,7 +4,10 @@
   interpreter (it must be set before Triton is imported);
 * ``CORA_AUTOTUNE`` -- :func:`autotune_enabled`: ``0`` turns the timing of launch candidates off;
 * ``CORA_TUNE_SECONDS`` -- :func:`tune_seconds`: the tuning time a :func:`cora_kernels.tuning.tuning_budget`
-  allows when it is given none (default 60 s; beyond it the untimed rules decide).
+  allows when it is given none (default 60 s; beyond it the untimed rules decide);
+* ``CORA_STRATEGY`` -- :func:`strategy_override`: ``fused`` or ``dequant`` forces how a ``groups == 1``
+  conv runs on the Triton backend (benchmarks report each strategy alone; tests run the dequantize
+  strategy under the interpreter); ``auto`` (default) lets the tuner choose.
 
 Imports nothing but the standard library, so that every kernel module can import it.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["is_interpreting", "autotune_enabled", "tune_seconds", "DEFAULT_TUNE_SECONDS"]
+__all__ = ["is_interpreting", "autotune_enabled", "tune_seconds", "strategy_override", "DEFAULT_TUNE_SECONDS"]
 
 DEFAULT_TUNE_SECONDS = 60.0
 
@@ -40,3 +43,15 @@ def tune_seconds() -> float:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"CORA_TUNE_SECONDS must be a finite number of seconds >= 0, got {raw!r}")
     return value
+
+
+_STRATEGY_CHOICES = ("auto", "fused", "dequant")
+
+
+def strategy_override() -> str | None:
+    """``"fused"`` or ``"dequant"`` when ``CORA_STRATEGY`` forces one, None for ``auto`` (unset or empty;
+    case-insensitive); ValueError naming the variable and the choices for anything else."""
+    raw = os.environ.get("CORA_STRATEGY", "").strip().lower() or "auto"
+    if raw not in _STRATEGY_CHOICES:
+        raise ValueError(f"CORA_STRATEGY must be one of {_STRATEGY_CHOICES}, got {raw!r}")
+    return None if raw == "auto" else raw

@@ -37,14 +37,17 @@ Imports only torch (Triton is imported when a candidate is first timed).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .environment import autotune_enabled, is_interpreting
+from .cost_model import DEQUANT, FUSED, STRATEGIES, rank_fused_candidates, untimed_strategy
+from .environment import autotune_enabled, is_interpreting, strategy_override, tune_seconds
 
 __all__ = [
     "ConvConfig",
@@ -71,6 +74,13 @@ __all__ = [
     "autotune_enabled",
     "device_name",
     "select_config",
+    "candidate_errors",
+    "DEQUANT_CHOICE",
+    "TuningBudget",
+    "tuning_budget",
+    "TABLES_DIR",
+    "table_path",
+    "load_shipped_tuning",
 ]
 
 
@@ -374,21 +384,32 @@ def _is_int(v) -> bool:
 
 @dataclass(frozen=True)
 class TuneChoice:
-    """The launch choice for one :class:`TuneKey`: a config and the split-K factor."""
+    """The launch choice for one :class:`TuneKey`: the strategy (``"fused"``: the fused kernel with
+    ``config`` and ``split_k``; ``"dequant"``: dequantize then the vendor conv, :mod:`.dequantize`, whose
+    own tile is fixed: ``config`` None, ``split_k`` 1)."""
 
-    config: ConvConfig
+    config: ConvConfig | None
     split_k: int
+    strategy: str = FUSED
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if (self.config is None) != (self.strategy == DEQUANT):
+            raise ValueError("a fused choice needs a config; a dequant choice has none")
 
 
-TUNING_FORMAT_VERSION = 1
+TUNING_FORMAT_VERSION = 2  # 2: entries carry "strategy"; version 1 files (all fused) are still read
 _FORMAT = "cora-kernels-tuning"
+_READABLE_VERSIONS = (1, 2)
 
 
 class TuningCache:
     """``TuneKey -> TuneChoice`` for this process; JSON files carry it between machines.
 
-    File format: ``{"format": "cora-kernels-tuning", "version": 1, "entries": [{"key": {...},
-    "config": "<config name>", "split_k": n}, ...]}``.
+    File format: ``{"format": "cora-kernels-tuning", "version": 2, "entries": [{"key": {...},
+    "strategy": "fused" | "dequant", "config": "<config name>" | null, "split_k": n}, ...]}``
+    (version 1 entries have no ``"strategy"`` and are fused).
     """
 
     def __init__(self):
@@ -414,8 +435,8 @@ class TuningCache:
 
     def save(self, path) -> None:
         """Write every choice to ``path`` as JSON (overwrites the file)."""
-        entries = [{"key": k.to_json(), "config": c.config.name, "split_k": c.split_k}
-                   for k, c in self._choices.items()]
+        entries = [{"key": k.to_json(), "strategy": c.strategy, "config": c.config.name if c.config else None,
+                    "split_k": c.split_k} for k, c in self._choices.items()]
         doc = {"format": _FORMAT, "version": TUNING_FORMAT_VERSION, "entries": entries}
         Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
@@ -429,26 +450,33 @@ class TuningCache:
             raise ValueError(f"{path}: not a JSON file ({e})") from None
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a cora_kernels tuning file (no \"format\": {_FORMAT!r})")
-        if doc.get("version") != TUNING_FORMAT_VERSION:
-            raise ValueError(f"{path}: tuning format version {doc.get('version')!r}, this code reads "
-                             f"version {TUNING_FORMAT_VERSION}")
+        version = doc.get("version")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"{path}: tuning format version {version!r}, this code reads versions "
+                             f"{_READABLE_VERSIONS}")
         entries = doc.get("entries")
         if not isinstance(entries, list):
             raise ValueError(f"{path}: \"entries\" must be a list")
         read = {}
         for i, e in enumerate(entries):
             where = f"{path}: entry {i}"
-            if not isinstance(e, dict) or set(e) != {"key", "config", "split_k"}:
-                raise ValueError(f"{where}: expected an object with \"key\", \"config\" and \"split_k\"")
+            fields_ = {"key", "config", "split_k"} | ({"strategy"} if version >= 2 else set())
+            if not isinstance(e, dict) or set(e) != fields_:
+                raise ValueError(f"{where}: expected an object with the fields {sorted(fields_)}")
             try:
                 key = TuneKey.from_json(e["key"])
             except ValueError as err:
                 raise ValueError(f"{where}: {err}") from None
-            if e["config"] not in _BY_NAME:
+            strategy = e.get("strategy", FUSED)
+            if strategy not in STRATEGIES:
+                raise ValueError(f"{where}: unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
+            if strategy == FUSED and e["config"] not in _BY_NAME:
                 raise ValueError(f"{where}: unknown config name {e['config']!r}; known: {sorted(_BY_NAME)}")
-            if not _is_int(e["split_k"]) or e["split_k"] < 1:
-                raise ValueError(f"{where}: split_k must be a positive int, got {e['split_k']!r}")
-            read[key] = TuneChoice(_BY_NAME[e["config"]], e["split_k"])
+            if strategy == DEQUANT and e["config"] is not None:
+                raise ValueError(f"{where}: a dequant entry has \"config\": null, got {e['config']!r}")
+            if not _is_int(e["split_k"]) or e["split_k"] < 1 or (strategy == DEQUANT and e["split_k"] != 1):
+                raise ValueError(f"{where}: split_k must be a positive int (1 for dequant), got {e['split_k']!r}")
+            read[key] = TuneChoice(_BY_NAME[e["config"]] if strategy == FUSED else None, e["split_k"], strategy)
         self._choices.update(read)
         return len(read)
 
@@ -468,58 +496,201 @@ def load_tuning(path) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# tables measured on known GPUs, shipped inside the package
+# ----------------------------------------------------------------------------------------------
+
+TABLES_DIR = Path(__file__).with_name("tuned")
+_TABLES_TRIED: set[str] = set()
+
+
+def table_path(device_name: str) -> Path:
+    """Where the shipped table for a GPU model lives: ``cora_kernels/tuned/<model, lower case, [a-z0-9_]>.json``."""
+    slug = "".join(c if c.isalnum() else "_" for c in device_name.lower()).strip("_")
+    return TABLES_DIR / f"{slug}.json"
+
+
+def load_shipped_tuning(device_name: str) -> int:
+    """Merge the shipped table of ``device_name`` (once per process and GPU model) into
+    :data:`TUNING_CACHE` without replacing what is there (choices timed here or loaded by the user win).
+    Returns how many entries were added (0 when no table ships for that GPU)."""
+    if device_name in _TABLES_TRIED:
+        return 0
+    _TABLES_TRIED.add(device_name)
+    path = table_path(device_name)
+    if not path.is_file():
+        return 0
+    shipped = TuningCache()
+    shipped.load(path)
+    added = 0
+    for key, choice in shipped.items():
+        if key.device == device_name and key not in TUNING_CACHE:
+            TUNING_CACHE.put(key, choice)
+            added += 1
+    return added
+
+
+# ----------------------------------------------------------------------------------------------
+# the tuning budget
+# ----------------------------------------------------------------------------------------------
+
+class TuningBudget:
+    """Seconds of candidate timing (compilation included) allowed; past them the untimed rules decide."""
+
+    def __init__(self, seconds: float):
+        if not seconds >= 0:
+            raise ValueError(f"a tuning budget is a number of seconds >= 0, got {seconds!r}")
+        self.seconds = float(seconds)
+        self.spent = 0.0
+
+    def exhausted(self) -> bool:
+        return self.spent >= self.seconds
+
+
+_BUDGETS: list[TuningBudget] = []
+
+
+@contextlib.contextmanager
+def tuning_budget(seconds: float | None = None):
+    """Bound the timing done inside the block (``with tuning_budget(60): warm up the model``): once
+    ``seconds`` (None: ``CORA_TUNE_SECONDS``, default 60) are spent timing candidates, launches that are
+    not tuned yet use the untimed choice (not cached, so a later budget can still time them).  Yields the
+    :class:`TuningBudget` (``spent`` tells the time used).  Outside any budget, timing is unbounded."""
+    budget = TuningBudget(tune_seconds() if seconds is None else seconds)
+    _BUDGETS.append(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGETS.remove(budget)
+
+
+def _budget_left() -> bool:
+    return not any(b.exhausted() for b in _BUDGETS)
+
+
+def _spend(seconds: float) -> None:
+    for b in _BUDGETS:
+        b.spent += seconds
+
+
+# ----------------------------------------------------------------------------------------------
 # the policy
 # ----------------------------------------------------------------------------------------------
 
-def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
-                  time_candidate: Callable[[ConvConfig, int], object], device: torch.device) -> TuneChoice:
-    """The launch choice for one call of the fused kernel.
+DEQUANT_CHOICE = TuneChoice(None, 1, DEQUANT)
+# the fastest fused choice timed per key (a key whose winner is dequant keeps its best fused one here,
+# for CORA_STRATEGY=fused runs that report the fused kernel alone)
+_FUSED_BEST: dict[TuneKey, TuneChoice] = {}
 
-    * under the Triton interpreter, or for a non-CUDA device: :data:`INTERPRETER_CONFIG`, no split;
-    * a choice cached for ``key`` (timed earlier, or loaded with :func:`load_tuning`);
-    * during CUDA-graph capture or with autotuning disabled: :func:`untimed_config` and
+
+def candidate_errors() -> tuple[type[BaseException], ...]:
+    """What a candidate that cannot run on this GPU raises (compilation, registers or shared memory
+    over the limit, ptxas): such a candidate is skipped.  Anything else, a CUDA error included, propagates."""
+    import triton.compiler.errors as cerr
+    import triton.runtime.errors as rerr
+
+    names = [(rerr, "OutOfResources"), (rerr, "PTXASError"), (cerr, "CompilationError"), (rerr, "TritonError")]
+    return tuple({getattr(m, n) for m, n in names if isinstance(getattr(m, n, None), type)})
+
+
+def _untimed_choice(key: TuneKey, g, r_pad: int, elem_bytes: int, n_sm: int, allow_dequant: bool) -> TuneChoice:
+    if allow_dequant and untimed_strategy(M=g.M, K=g.K, C_out=g.C_out, bits=key.bits, elem_bytes=elem_bytes,
+                                          taps=g.KH * g.KW) == DEQUANT:
+        return DEQUANT_CHOICE
+    cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes,
+                         int8_adapter=key.int8_adapter)
+    return TuneChoice(cfg, _split_for(g, cfg, n_sm))
+
+
+def _split_for(g, cfg: ConvConfig, n_sm: int) -> int:
+    steps = g.KH * g.KW * -(-g.C_in // cfg.BLOCK_K)
+    return choose_split_k(M=g.M, C_out=g.C_out, steps=steps, cfg=cfg, n_sm=n_sm)
+
+
+def _timed_candidates(key: TuneKey, g, r_pad: int, elem_bytes: int, major: int, n_sm: int,
+                      allow_dequant: bool) -> list[TuneChoice]:
+    """What is timed, in order: the untimed choice first (so a budget that runs out mid-way still keeps
+    something at least as good), then the dequantize strategy, then the best-estimated fused pairs."""
+    cfgs = prune_configs(CONV_CONFIGS, M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes,
+                         capability_major=major, aligned=key.aligned, int8_adapter=key.int8_adapter)
+    pairs = [(c, s) for c in cfgs for s in sorted({1, _split_for(g, c, n_sm)})]
+    untimed = _untimed_choice(key, g, r_pad, elem_bytes, n_sm, allow_dequant=False)
+    first = (untimed.config, untimed.split_k)
+    ranked = rank_fused_candidates(pairs, M=g.M, K=g.K, C_out=g.C_out, bits=key.bits, elem_bytes=elem_bytes,
+                                   n_sm=n_sm, must_keep=first if first in pairs else None)
+    out = [TuneChoice(c, s) for c, s in ranked]
+    out.sort(key=lambda ch: (ch.config, ch.split_k) != first)  # stable: the untimed pair first
+    if allow_dequant:
+        out.insert(1, DEQUANT_CHOICE)
+    return out
+
+
+def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
+                  time_candidate: Callable[[ConvConfig, int], object], device: torch.device,
+                  time_dequant: Callable[[], object] | None = None, fused_only: bool = False) -> TuneChoice:
+    """The launch choice for one ``groups == 1`` call: the strategy, and for the fused kernel its config
+    and split-K.  ``time_dequant`` (None where the dequantize strategy does not apply, e.g. the
+    dense-weight control) runs the call by the dequantize strategy.  ``fused_only`` (or
+    ``CORA_STRATEGY=fused``): the fused kernel alone is wanted (benchmarks); what is timed for it then is
+    kept apart and does not replace the cached choice of ``key``.
+
+    * ``CORA_STRATEGY=dequant`` (:func:`cora_kernels.environment.strategy_override`): the dequantize strategy;
+    * under the Triton interpreter, or for a non-CUDA device: the fused kernel with :data:`INTERPRETER_CONFIG`;
+    * a choice cached for ``key`` (timed earlier, loaded with :func:`load_tuning`, or shipped with the
+      package for this GPU model, :func:`load_shipped_tuning`); where the dequantize strategy is not
+      allowed (``CORA_STRATEGY=fused``, ``time_dequant`` None) the best fused choice timed for ``key``;
+    * during CUDA-graph capture, with autotuning disabled or a :func:`tuning_budget` spent: the untimed
+      rules, :func:`cora_kernels.cost_model.untimed_strategy` then :func:`untimed_config` and
       :func:`choose_split_k` (not cached);
-    * otherwise each pruned candidate (with split 1 and its :func:`choose_split_k` factor) is run
-      through ``time_candidate(cfg, split)`` under ``triton.testing.do_bench``; candidates that fail
-      (e.g. out of resources) are skipped; the fastest is cached under ``key``.
+    * otherwise the candidates of :func:`_timed_candidates` (a handful: pruned, ordered by the cost model)
+      run under ``triton.testing.do_bench`` (``time_candidate(cfg, split)`` or ``time_dequant()``); one
+      that cannot run on this GPU (:func:`candidate_errors`) is skipped; the fastest is cached under ``key``.
 
     ``geometry`` is the call's :class:`~cora_kernels.geometry.ConvGeometry`.
     """
     g = geometry
+    if time_dequant is not None and not fused_only:
+        forced = strategy_override()
+        if forced == DEQUANT:
+            return DEQUANT_CHOICE
+        fused_only = forced == FUSED
     if is_interpreting() or device.type != "cuda":
         return TuneChoice(INTERPRETER_CONFIG, 1)
+    load_shipped_tuning(key.device)
+    allow_dequant = time_dequant is not None and not fused_only
     cached = TUNING_CACHE.get(key)
+    if fused_only and (cached is None or cached.strategy == DEQUANT):
+        cached = _FUSED_BEST.get(key)
     if cached is not None:
         return cached
     major, _ = torch.cuda.get_device_capability(device)
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-
-    def split_for(cfg):
-        steps = g.KH * g.KW * -(-g.C_in // cfg.BLOCK_K)
-        return choose_split_k(M=g.M, C_out=g.C_out, steps=steps, cfg=cfg, n_sm=n_sm)
-
-    if torch.cuda.is_current_stream_capturing() or not autotune_enabled():
-        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes,
-                             int8_adapter=key.int8_adapter)
-        return TuneChoice(cfg, split_for(cfg))
+    if torch.cuda.is_current_stream_capturing() or not autotune_enabled() or not _budget_left():
+        return _untimed_choice(key, g, r_pad, elem_bytes, n_sm, allow_dequant)
 
     import triton.testing
 
-    cands = prune_configs(CONV_CONFIGS, M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad,
-                          elem_bytes=elem_bytes, capability_major=major, aligned=key.aligned,
-                          int8_adapter=key.int8_adapter)
-    best, best_t = None, float("inf")
-    for cfg in cands:
-        for split in sorted({1, split_for(cfg)}):
-            try:
-                ms = triton.testing.do_bench(lambda: time_candidate(cfg, split), warmup=3, rep=15)
-            except Exception:  # e.g. out of resources on this device: skip the candidate
-                continue
-            if ms < best_t:
-                best, best_t = TuneChoice(cfg, split), ms
+    skip = candidate_errors()
+    best, best_t, best_fused, best_fused_t = None, float("inf"), None, float("inf")
+    for choice in _timed_candidates(key, g, r_pad, elem_bytes, major, n_sm, allow_dequant):
+        if best is not None and not _budget_left():
+            break
+        fn = time_dequant if choice.strategy == DEQUANT else (lambda c=choice: time_candidate(c.config, c.split_k))
+        t0 = time.perf_counter()
+        try:
+            ms = triton.testing.do_bench(fn, warmup=3, rep=15)
+        except skip:  # cannot run on this GPU: skip the candidate
+            continue
+        finally:
+            _spend(time.perf_counter() - t0)
+        if ms < best_t:
+            best, best_t = choice, ms
+        if choice.strategy == FUSED and ms < best_fused_t:
+            best_fused, best_fused_t = choice, ms
     if best is None:
-        cfg = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=r_pad, elem_bytes=elem_bytes,
-                             int8_adapter=key.int8_adapter)
-        best = TuneChoice(cfg, 1)
+        best = best_fused = _untimed_choice(key, g, r_pad, elem_bytes, n_sm, allow_dequant=False)
+    if best_fused is not None:
+        _FUSED_BEST[key] = best_fused
+    if fused_only:
+        return best_fused or best
     TUNING_CACHE.put(key, best)
     return best

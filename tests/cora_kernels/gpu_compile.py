@@ -29,6 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from cora_kernels import tuning  # noqa: E402
 from cora_kernels.conv_depthwise import _cora_conv2d_grouped_kernel  # noqa: E402
 from cora_kernels.conv_fused import _cora_conv2d_kernel, _splitk_epilogue_kernel  # noqa: E402
+from cora_kernels.dequantize import DEQUANT_BLOCK_K, DEQUANT_BLOCK_N, DEQUANT_WARPS, _dequant_weight_kernel  # noqa: E402
 
 _TRITON_DIR = os.path.dirname(triton.__file__)
 CUOBJDUMP = os.path.join(_TRITON_DIR, "backends", "nvidia", "bin", "cuobjdump")
@@ -165,6 +166,27 @@ def compile_grouped(cfg: tuning.DepthwiseConfig, *, cc: int, bits: int = 4, dtyp
     return CompileResult(name, cc, use["REG"], use["STACK"], use["SHARED"], kern.metadata.shared, False, False)
 
 
+def compile_dequant(*, cc: int, bits: int = 4, dtype: str = "fp16", r_pad: int = 16, adapter: str = "fp16",
+                    bn: bool = True) -> CompileResult:
+    """Compile the dequantize strategy's ``_dequant_weight_kernel`` (its one fixed tile): packed codes plus
+    the adapter product (a 3xTF32 ``tl.dot``), the folded BatchNorm scale and the effective bias."""
+    dt = _DT[dtype]
+    ad = "i8" if adapter == "int8" else "fp16"
+    ptr = {"w0_ptr": "*i32", "w1_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "a_ptr": f"*{ad}",
+           "b_ptr": f"*{ad}", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32", "oscale_ptr": "*fp32",
+           "oshift_ptr": "*fp32", "out_w_ptr": f"*{dt}", "out_b_ptr": f"*{dt}"}
+    sig = dict(ptr)
+    sig.update({n: "i32" for n in ["K", "C_out", "R", "sar", "sbn"]})
+    consts = dict(sak=1, sbr=1, BITS=bits, R_PAD=r_pad, ADAPTER_Q=adapter == "int8", HAS_BIAS=True, HAS_BN=bn,
+                  WRITE_BIAS=True, UPCAST=False, DOT_PREC="tf32x3", BLOCK_K=DEQUANT_BLOCK_K, BLOCK_N=DEQUANT_BLOCK_N)
+    kern = _compile(_dequant_weight_kernel, sig, consts, list(ptr) + ["K", "C_out", "sar", "sbn"], cc, DEQUANT_WARPS, 1)
+    use = resource_usage(kern.asm["cubin"])
+    name = f"dequant b{bits} {dtype} r{r_pad}{' int8-adapter' if adapter == 'int8' else ''}{'' if bn else ' no-bn'}"
+    ptx = kern.asm["ptx"]
+    return CompileResult(name, cc, use["REG"], use["STACK"], use["SHARED"], kern.metadata.shared,
+                         bool(re.search(r"\bmma\.sync", ptx)), "wgmma" in ptx)
+
+
 def depthwise_config_named(name: str) -> tuning.DepthwiseConfig:
     return {c.name: c for c in (*tuning.DEPTHWISE_CONFIGS, tuning.DEPTHWISE_INTERPRETER_CONFIG)}[name]
 
@@ -179,6 +201,8 @@ def run_job(job: dict) -> dict:
     try:
         if kind == "reduce":
             res = compile_reduce(**job)
+        elif kind == "dequant":
+            res = compile_dequant(**job)
         elif kind == "grouped":
             res = compile_grouped(depthwise_config_named(job.pop("cfg")), **job)
         else:

@@ -34,6 +34,16 @@ def _conv(cc, cfg, **kw):
     return {"kind": "conv", "cc": cc, "cfg": _cfg(cfg), **kw}
 
 
+# The dequantize strategy's kernel: every width, fp16 / bf16 / fp32 outputs, int8 adapters, rank pads 0-128.
+DEQUANT_VARIANTS = [dict(bits=4), dict(bits=3), dict(bits=2), dict(bits=8), dict(bits=4, dtype="bf16"),
+                    dict(bits=3, dtype="fp32"), dict(bits=4, adapter="int8"), dict(bits=3, r_pad=0, bn=False),
+                    dict(bits=4, r_pad=128)]
+
+
+def _dequant_jobs():
+    return [{"kind": "dequant", "cc": cc, **v} for cc in TARGETS for v in DEQUANT_VARIANTS]
+
+
 def _default_jobs():
     jobs = [_conv(cc, cfg, bits=bits) for cc in TARGETS for cfg in CONFIGS for bits in (4, 3, 2, 16)]
     jobs += [_conv(cc, cfg, bits=bits, adapter="int8") for cc in TARGETS for cfg in CONFIGS for bits in (4, 3, 2)]
@@ -165,6 +175,14 @@ def test_conv_config_compiles_int8_adapter(cc, cfg, bits, record_property):
 def test_grouped_config_compiles(cc, cfg, variant, record_property):
     """Every tile of the direct grouped / depthwise kernel, no spills (CUDA-core FMAs: no mma expected)."""
     _check(_result(_grouped(cc, cfg, **variant), _grouped_jobs), record_property, need_mma=False)
+
+
+@pytest.mark.parametrize("variant", DEQUANT_VARIANTS, ids=lambda v: "-".join(f"{k}{w}" for k, w in v.items()))
+@pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")
+def test_dequant_kernel_compiles(cc, variant, record_property):
+    """The dequantize strategy's weight kernel: no spills; the adapter product on tensor cores (3xTF32)."""
+    _check(_result({"kind": "dequant", "cc": cc, **variant}, _dequant_jobs), record_property,
+           need_mma=variant.get("r_pad", 16) > 0)
 
 
 @pytest.mark.parametrize("cc", TARGETS, ids=lambda c: f"sm{c}")

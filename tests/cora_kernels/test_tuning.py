@@ -2,13 +2,14 @@
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import cora_kernels
-from cora_kernels import tuning
+from cora_kernels import cost_model, tuning
 from cora_kernels.geometry import ConvGeometry
 from cora_kernels.tuning import (
     CONV_CONFIGS,
@@ -129,7 +130,8 @@ def _random_choices(n):
     rng = random.Random(torch.randint(0, 2**31 - 1, ()).item())  # fresh each run
     out = {}
     while len(out) < n:
-        out[_random_key(rng)] = TuneChoice(rng.choice(ALL), rng.randint(1, 16))
+        dequant = rng.random() < 0.3
+        out[_random_key(rng)] = tuning.DEQUANT_CHOICE if dequant else TuneChoice(rng.choice(ALL), rng.randint(1, 16))
     return out
 
 
@@ -143,13 +145,14 @@ def test_cache_json_round_trip(tmp_path):
     cache.save(path)
     doc = json.loads(path.read_text())
     assert doc["version"] == tuning.TUNING_FORMAT_VERSION and len(doc["entries"]) == 25
-    assert set(doc["entries"][0]) == {"key", "config", "split_k"} and isinstance(doc["entries"][0]["config"], str)
+    assert all(set(e) == {"key", "strategy", "config", "split_k"} for e in doc["entries"])
+    assert all(isinstance(e["config"], str) == (e["strategy"] == "fused") for e in doc["entries"])
     back = TuningCache()
     assert back.load(path) == 25
     assert len(back) == 25
     for k, c in choices.items():
         got = back.get(k)
-        assert got == c and got.config is config_named(c.config.name)
+        assert got == c and (got.config is None if c.strategy == "dequant" else got.config is config_named(c.config.name))
     assert back.get(replace(next(iter(choices)), C_in=99999)) is None
     back.clear()
     assert len(back) == 0
@@ -181,9 +184,28 @@ def test_save_and_load_tuning_helpers(tmp_path, monkeypatch):
 
 
 def _good_doc():
-    k, c = next(iter(_random_choices(1).items()))
-    return {"format": "cora-kernels-tuning", "version": 1,
-            "entries": [{"key": k.to_json(), "config": c.config.name, "split_k": c.split_k}]}
+    k = next(iter(_random_choices(1)))
+    return {"format": "cora-kernels-tuning", "version": 2,
+            "entries": [{"key": k.to_json(), "strategy": "fused", "config": "small_m", "split_k": 3}]}
+
+
+def test_version_1_files_read_as_fused(tmp_path):
+    k = next(iter(_random_choices(1)))
+    doc = {"format": "cora-kernels-tuning", "version": 1,
+           "entries": [{"key": k.to_json(), "config": "mid_m_64n", "split_k": 2}]}
+    (tmp_path / "v1.json").write_text(json.dumps(doc))
+    cache = TuningCache()
+    assert cache.load(tmp_path / "v1.json") == 1
+    assert cache.get(k) == TuneChoice(config_named("mid_m_64n"), 2, "fused")
+
+
+def test_choice_validates_strategy():
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        TuneChoice(config_named("small_m"), 1, "vendor")
+    with pytest.raises(ValueError, match="needs a config"):
+        TuneChoice(None, 1, "fused")
+    with pytest.raises(ValueError, match="has none"):
+        TuneChoice(config_named("small_m"), 1, "dequant")
 
 
 def _set(path, *keys):
@@ -206,7 +228,11 @@ BAD = [
     ("a list", "[]", "not a cora_kernels tuning file"),
     ("no format", _set(["format"], _DEL), "not a cora_kernels tuning file"),
     ("other format", _set(["format"], "something-else"), "not a cora_kernels tuning file"),
-    ("future version", _set(["version"], 2), "version 2"),
+    ("future version", _set(["version"], 3), "version 3"),
+    ("v2 entry without strategy", _set(["entries", 0, "strategy"], _DEL), "fields"),
+    ("unknown strategy", _set(["entries", 0, "strategy"], "cudnn"), "unknown strategy 'cudnn'"),
+    ("dequant with a config", _set(["entries", 0, "strategy"], "dequant"), "config\": null"),
+    ("fused without a config", _set(["entries", 0, "config"], None), "unknown config name None"),
     ("no version", _set(["version"], _DEL), "version None"),
     ("entries not a list", _set(["entries"], {}), "entries"),
     ("entry not an object", _set(["entries", 0], [1, 2]), "entry 0"),
@@ -284,48 +310,104 @@ def test_select_config_interpreter_or_cpu(monkeypatch):
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """A CUDA device as select_config sees it (capability 9.0, 132 SMs) and a do_bench that calls the
-    candidate once and reports the time ``fake_gpu.times`` gives for ``(config name, split)``."""
+    candidate once and reports the time ``fake_gpu.times`` gives for ``(config name, split)`` or
+    ``"dequant"`` (None: the candidate cannot run, raising Triton's OutOfResources).  Each timing advances
+    the tuner's clock by one second (``fake_gpu.clock``)."""
+    import triton.runtime.errors
     import triton.testing
 
-    state = SimpleNamespace(times={}, timed=[], capturing=False, cache=TuningCache())
+    state = SimpleNamespace(times={}, timed=[], capturing=False, cache=TuningCache(), clock=[0.0])
     monkeypatch.setattr(tuning, "is_interpreting", lambda: False)
     monkeypatch.setattr(tuning, "TUNING_CACHE", state.cache)
+    monkeypatch.setattr(tuning, "_FUSED_BEST", {})
+    monkeypatch.setattr(tuning, "_TABLES_TRIED", set())
+    monkeypatch.setattr(tuning, "TABLES_DIR", Path("/nonexistent-cora-tables"))
+    monkeypatch.setattr(tuning, "time", SimpleNamespace(perf_counter=lambda: state.clock[0]))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state.capturing)
     monkeypatch.delenv("CORA_AUTOTUNE", raising=False)
+    monkeypatch.delenv("CORA_STRATEGY", raising=False)
 
     def do_bench(fn, warmup=25, rep=100, **kw):
-        cfg, split = fn()
-        state.timed.append((cfg.name, split))
-        t = state.times.get((cfg.name, split), 1.0)
+        res = fn()
+        name = res if isinstance(res, str) else (res[0].name, res[1])
+        state.timed.append(name)
+        state.clock[0] += 1.0
+        t = state.times.get(name, 1.0)
         if t is None:
-            raise RuntimeError("out of resources")
+            raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+        if isinstance(t, BaseException):
+            raise t
         return t
 
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     return state
 
 
-def test_select_config_times_pruned_candidates_and_caches(fake_gpu):
+def _timed(cfg, split):
+    return cfg, split
+
+
+def _dequant():
+    return "dequant"
+
+
+def _names(choices):
+    return [c.strategy if c.strategy == "dequant" else (c.config.name, c.split_k) for c in choices]
+
+
+def test_select_config_times_a_handful_and_caches(fake_gpu):
     g = _geom(N=1, C_in=256, C_out=256, OH=14, OW=14)
     key = _key(g)
-    cands = prune_configs(CONV_CONFIGS, M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=16, elem_bytes=2,
-                          capability_major=9, aligned=True)
-    want = []
-    for c in cands:
-        split = choose_split_k(M=g.M, C_out=g.C_out, steps=g.KH * g.KW * -(-g.C_in // c.BLOCK_K), cfg=c, n_sm=132)
-        want += [(c.name, s) for s in sorted({1, split})]
-    assert any(s > 1 for _, s in want)  # a small-M shape: split-K candidates are timed too
+    want = _names(tuning._timed_candidates(key, g, 16, 2, 9, 132, allow_dequant=True))
+    untimed = untimed_config(M=g.M, C_in=g.C_in, C_out=g.C_out, r_pad=16)
+    assert want[0][0] == untimed.name and want[1] == "dequant"  # the untimed pair first, then the other strategy
+    assert 3 <= len(want) <= cost_model.MAX_TIMED_FUSED + 1  # a handful, not every config
+    assert any(s > 1 for _, s in want[2:]) or any(s > 1 for _, s in want[:1])  # a small-M shape: split-K is timed
     fastest = want[-1]
     fake_gpu.times = {want[0]: None, fastest: 0.5}  # the first candidate fails: skipped
-    choice = tuning.select_config(key, g, 16, 2, lambda cfg, split: (cfg, split), torch.device("cuda"))
+    choice = tuning.select_config(key, g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
     assert fake_gpu.timed == want
-    assert (choice.config.name, choice.split_k) == fastest
+    assert (choice.config.name, choice.split_k) == fastest and choice.strategy == "fused"
     assert fake_gpu.cache.get(key) == choice
     fake_gpu.timed.clear()
-    assert tuning.select_config(key, g, 16, 2, lambda cfg, split: (cfg, split), torch.device("cuda")) == choice
+    assert tuning.select_config(key, g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant) == choice
     assert fake_gpu.timed == []  # cached: not timed again
+
+
+def test_dequant_strategy_chosen_when_faster_and_fused_kept_apart(fake_gpu):
+    g = _geom(N=64, C_in=64, C_out=64, OH=56, OW=56)
+    key = _key(g)
+    fake_gpu.times = {"dequant": 0.2}
+    choice = tuning.select_config(key, g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
+    assert choice == tuning.DEQUANT_CHOICE and fake_gpu.cache.get(key) == choice
+    # the fused kernel alone (benchmarks): its best timed choice, not re-timed, and the cache keeps dequant
+    fake_gpu.timed.clear()
+    fused = tuning.select_config(key, g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant, fused_only=True)
+    assert fused.strategy == "fused" and fake_gpu.timed == [] and fake_gpu.cache.get(key) == choice
+
+
+def test_fused_only_does_not_fill_the_cache(fake_gpu, monkeypatch):
+    g = _geom(N=64, C_in=64, C_out=64, OH=56, OW=56)
+    monkeypatch.setenv("CORA_STRATEGY", "fused")
+    choice = tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
+    assert choice.strategy == "fused" and "dequant" not in fake_gpu.timed and len(fake_gpu.cache) == 0
+    monkeypatch.setenv("CORA_STRATEGY", "dequant")
+    assert tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant) \
+        == tuning.DEQUANT_CHOICE
+    monkeypatch.setenv("CORA_STRATEGY", "cudnn")
+    with pytest.raises(ValueError, match="CORA_STRATEGY"):
+        tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
+
+
+def test_a_cuda_error_is_not_swallowed(fake_gpu):
+    g = _geom()
+    fake_gpu.times = {"dequant": RuntimeError("CUDA error: an illegal memory access was encountered")}
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
+    errors = tuning.candidate_errors()
+    assert RuntimeError not in errors and all(issubclass(e, Exception) for e in errors)
 
 
 def test_select_config_untimed_when_disabled_or_capturing(fake_gpu, monkeypatch):
@@ -334,24 +416,90 @@ def test_select_config_untimed_when_disabled_or_capturing(fake_gpu, monkeypatch)
     assert cfg.name == "small_m"
     split = choose_split_k(M=g.M, C_out=g.C_out, steps=9 * 4, cfg=cfg, n_sm=132)
     monkeypatch.setenv("CORA_AUTOTUNE", "0")
-    choice = tuning.select_config(_key(g), g, 16, 2, lambda c, s: (c, s), torch.device("cuda"))
-    assert choice == TuneChoice(cfg, split) and split > 1
+    choice = tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
+    assert choice == TuneChoice(cfg, split) and split > 1  # batch 1, weight-bound: the fused kernel
+    big = _geom(N=256, C_in=64, C_out=64, OH=56, OW=56)
+    assert tuning.select_config(_key(big), big, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant) \
+        == tuning.DEQUANT_CHOICE  # compute-bound: dequantize, then the vendor conv
+    assert tuning.select_config(_key(big), big, 16, 2, _timed, torch.device("cuda")).strategy == "fused"  # no dequant
     monkeypatch.delenv("CORA_AUTOTUNE")
     fake_gpu.capturing = True
-    assert tuning.select_config(_key(g), g, 16, 2, lambda c, s: (c, s), torch.device("cuda")) == choice
+    assert tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant) == choice
     assert fake_gpu.timed == [] and len(fake_gpu.cache) == 0  # untimed choices are not cached
     loaded = TuneChoice(config_named("mid_m_64n"), 3)
     fake_gpu.cache.put(_key(g), loaded)  # e.g. from load_tuning: used even during capture
-    assert tuning.select_config(_key(g), g, 16, 2, lambda c, s: (c, s), torch.device("cuda")) == loaded
+    assert tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant) == loaded
 
 
 def test_all_candidates_fail_falls_back_to_untimed(fake_gpu):
     g = _geom(N=8, C_in=3, C_out=64, OH=112, OW=112, KH=7, KW=7)
     key = replace(_key(g), aligned=False)
     fake_gpu.times = {(c.name, s): None for c in ALL for s in range(1, 17)}
-    choice = tuning.select_config(key, g, 16, 2, lambda c, s: (c, s), torch.device("cuda"))
+    choice = tuning.select_config(key, g, 16, 2, _timed, torch.device("cuda"))
     assert choice == TuneChoice(config_named("tiny_cin"), 1) and fake_gpu.timed
     assert fake_gpu.cache.get(key) == choice
+
+
+def test_tuning_budget_bounds_the_timing(fake_gpu):
+    shapes = [_geom(N=1, C_in=c, C_out=c, OH=14, OW=14) for c in (64, 128, 256)]
+    with tuning.tuning_budget(2.5) as budget:  # each timing costs one second on the fake clock
+        first = tuning.select_config(_key(shapes[0]), shapes[0], 16, 2, _timed, torch.device("cuda"),
+                                     time_dequant=_dequant)
+        assert len(fake_gpu.timed) == 3 and budget.exhausted()  # stopped mid-way, the best so far kept
+        assert fake_gpu.cache.get(_key(shapes[0])) == first
+        fake_gpu.timed.clear()
+        for g in shapes[1:]:
+            choice = tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
+            assert choice == tuning._untimed_choice(_key(g), g, 16, 2, 132, True)
+        assert fake_gpu.timed == [] and len(fake_gpu.cache) == 1  # past the budget: untimed, not cached
+    assert budget.spent == 3.0
+    tuning.select_config(_key(shapes[1]), shapes[1], 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant)
+    assert fake_gpu.timed  # outside the budget, timing again
+    with pytest.raises(ValueError, match="seconds >= 0"):
+        tuning.TuningBudget(-1)
+
+
+def test_tune_seconds_from_the_environment(monkeypatch):
+    from cora_kernels.environment import DEFAULT_TUNE_SECONDS, tune_seconds
+
+    monkeypatch.delenv("CORA_TUNE_SECONDS", raising=False)
+    assert tune_seconds() == DEFAULT_TUNE_SECONDS
+    monkeypatch.setenv("CORA_TUNE_SECONDS", "12.5")
+    assert tune_seconds() == 12.5
+    with tuning.tuning_budget() as b:
+        assert b.seconds == 12.5
+    for bad in ("-1", "soon", "inf", "nan"):
+        monkeypatch.setenv("CORA_TUNE_SECONDS", bad)
+        with pytest.raises(ValueError, match="CORA_TUNE_SECONDS"):
+            tune_seconds()
+
+
+def test_shipped_table_is_used_by_gpu_name_and_never_overrides(fake_gpu, monkeypatch, tmp_path):
+    g = _geom(N=1, C_in=128, C_out=128, OH=28, OW=28)
+    key = _key(g)  # device "Fake GPU"
+    other = replace(key, C_in=256)
+    foreign = replace(key, device="Another GPU")
+    table = TuningCache()
+    table.put(key, tuning.DEQUANT_CHOICE)
+    table.put(other, TuneChoice(config_named("mid_m_64n"), 2))
+    table.put(foreign, TuneChoice(config_named("small_m"), 1))
+    monkeypatch.setattr(tuning, "TABLES_DIR", tmp_path)
+    assert tuning.table_path("Fake GPU") == tmp_path / "fake_gpu.json"
+    table.save(tuning.table_path("Fake GPU"))
+    held = TuneChoice(config_named("small_m_wide_rank"), 1)
+    fake_gpu.cache.put(other, held)  # timed here or loaded by the user: wins over the shipped table
+    assert tuning.select_config(key, g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant) \
+        == tuning.DEQUANT_CHOICE
+    assert fake_gpu.timed == [] and fake_gpu.cache.get(other) == held and foreign not in fake_gpu.cache
+    assert tuning.load_shipped_tuning("Fake GPU") == 0  # once per process and GPU model
+
+
+def test_shipped_tables_parse():
+    """Every table shipped in the package is a valid tuning file named after the GPU model it holds."""
+    for path in sorted(tuning.TABLES_DIR.glob("*.json")):
+        cache = TuningCache()
+        assert cache.load(path) > 0, path
+        assert {tuning.table_path(k.device) for k, _ in cache.items()} == {path}
 
 
 def test_launcher_key_and_tuner_wiring(monkeypatch):
@@ -362,15 +510,16 @@ def test_launcher_key_and_tuner_wiring(monkeypatch):
     seen = []
     real_select = tuning.select_config
 
-    def spy(key, g, r_pad, elem, time_candidate, device):
-        seen.append((key, r_pad, elem))
-        return real_select(key, g, r_pad, elem, time_candidate, device)
+    def spy(key, g, r_pad, elem, time_candidate, device, **kw):
+        seen.append((key, r_pad, elem, kw))
+        return real_select(key, g, r_pad, elem, time_candidate, device, **kw)
 
     monkeypatch.setattr(tuning, "select_config", spy)
     c = Case(N=1, C_in=8, C_out=6, H=5, W=5, bits=3, rank=2, dtype=torch.float16, res=True)
     args, kw = random_layer(c, device="cpu")
     cf.cora_conv2d_triton(*args, **kw)
-    key, r_pad, elem = seen[0]
+    key, r_pad, elem, kw_seen = seen[0]
+    assert callable(kw_seen["time_dequant"]) and kw_seen["fused_only"] is False
     assert key == TuneKey(C_in=8, C_out=6, KH=3, KW=3, stride=(1, 1), dilation=(1, 1), padding=(1, 1), bits=3,
                           r_pad=16, dtype="float16", m_bucket=32, has_residual=True, device="cpu", aligned=False)
     assert (r_pad, elem) == (16, 2)
