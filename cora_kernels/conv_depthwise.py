@@ -46,8 +46,9 @@ from .environment import is_interpreting
 from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
 from .jit_common import epilogue_store, nhwc_strides
 from .packing_jit import load_codes_row
+from .records import Epilogue, PackedWeight
 
-__all__ = ["cora_conv2d_grouped_triton"]
+__all__ = ["cora_conv2d_grouped_triton", "layer_args", "choose_config"]
 
 
 @triton.jit
@@ -135,49 +136,35 @@ def _cora_conv2d_grouped_kernel(
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class _Prepared:
-    """A launch's tensors in the kernel's layout; missing optional tensors are ``out`` (never read:
-    their flag is off)."""
+class _LayerArgs:
+    """The weight side of a launch (the same for every call of a layer at one activation dtype); missing
+    optional tensors are ``scale`` (never read: their flag is off)."""
 
-    g: ConvGeometry
-    out: torch.Tensor             # [N, C_out, OH, OW], x's dtype and memory format
-    x: torch.Tensor               # the input in NHWC (channels_last) storage
     w0: torch.Tensor              # first packed plane int32 [words, C_out]
     w1: torch.Tensor              # second plane (bits 3), else w0
     scale: torch.Tensor           # [C_out]
     zero: torch.Tensor            # [C_out]
-    bias: torch.Tensor            # [C_out] or out
-    out_scale: torch.Tensor       # [C_out] or out
-    out_shift: torch.Tensor       # [C_out] or out
-    residual: torch.Tensor        # [N, C_out, OH, OW] or out
-    x_strides: tuple              # (n, h, w, c)
-    out_strides: tuple            # (n, h, w, c)
-    res_strides: tuple            # (n, h, w, c), zeros without residual
+    bias: torch.Tensor            # [C_out] or scale
+    out_scale: torch.Tensor       # [C_out] or scale
+    out_shift: torch.Tensor       # [C_out] or scale
     bits: int                     # 2, 3, 4 or 8
     has_bias: bool
     has_bn: bool
-    has_res: bool
     act: int                      # ACT code (geometry.activation_code)
     upcast: bool                  # bf16 under the interpreter: round the output by hand (jit_common.cast_to)
 
 
-def _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, act: int, g: ConvGeometry,
-             bits: int) -> _Prepared:
-    out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=x.device, dtype=x.dtype,
-                      memory_format=out_memory_format(x))
-    xk = x.contiguous(memory_format=torch.channels_last)  # a tile reads contiguous channels
-    w0 = qweight[0].contiguous()
-    has_bn = out_scale is not None
-    return _Prepared(
-        g=g, out=out, x=xk, w0=w0, w1=qweight[1].contiguous() if len(qweight) > 1 else w0,
-        scale=scale.contiguous(), zero=zero.contiguous(),
-        bias=bias if bias is not None else out,
-        out_scale=out_scale if has_bn else out, out_shift=out_shift if has_bn else out,
-        residual=residual if residual is not None else out,
-        x_strides=nhwc_strides(xk), out_strides=nhwc_strides(out),
-        res_strides=nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
-        bits=bits, has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, act=act,
-        upcast=x.dtype == torch.bfloat16 and is_interpreting(),
+def layer_args(w: PackedWeight, ep: Epilogue, dtype: torch.dtype) -> _LayerArgs:
+    """The weight side of the grouped kernel's launch for ``w`` / ``ep`` at activation ``dtype``."""
+    w0 = w.planes[0].contiguous()
+    fill = w.scale
+    return _LayerArgs(
+        w0=w0, w1=w.planes[1].contiguous() if len(w.planes) > 1 else w0,
+        scale=w.scale.contiguous(), zero=w.zero.contiguous(),
+        bias=w.bias if w.bias is not None else fill,
+        out_scale=ep.out_scale if ep.has_bn else fill, out_shift=ep.out_shift if ep.has_bn else fill,
+        bits=w.bits, has_bias=w.bias is not None, has_bn=ep.has_bn, act=ep.act,
+        upcast=dtype == torch.bfloat16 and is_interpreting(),
     )
 
 
@@ -187,21 +174,28 @@ def _mode(cig: int, cog: int) -> int:
     return 0 if cig == cog == 1 else (1 if cig == 1 else 2)
 
 
-def _launch(p: _Prepared, cfg: tuning.DepthwiseConfig) -> torch.Tensor:
-    """Run the kernel with one tile config; returns ``p.out``."""
-    g = p.g
+def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, residual,
+            cfg: tuning.DepthwiseConfig) -> torch.Tensor:
+    """Run the kernel with one tile config on ``x`` (NHWC storage: a tile reads contiguous channels) into
+    ``out`` (``[N, C_out, OH, OW]``, x's dtype); returns ``out``."""
     cig, cog = g.C_in // g.groups, g.C_out // g.groups
+    has_res = residual is not None
     grid = (triton.cdiv(g.M, cfg.BLOCK_M), triton.cdiv(g.C_out, cfg.BLOCK_C))
     _cora_conv2d_grouped_kernel[grid](
-        p.x, p.w0, p.w1, p.scale, p.zero, p.bias, p.out_scale, p.out_shift, p.residual, p.out,
+        x, L.w0, L.w1, L.scale, L.zero, L.bias, L.out_scale, L.out_shift, residual if has_res else out, out,
         g.M, g.H, g.W, g.C_out, g.OH, g.OW, cig, cog, g.KH, g.KW,
         g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-        *p.x_strides, *p.out_strides, *p.res_strides,
-        BITS=p.bits, MODE=_mode(cig, cog),
-        HAS_BIAS=p.has_bias, HAS_BN=p.has_bn, HAS_RES=p.has_res, ACT=p.act, UPCAST=p.upcast,
+        *nhwc_strides(x), *nhwc_strides(out), *(nhwc_strides(residual) if has_res else (0, 0, 0, 0)),
+        BITS=L.bits, MODE=_mode(cig, cog),
+        HAS_BIAS=L.has_bias, HAS_BN=L.has_bn, HAS_RES=has_res, ACT=L.act, UPCAST=L.upcast,
         BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps, num_stages=1,
     )
-    return p.out
+    return out
+
+
+def choose_config(g: ConvGeometry, device: torch.device) -> tuning.DepthwiseConfig:
+    """The tile for this geometry (:func:`cora_kernels.tuning.depthwise_config`; a small one off the GPU)."""
+    return tuning.depthwise_config(M=g.M, C_out=g.C_out, interpreting=is_interpreting() or device.type != "cuda")
 
 
 def cora_conv2d_grouped_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,
@@ -225,9 +219,9 @@ def cora_conv2d_grouped_triton(x, qweight, scale, zero, a=None, b=None, bias=Non
                         b_scale=b_scale, relu=relu, activation=activation)
     if g.groups == 1:
         raise NotImplementedError("groups == 1 runs the fused kernel (cora_conv2d_triton)")
-    prep = _prepare(x, qweight, scale, zero, bias, out_scale, out_shift, residual, activation_code(activation, relu),
-                    g, bits)
-    if config is None:
-        config = tuning.depthwise_config(M=g.M, C_out=g.C_out,
-                                         interpreting=is_interpreting() or x.device.type != "cuda")
-    return _launch(prep, config)
+    w = PackedWeight(tuple(qweight), scale, zero, bits, (g.KH, g.KW), g.stride, g.padding, g.dilation, g.groups,
+                     bias=bias)
+    L = layer_args(w, Epilogue(out_scale, out_shift, activation_code(activation, relu)), x.dtype)
+    out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=x.device, dtype=x.dtype, memory_format=out_memory_format(x))
+    return _launch(L, g, x.contiguous(memory_format=torch.channels_last), out, residual,
+                   config or choose_config(g, x.device))

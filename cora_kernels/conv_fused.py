@@ -63,19 +63,14 @@ from . import tuning
 from .cost_model import DEQUANT, FUSED, STRATEGIES
 from .dequantize import cora_conv2d_dequant
 from .environment import is_interpreting
-from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
+from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format, rank_pad
 from .jit_common import cast_to, epilogue_store, mma, nhwc_strides
 from .packing import plane_bits
+from .records import Epilogue, PackedWeight
 from .packing_jit import load_codes_aligned, load_codes_gather
 
-__all__ = ["cora_conv2d_triton", "dense_gemm_weight", "rank_pad"]
-
-
-def rank_pad(r: int) -> int:
-    """Rank padded for ``tl.dot``: 0 (no adapter) or a power of two >= 16."""
-    if r <= 0:
-        return 0
-    return max(16, triton.next_power_of_2(r))
+__all__ = ["cora_conv2d_triton", "dense_gemm_weight", "rank_pad", "layer_args", "kernel_input", "new_output", "tune_key",
+           "records", "select"]
 
 
 @triton.jit
@@ -246,113 +241,104 @@ def dense_gemm_weight(qweight, scale, zero, bits: int, K: int, dtype) -> torch.T
 
 
 @dataclass(frozen=True, eq=False)
-class _Prepared:
-    """Everything a launch needs apart from the config: tensors in the kernel's layout, strides
-    in (n, h, w, c) order, the kernel's variant flags.  Missing optional tensors are ``out``
-    (never read: their flag is off)."""
+class _LayerArgs:
+    """The weight side of a launch, the same for every call of a layer at one activation dtype: tensors in
+    the kernel's layout, the kernel's variant flags.  Missing optional tensors are ``scale`` (never read:
+    their flag is off)."""
 
-    g: ConvGeometry
-    out: torch.Tensor             # [N, C_out, OH, OW], x's dtype and memory format
-    x: torch.Tensor               # the input in NHWC (channels_last) storage (as given when C_in == 1)
     w0: torch.Tensor              # first packed plane int32 [words, C_out], or the dense [K, C_out]
     w1: torch.Tensor              # second plane (bits 3), else w0
     scale: torch.Tensor           # [C_out]
     zero: torch.Tensor            # [C_out]
-    a: torch.Tensor               # [r, K] or out (float, or int8 with a_scale)
-    b: torch.Tensor               # [C_out, r] or out (float, or int8 with b_scale)
-    a_scale: torch.Tensor         # [r] fp32 (int8 adapters) or out
-    b_scale: torch.Tensor         # [C_out] fp32 (int8 adapters) or out
-    bias: torch.Tensor            # [C_out] or out
-    out_scale: torch.Tensor       # [C_out] or out
-    out_shift: torch.Tensor       # [C_out] or out
-    residual: torch.Tensor        # [N, C_out, OH, OW] or out
-    x_strides: tuple              # (n, h, w, c)
+    a: torch.Tensor               # [r, K] (float, or int8 with a_scale) or scale
+    b: torch.Tensor               # [C_out, r] (float, or int8 with b_scale) or scale
+    a_scale: torch.Tensor         # [r] fp32 (int8 adapters) or scale
+    b_scale: torch.Tensor         # [C_out] fp32 (int8 adapters) or scale
+    bias: torch.Tensor            # [C_out] or scale
+    out_scale: torch.Tensor       # [C_out] or scale
+    out_shift: torch.Tensor       # [C_out] or scale
     a_strides: tuple              # (r, k), (0, 0) without adapter
     b_strides: tuple              # (n, r), (0, 0) without adapter
-    out_strides: tuple            # (n, h, w, c)
-    res_strides: tuple            # (n, h, w, c), zeros without residual
     bits: int                     # 2, 3, 4, 8, or 16 for the dense-weight control
     codes_per_word: int           # most codes per int32 word over the planes (1 for dense)
     r_pad: int                    # adapter rank padded for tl.dot (0: no adapter)
     adapter_q: bool               # int8 adapters with per-row scales
     has_bias: bool
     has_bn: bool
-    has_res: bool
     act: int                      # ACT code (geometry.activation_code)
     dot_prec: str                 # tl.dot input_precision
     upcast: bool                  # bf16 under the interpreter (see mma / cast_to)
     aligned_ok: bool              # the aligned unpack path may apply (also needs BLOCK_K % per == 0)
 
 
-def _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, act: int,
-             g: ConvGeometry, bits: int, dense_weight, a_scale=None, b_scale=None) -> _Prepared:
-    dev = x.device
-    out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=dev, dtype=x.dtype,
-                      memory_format=out_memory_format(x))
-    # the gather reads C_in-contiguous rows: give the kernel NHWC (a copy for NCHW input)
-    xk = x.contiguous(memory_format=torch.channels_last) if g.C_in > 1 else x
+def layer_args(w: PackedWeight, ep: Epilogue, g: ConvGeometry, dtype: torch.dtype, dense_weight=None) -> _LayerArgs:
+    """The weight side of the fused kernel's launch for ``w`` / ``ep`` at activation ``dtype``
+    (``dense_weight``: the fp16-weight control's ``[K, C_out]`` instead of the codes)."""
     r = g.rank
+    fill = w.scale
     if dense_weight is not None:
-        if tuple(dense_weight.shape) != (g.K, g.C_out) or dense_weight.device != dev:
-            raise ValueError(f"dense_weight must be [K={g.K}, C_out={g.C_out}] on {dev}")
-        kbits = 16
-        w0 = dense_weight.to(x.dtype).contiguous()
-        w1 = w0
-        per = 1
+        if tuple(dense_weight.shape) != (g.K, g.C_out) or dense_weight.device != w.scale.device:
+            raise ValueError(f"dense_weight must be [K={g.K}, C_out={g.C_out}] on {w.scale.device}")
+        kbits, per = 16, 1
+        w0 = w1 = dense_weight.to(dtype).contiguous()
     else:
-        kbits = bits
-        w0 = qweight[0].contiguous()
-        w1 = qweight[1].contiguous() if len(qweight) > 1 else w0
-        per = max(32 // pb for pb in plane_bits(bits))
-    has_bn = out_scale is not None
-    adapter_q = r > 0 and a.dtype == torch.int8
-    return _Prepared(
-        g=g, out=out, x=xk, w0=w0, w1=w1, scale=scale.contiguous(), zero=zero.contiguous(),
-        a=a if r > 0 else out, b=b if r > 0 else out,
-        a_scale=a_scale.contiguous() if adapter_q else out, b_scale=b_scale.contiguous() if adapter_q else out,
-        bias=bias if bias is not None else out,
-        out_scale=out_scale if has_bn else out, out_shift=out_shift if has_bn else out,
-        residual=residual if residual is not None else out,
-        x_strides=nhwc_strides(xk),
-        a_strides=(a.stride(0), a.stride(1)) if r > 0 else (0, 0),
-        b_strides=(b.stride(0), b.stride(1)) if r > 0 else (0, 0),
-        out_strides=nhwc_strides(out),
-        res_strides=nhwc_strides(residual) if residual is not None else (0, 0, 0, 0),
+        kbits = w.bits
+        w0 = w.planes[0].contiguous()
+        w1 = w.planes[1].contiguous() if len(w.planes) > 1 else w0
+        per = max(32 // pb for pb in plane_bits(w.bits))
+    adapter_q = r > 0 and w.int8_adapter
+    return _LayerArgs(
+        w0=w0, w1=w1, scale=w.scale.contiguous(), zero=w.zero.contiguous(),
+        a=w.a if r > 0 else fill, b=w.b if r > 0 else fill,
+        a_scale=w.a_scale.contiguous() if adapter_q else fill, b_scale=w.b_scale.contiguous() if adapter_q else fill,
+        bias=w.bias if w.bias is not None else fill,
+        out_scale=ep.out_scale if ep.has_bn else fill, out_shift=ep.out_shift if ep.has_bn else fill,
+        a_strides=(w.a.stride(0), w.a.stride(1)) if r > 0 else (0, 0),
+        b_strides=(w.b.stride(0), w.b.stride(1)) if r > 0 else (0, 0),
         bits=kbits, codes_per_word=per, r_pad=rank_pad(r), adapter_q=adapter_q,
-        has_bias=bias is not None, has_bn=has_bn, has_res=residual is not None, act=act,
+        has_bias=w.bias is not None, has_bn=ep.has_bn, act=ep.act,
         # fp32: 3xTF32 on the GPU (tensor cores, ~fp32 accuracy); the interpreter computes in fp32 anyway
-        dot_prec=("ieee" if is_interpreting() else "tf32x3") if x.dtype == torch.float32 else "tf32",
-        upcast=x.dtype == torch.bfloat16 and is_interpreting(),
+        dot_prec=("ieee" if is_interpreting() else "tf32x3") if dtype == torch.float32 else "tf32",
+        upcast=dtype == torch.bfloat16 and is_interpreting(),
         # fp32 keeps the gather unpack: the register expansion of the aligned path spills with 3xTF32
-        aligned_ok=(kbits != 16 and g.C_in % per == 0 and (x.dtype != torch.float32 or is_interpreting())),
+        aligned_ok=(kbits != 16 and g.C_in % per == 0 and (dtype != torch.float32 or is_interpreting())),
     )
 
 
-def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
-    """Run the kernel (and the split-K reduction when ``split > 1``) with one config; returns ``p.out``."""
-    g = p.g
+def kernel_input(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """x as the kernel reads it: NHWC storage, since the gather reads C_in-contiguous rows (a copy for
+    NCHW input; as given when C_in == 1, where both layouts are the same)."""
+    return x.contiguous(memory_format=torch.channels_last) if g.C_in > 1 else x
+
+
+def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, residual, cfg: tuning.ConvConfig,
+            split: int) -> torch.Tensor:
+    """Run the kernel (and the split-K reduction when ``split > 1``) with one config on ``x`` (from
+    :func:`kernel_input`) into ``out`` (``[N, C_out, OH, OW]``, x's dtype); returns ``out``."""
     M = g.M
     n_cblk = triton.cdiv(g.C_in, cfg.BLOCK_K)
     total = g.KH * g.KW * n_cblk
     split = max(1, min(int(split), total))
     per_split = triton.cdiv(total, split)
     split = triton.cdiv(total, per_split)  # no empty splits
-    aligned = p.aligned_ok and cfg.BLOCK_K % p.codes_per_word == 0
-    ws = torch.empty((split, M, g.C_out), device=p.out.device, dtype=torch.float32) if split > 1 else p.out
-    flags = dict(HAS_BIAS=p.has_bias, HAS_BN=p.has_bn, HAS_RES=p.has_res, ACT=p.act)
-    son, soh, sow, soc = p.out_strides
-    srn, srh, srw, src = p.res_strides
+    aligned = L.aligned_ok and cfg.BLOCK_K % L.codes_per_word == 0
+    ws = torch.empty((split, M, g.C_out), device=out.device, dtype=torch.float32) if split > 1 else out
+    has_res = residual is not None
+    res = residual if has_res else out
+    flags = dict(HAS_BIAS=L.has_bias, HAS_BN=L.has_bn, HAS_RES=has_res, ACT=L.act)
+    son, soh, sow, soc = nhwc_strides(out)
+    srn, srh, srw, src = nhwc_strides(residual) if has_res else (0, 0, 0, 0)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
     _cora_conv2d_kernel[grid](
-        p.x, p.w0, p.w1, p.scale, p.zero, p.a, p.b, p.a_scale, p.b_scale,
-        p.bias, p.out_scale, p.out_shift, p.residual, p.out, ws,
+        x, L.w0, L.w1, L.scale, L.zero, L.a, L.b, L.a_scale, L.b_scale,
+        L.bias, L.out_scale, L.out_shift, res, out, ws,
         M, g.C_in, g.H, g.W, g.C_out, g.OH, g.OW, g.KW, g.rank,
         n_cblk, total, per_split,
         g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-        *p.x_strides, *p.a_strides, *p.b_strides,
+        *nhwc_strides(x), *L.a_strides, *L.b_strides,
         son, soh, sow, soc, srn, srh, srw, src,
-        BITS=p.bits, ALIGNED=aligned, R_PAD=p.r_pad, ADAPTER_Q=p.adapter_q, SPLIT_K=split, DOT_PREC=p.dot_prec, UPCAST=p.upcast,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        BITS=L.bits, ALIGNED=aligned, R_PAD=L.r_pad, ADAPTER_Q=L.adapter_q, SPLIT_K=split, DOT_PREC=L.dot_prec,
+        UPCAST=L.upcast, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # with split-K the epilogue runs in the reduction kernel, after the splits are summed
         **(flags if split == 1 else dict(HAS_BIAS=False, HAS_BN=False, HAS_RES=False, ACT=0)),
@@ -361,24 +347,38 @@ def _launch(p: _Prepared, cfg: tuning.ConvConfig, split: int) -> torch.Tensor:
         rc = tuning.REDUCE_CONFIG
         grid2 = (triton.cdiv(M, rc.BLOCK_M), triton.cdiv(g.C_out, rc.BLOCK_N))
         _splitk_epilogue_kernel[grid2](
-            ws, p.bias, p.out_scale, p.out_shift, p.residual, p.out,
+            ws, L.bias, L.out_scale, L.out_shift, res, out,
             M, g.C_out, g.OH, g.OW, split, son, soh, sow, soc, srn, srh, srw, src,
-            UPCAST=p.upcast, BLOCK_M=rc.BLOCK_M, BLOCK_N=rc.BLOCK_N, num_warps=rc.num_warps,
+            UPCAST=L.upcast, BLOCK_M=rc.BLOCK_M, BLOCK_N=rc.BLOCK_N, num_warps=rc.num_warps,
             **flags,
         )
-    return p.out
+    return out
 
 
-def _tune_key(x, g: ConvGeometry, bits: int, dense: bool, a, residual) -> tuning.TuneKey:
+def new_output(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """An empty ``[N, C_out, OH, OW]`` in x's dtype, device and memory format."""
+    return torch.empty((g.N, g.C_out, g.OH, g.OW), device=x.device, dtype=x.dtype, memory_format=out_memory_format(x))
+
+
+def tune_key(x, g: ConvGeometry, w: PackedWeight, dense: bool, has_residual: bool) -> tuning.TuneKey:
     """The :class:`~cora_kernels.tuning.TuneKey` of a call (``dense``: the fp16-weight control, bits 16)."""
-    kbits = 16 if dense else bits
-    per = 1 if dense else max(32 // pb for pb in plane_bits(bits))
+    per = 1 if dense else max(32 // pb for pb in plane_bits(w.bits))
     return tuning.TuneKey(
         C_in=g.C_in, C_out=g.C_out, KH=g.KH, KW=g.KW, stride=g.stride, dilation=g.dilation, padding=g.padding,
-        bits=kbits, r_pad=rank_pad(g.rank), dtype=str(x.dtype).removeprefix("torch."),
-        m_bucket=triton.next_power_of_2(g.M), has_residual=residual is not None,
-        device=tuning.device_name(x.device), aligned=g.C_in % per == 0,
-        int8_adapter=g.rank > 0 and a.dtype == torch.int8)
+        bits=16 if dense else w.bits, r_pad=rank_pad(g.rank), dtype=str(x.dtype).removeprefix("torch."),
+        m_bucket=triton.next_power_of_2(g.M), has_residual=has_residual,
+        device=tuning.device_name(x.device), aligned=g.C_in % per == 0, int8_adapter=g.rank > 0 and w.int8_adapter)
+
+
+def records(qweight, scale, zero, a, b, bias, g: ConvGeometry, *, bits, a_scale, b_scale, out_scale, out_shift,
+            act: int) -> tuple[PackedWeight, Epilogue]:
+    """The call's arguments (validated: ``g`` from :func:`~cora_kernels.geometry.check_conv_args`) as records;
+    a rank-0 adapter is no adapter."""
+    if g.rank == 0:
+        a = b = a_scale = b_scale = None
+    w = PackedWeight(tuple(qweight), scale, zero, bits, (g.KH, g.KW), g.stride, g.padding, g.dilation, g.groups,
+                     a, b, a_scale, b_scale, bias)
+    return w, Epilogue(out_scale, out_shift, act)
 
 
 def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,
@@ -414,32 +414,38 @@ def cora_conv2d_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bi
         raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {strategy!r}")
     if strategy == DEQUANT and (dense_weight is not None or config is not None):
         raise ValueError("strategy='dequant' takes no dense_weight or config (they are the fused kernel's)")
-    act = activation_code(activation, relu)
-    r_pad = rank_pad(g.rank)
-
-    def dequant():
-        return cora_conv2d_dequant(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, act,
-                                   g=g, bits=bits, r_pad=r_pad, a_scale=a_scale, b_scale=b_scale)
-
-    if strategy == DEQUANT:
-        return dequant()
-    prep = None
-
-    def fused(cfg, split):
-        nonlocal prep
-        if prep is None:
-            prep = _prepare(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, act, g, bits,
-                            dense_weight, a_scale, b_scale)
-        return _launch(prep, cfg, split)
-
+    w, ep = records(qweight, scale, zero, a, b, bias, g, bits=bits, a_scale=a_scale, b_scale=b_scale,
+                    out_scale=out_scale, out_shift=out_shift, act=activation_code(activation, relu))
     if config is None:
-        key = _tune_key(x, g, bits, dense_weight is not None, a, residual)
-        choice = tuning.select_config(key, g, r_pad, x.element_size(), fused, x.device,
-                                      time_dequant=dequant if dense_weight is None else None,
-                                      fused_only=strategy == FUSED)
+        choice = select(x, g, w, ep, residual, dense_weight=dense_weight, fused_only=strategy == FUSED,
+                        force_dequant=strategy == DEQUANT)
         if choice.strategy == DEQUANT:
-            return dequant()
+            return cora_conv2d_dequant(x, w, ep, residual, g)
         config = choice.config
         if split_k is None:
             split_k = choice.split_k
-    return fused(config, split_k or 1)
+    L = layer_args(w, ep, g, x.dtype, dense_weight)
+    return _launch(L, g, kernel_input(x, g), new_output(x, g), residual, config, split_k or 1)
+
+
+def select(x, g: ConvGeometry, w: PackedWeight, ep: Epilogue, residual, *, dense_weight=None, fused_only=False,
+           force_dequant=False) -> tuning.TuneChoice:
+    """The tuner's choice for this call (:func:`cora_kernels.tuning.select_config`), with the candidates it
+    may time: the fused kernel per (config, split) and, unless ``dense_weight`` (the control) or
+    ``fused_only``, the dequantize strategy.  ``force_dequant``: :data:`~cora_kernels.tuning.DEQUANT_CHOICE`."""
+    if force_dequant:
+        return tuning.DEQUANT_CHOICE
+    key = tune_key(x, g, w, dense_weight is not None, residual is not None)
+    L = None
+
+    def fused(cfg, split):
+        nonlocal L
+        if L is None:
+            L = layer_args(w, ep, g, x.dtype, dense_weight)
+        return _launch(L, g, kernel_input(x, g), new_output(x, g), residual, cfg, split)
+
+    def dequant():
+        return cora_conv2d_dequant(x, w, ep, residual, g)
+
+    return tuning.select_config(key, g, rank_pad(g.rank), x.element_size(), fused, x.device,
+                                time_dequant=dequant if dense_weight is None else None, fused_only=fused_only)

@@ -34,9 +34,10 @@ import triton
 import triton.language as tl
 
 from .environment import is_interpreting
-from .geometry import ACTIVATIONS, ConvGeometry, out_memory_format
+from .geometry import ACTIVATIONS, ConvGeometry, out_memory_format, rank_pad
 from .jit_common import cast_to
 from .packing_jit import load_codes_gather
+from .records import Epilogue, PackedWeight
 from .reference import TORCH_ACTIVATIONS
 from .scratch import scratch_tensor
 
@@ -109,35 +110,34 @@ def _dequant_weight_kernel(
             tl.store(out_b_ptr + offs_n, cast_to(bias, dt, UPCAST), mask=n_mask)
 
 
-def effective_weight(qweight, scale, zero, a, b, a_scale, b_scale, bias, out_scale, out_shift, *,
-                     g: ConvGeometry, bits: int, dtype: torch.dtype, r_pad: int):
-    """``(weight, bias)`` of the layer with the adapter and the BatchNorm folded in, in ``dtype``.
+def effective_weight(w: PackedWeight, ep: Epilogue, g: ConvGeometry, dtype: torch.dtype):
+    """``(weight, bias)`` of the layer ``w`` with its adapter and the BatchNorm of ``ep`` folded in, in ``dtype``.
 
     ``weight`` is ``[C_out, C_in, kh, kw]`` in channels_last order and ``bias`` ``[C_out]`` (None when
     the layer has neither a bias nor a folded BatchNorm); both are views of the scratch buffer
     (:func:`cora_kernels.scratch.scratch_tensor`), valid until the next layer of this thread and stream
-    is dequantized.  Arguments as :func:`cora_kernels.cora_conv2d` (validated by the caller);
-    ``r_pad`` is the adapter rank padded for ``tl.dot`` (0: no adapter).
+    is dequantized.  ``g``: the call's validated geometry.
     """
     K, C_out = g.K, g.C_out
-    write_bias = bias is not None or out_scale is not None
+    r_pad = rank_pad(g.rank)
+    write_bias = w.bias is not None or ep.has_bn
     shapes = [(C_out, K)] + ([(C_out,)] if write_bias else [])
-    views = scratch_tensor(shapes, dtype, scale.device)
+    views = scratch_tensor(shapes, dtype, w.scale.device)
     w_flat = views[0]
     b_out = views[1] if write_bias else w_flat
     has_ad = r_pad > 0
-    adapter_q = has_ad and a.dtype == torch.int8
-    w0 = qweight[0].contiguous()
-    w1 = qweight[1].contiguous() if len(qweight) > 1 else w0
-    filler = w_flat  # never read: its flag is off
+    adapter_q = has_ad and w.int8_adapter
+    w0 = w.planes[0].contiguous()
+    w1 = w.planes[1].contiguous() if len(w.planes) > 1 else w0
+    fill = w.scale  # never read: its flag is off
     grid = (triton.cdiv(K, DEQUANT_BLOCK_K), triton.cdiv(C_out, DEQUANT_BLOCK_N))
     _dequant_weight_kernel[grid](
-        w0, w1, scale, zero, a if has_ad else filler, b if has_ad else filler,
-        a_scale if adapter_q else filler, b_scale if adapter_q else filler,
-        bias if bias is not None else filler, out_scale if out_scale is not None else filler,
-        out_shift if out_shift is not None else filler, w_flat, b_out,
-        K, C_out, g.rank, *(a.stride() if has_ad else (0, 0)), *(b.stride() if has_ad else (0, 0)),
-        BITS=bits, R_PAD=r_pad, ADAPTER_Q=adapter_q, HAS_BIAS=bias is not None, HAS_BN=out_scale is not None,
+        w0, w1, w.scale, w.zero, w.a if has_ad else fill, w.b if has_ad else fill,
+        w.a_scale if adapter_q else fill, w.b_scale if adapter_q else fill,
+        w.bias if w.bias is not None else fill, ep.out_scale if ep.has_bn else fill,
+        ep.out_shift if ep.has_bn else fill, w_flat, b_out,
+        K, C_out, g.rank, *(w.a.stride() if has_ad else (0, 0)), *(w.b.stride() if has_ad else (0, 0)),
+        BITS=w.bits, R_PAD=r_pad, ADAPTER_Q=adapter_q, HAS_BIAS=w.bias is not None, HAS_BN=ep.has_bn,
         WRITE_BIAS=write_bias, UPCAST=dtype == torch.bfloat16 and is_interpreting(),
         DOT_PREC="ieee" if is_interpreting() else "tf32x3",
         BLOCK_K=DEQUANT_BLOCK_K, BLOCK_N=DEQUANT_BLOCK_N, num_warps=DEQUANT_WARPS,
@@ -147,21 +147,17 @@ def effective_weight(qweight, scale, zero, a, b, a_scale, b_scale, bias, out_sca
     return weight, (b_out if write_bias else None)
 
 
-def cora_conv2d_dequant(x, qweight, scale, zero, a, b, bias, out_scale, out_shift, residual, act: int, *,
-                        g: ConvGeometry, bits: int, r_pad: int, a_scale=None, b_scale=None) -> torch.Tensor:
-    """One ``groups == 1`` CoRa conv by the dequantize strategy (see the module docstring).
-
-    Arguments as :func:`cora_kernels.cora_conv2d`, validated by the caller (``g`` its geometry, ``act``
-    the activation code of :func:`cora_kernels.geometry.activation_code`).  Returns ``[N, C_out, OH, OW]``
-    in x's dtype and memory format.
+def cora_conv2d_dequant(x: torch.Tensor, w: PackedWeight, ep: Epilogue, residual, g: ConvGeometry) -> torch.Tensor:
+    """One ``groups == 1`` CoRa conv by the dequantize strategy (see the module docstring): the layer ``w``
+    and epilogue ``ep`` on ``x`` (validated by the caller, ``g`` its geometry), plus ``residual`` (or None).
+    Returns ``[N, C_out, OH, OW]`` in x's dtype and memory format.
     """
-    weight, b_eff = effective_weight(qweight, scale, zero, a, b, a_scale, b_scale, bias, out_scale, out_shift,
-                                     g=g, bits=bits, dtype=x.dtype, r_pad=r_pad)
+    weight, b_eff = effective_weight(w, ep, g, x.dtype)
     fmt = out_memory_format(x)
     xin = x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # cuDNN's fast layout
     y = F.conv2d(xin, weight, b_eff, stride=g.stride, padding=g.padding, dilation=g.dilation)
     if residual is not None:
         y.add_(residual)
-    if act:
-        y = TORCH_ACTIVATIONS[ACTIVATIONS[act - 1]](y)
+    if ep.act:
+        y = TORCH_ACTIVATIONS[ACTIVATIONS[ep.act - 1]](y)
     return y.contiguous(memory_format=fmt)

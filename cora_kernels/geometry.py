@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .packing import plane_bits
 
 __all__ = [
+    "rank_pad",
     "ACT_DTYPES",
     "ACTIVATIONS",
     "PADDING_MODES",
@@ -138,6 +139,13 @@ def pad_input(x: torch.Tensor, lrtb, padding_mode: str = "zeros") -> tuple[torch
         return x, (top, left)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     return F.pad(x, tuple(lrtb), mode=mode), (0, 0)
+
+
+def rank_pad(r: int) -> int:
+    """An adapter rank padded for ``tl.dot``: 0 (no adapter) or a power of two >= 16."""
+    if r <= 0:
+        return 0
+    return max(16, 1 << (int(r) - 1).bit_length())
 
 
 def out_memory_format(x: torch.Tensor) -> torch.memory_format:

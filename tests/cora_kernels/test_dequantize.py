@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cora_kernels import scratch
-from cora_kernels.conv_fused import cora_conv2d_triton, rank_pad
+from cora_kernels.conv_fused import cora_conv2d_triton, records
 from cora_kernels.dequantize import effective_weight
 from cora_kernels.geometry import ACTIVATIONS, check_conv_args
 from cora_kernels.ops import cora_conv2d
@@ -82,9 +82,9 @@ def test_effective_weight_is_the_folded_weight(case):
     g = check_conv_args(*args, bits=case.bits, kernel_size=case.k, stride=case.stride, padding=case.padding,
                         dilation=case.dilation, out_scale=kw.get("out_scale"), out_shift=kw.get("out_shift"),
                         a_scale=kw.get("a_scale"), b_scale=kw.get("b_scale"))
-    w, b_eff = effective_weight(planes, scale, zero, a, b, kw.get("a_scale"), kw.get("b_scale"), bias,
-                                kw.get("out_scale"), kw.get("out_shift"), g=g, bits=case.bits, dtype=case.dtype,
-                                r_pad=rank_pad(g.rank))
+    layer, ep = records(planes, scale, zero, a, b, bias, g, bits=case.bits, a_scale=kw.get("a_scale"),
+                        b_scale=kw.get("b_scale"), out_scale=kw.get("out_scale"), out_shift=kw.get("out_shift"), act=0)
+    w, b_eff = effective_weight(layer, ep, g, case.dtype)
     w_ref, b_ref = _effective_reference(args, kw, case)
     assert w.shape == w_ref.shape and w.dtype == case.dtype
     assert w.is_contiguous(memory_format=torch.channels_last)
