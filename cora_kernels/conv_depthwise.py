@@ -220,7 +220,7 @@ def cora_conv2d_grouped_triton(x, qweight, scale, zero, a=None, b=None, bias=Non
     if g.groups == 1:
         raise NotImplementedError("groups == 1 runs the fused kernel (cora_conv2d_triton)")
     w = PackedWeight(tuple(qweight), scale, zero, bits, (g.KH, g.KW), g.stride, g.padding, g.dilation, g.groups,
-                     bias=bias)
+                     bias=bias, in_channels=g.C_in)
     L = layer_args(w, Epilogue(out_scale, out_shift, activation_code(activation, relu)), x.dtype)
     out = torch.empty((g.N, g.C_out, g.OH, g.OW), device=x.device, dtype=x.dtype, memory_format=out_memory_format(x))
     return _launch(L, g, x.contiguous(memory_format=torch.channels_last), out, residual,

@@ -377,7 +377,7 @@ def records(qweight, scale, zero, a, b, bias, g: ConvGeometry, *, bits, a_scale,
     if g.rank == 0:
         a = b = a_scale = b_scale = None
     w = PackedWeight(tuple(qweight), scale, zero, bits, (g.KH, g.KW), g.stride, g.padding, g.dilation, g.groups,
-                     a, b, a_scale, b_scale, bias)
+                     a, b, a_scale, b_scale, bias, g.C_in)
     return w, Epilogue(out_scale, out_shift, act)
 
 

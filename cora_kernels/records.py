@@ -26,7 +26,8 @@ class PackedWeight:
     ``planes``: int32 ``[n_words, C_out]`` per plane (two for bits 3); ``scale``, ``zero`` floating
     ``[C_out]``; ``a`` ``[r, K]`` and ``b`` ``[C_out, r]`` or None; ``a_scale`` ``[r]`` / ``b_scale``
     ``[C_out]`` only for int8 adapters; ``bias`` ``[C_out]`` or None; the geometry as ``(h, w)`` pairs
-    (symmetric zero padding).
+    (symmetric zero padding); ``in_channels`` (C_in: the packed planes alone cannot always tell it; None
+    where the call's input gives it).
     """
 
     planes: tuple[torch.Tensor, ...]
@@ -43,6 +44,7 @@ class PackedWeight:
     a_scale: torch.Tensor | None = None
     b_scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    in_channels: int | None = None
 
     @property
     def rank(self) -> int:
