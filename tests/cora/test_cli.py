@@ -19,8 +19,11 @@ from cora.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# cheap settings; the bad invocations below fail before any work, whatever they are
-CHEAP = ["--calib", "10", "--iters", "1", "--tune-iters", "1", "--no-rtn", "--quiet", "--threads", "1", "--eval-split", "holdout"]
+# cheap settings; the bad invocations below fail before any work, whatever they are.  --device cpu: the results
+# these tests compare were recorded on the CPU, and "auto" would take a GPU where there is one (a later
+# --device in an invocation wins); test_quantize_on_cuda runs the command on a GPU.
+CHEAP = ["--calib", "10", "--iters", "1", "--tune-iters", "1", "--no-rtn", "--quiet", "--threads", "1", "--eval-split", "holdout",
+         "--device", "cpu"]
 # the cheapest valid run: ResNet-8 (random weights, see Resources.r8_weights) on 10 images, 20 evaluated
 FAST = [*CHEAP, "--eval-limit", "20"]
 
@@ -547,3 +550,16 @@ def test_no_labels_calibrates_without_them(res, capsys):
     assert runs[True]["labels"] is False and runs[True]["method"] == "uniform" and runs[True]["loss"] == "kl"
     assert runs[True]["tune_loss"] is None and runs[True]["tune_iterations"] == 0
     assert runs[False]["labels"] is True and runs[False]["method"] == "search" and runs[False]["tune_loss"] == "ce"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantize_on_cuda(res, tmp_path, capsys):
+    """The main command on a GPU end to end (conversion, evaluation of the deployed model, checkpoint), and
+    the checkpoint it writes evaluates the same on the CPU."""
+    path = tmp_path / "r8_cuda.safetensors"
+    argv = ["quantize", "cifar_resnet8", "--weights", str(res.r8_weights), *FAST, "--device", "cuda", "--out", str(path),
+            "--json"]
+    assert main(argv) == 0
+    assert path.is_file()
+    assert main(["eval", "--checkpoint", str(path), "--eval-split", "holdout", "--eval-limit", "20", "--device", "cpu",
+                 "--threads", "1"]) == 0
