@@ -312,9 +312,10 @@ def kernel_input(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
 
 
 def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, residual, cfg: tuning.ConvConfig,
-            split: int) -> torch.Tensor:
+            split: int, compile_only: bool = False) -> torch.Tensor:
     """Run the kernel (and the split-K reduction when ``split > 1``) with one config on ``x`` (from
-    :func:`kernel_input`) into ``out`` (``[N, C_out, OH, OW]``, x's dtype); returns ``out``."""
+    :func:`kernel_input`) into ``out`` (``[N, C_out, OH, OW]``, x's dtype); returns ``out``.
+    ``compile_only``: compile the kernels this launch needs (Triton's ``warmup``), run nothing."""
     M = g.M
     n_cblk = triton.cdiv(g.C_in, cfg.BLOCK_K)
     total = g.KH * g.KW * n_cblk
@@ -329,7 +330,7 @@ def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, 
     son, soh, sow, soc = nhwc_strides(out)
     srn, srh, srw, src = nhwc_strides(residual) if has_res else (0, 0, 0, 0)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
-    _cora_conv2d_kernel[grid](
+    _start(_cora_conv2d_kernel, grid, compile_only)(
         x, L.w0, L.w1, L.scale, L.zero, L.a, L.b, L.a_scale, L.b_scale,
         L.bias, L.out_scale, L.out_shift, res, out, ws,
         M, g.C_in, g.H, g.W, g.C_out, g.OH, g.OW, g.KW, g.rank,
@@ -346,13 +347,21 @@ def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, 
     if split > 1:
         rc = tuning.REDUCE_CONFIG
         grid2 = (triton.cdiv(M, rc.BLOCK_M), triton.cdiv(g.C_out, rc.BLOCK_N))
-        _splitk_epilogue_kernel[grid2](
+        _start(_splitk_epilogue_kernel, grid2, compile_only)(
             ws, L.bias, L.out_scale, L.out_shift, res, out,
             M, g.C_out, g.OH, g.OW, split, son, soh, sow, soc, srn, srh, srw, src,
             UPCAST=L.upcast, BLOCK_M=rc.BLOCK_M, BLOCK_N=rc.BLOCK_N, num_warps=rc.num_warps,
             **flags,
         )
     return out
+
+
+def _start(kernel, grid, compile_only: bool):
+    """``kernel[grid]``, or with ``compile_only`` its ``warmup`` (compiles, launches nothing; inside Triton's
+    ``AsyncCompileMode`` the compilation goes to that mode's executor)."""
+    if compile_only:
+        return lambda *args, **meta: kernel.warmup(*args, grid=grid, **meta)
+    return kernel[grid]
 
 
 def new_output(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
@@ -444,8 +453,15 @@ def select(x, g: ConvGeometry, w: PackedWeight, ep: Epilogue, residual, *, dense
             L = layer_args(w, ep, g, x.dtype, dense_weight)
         return _launch(L, g, kernel_input(x, g), new_output(x, g), residual, cfg, split)
 
+    def compile_fused(cfg, split):
+        nonlocal L
+        if L is None:
+            L = layer_args(w, ep, g, x.dtype, dense_weight)
+        _launch(L, g, kernel_input(x, g), new_output(x, g), residual, cfg, split, compile_only=True)
+
     def dequant():
         return cora_conv2d_dequant(x, w, ep, residual, g)
 
     return tuning.select_config(key, g, rank_pad(g.rank), x.element_size(), fused, x.device,
-                                time_dequant=dequant if dense_weight is None else None, fused_only=fused_only)
+                                time_dequant=dequant if dense_weight is None else None, fused_only=fused_only,
+                                compile_candidate=compile_fused)

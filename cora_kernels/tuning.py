@@ -75,6 +75,7 @@ __all__ = [
     "device_name",
     "select_config",
     "candidate_errors",
+    "precompile",
     "DEQUANT_CHOICE",
     "TuningBudget",
     "tuning_budget",
@@ -592,6 +593,35 @@ def candidate_errors() -> tuple[type[BaseException], ...]:
     return tuple({getattr(m, n) for m, n in names if isinstance(getattr(m, n, None), type)})
 
 
+COMPILE_THREADS = 8  # parallel compilations of candidates (Triton's front end holds the GIL; ptxas does not)
+
+
+def precompile(choices: list[TuneChoice], compile_candidate: Callable[[ConvConfig, int], object]) -> int:
+    """Compile the fused ``choices`` in parallel with Triton's ``AsyncCompileMode`` (a thread pool; where this
+    Triton has no such mode, or one is already active, nothing is done and each candidate compiles when it is
+    first timed).  A candidate that does not compile is left for the timing loop to skip.  Returns how many
+    were submitted."""
+    import triton
+
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is None or len(choices) < 2:
+        return 0
+    from triton.runtime import _async_compile
+
+    if _async_compile.active_mode.get() is not None:
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    skip = candidate_errors()
+    with ThreadPoolExecutor(max_workers=min(COMPILE_THREADS, len(choices))) as pool, mode(pool, ignore_errors=True):
+        for c in choices:
+            try:
+                compile_candidate(c.config, c.split_k)
+            except skip:  # e.g. a specialisation error at submission: the timing loop meets it again
+                pass
+    return len(choices)
+
+
 def _untimed_choice(key: TuneKey, g, r_pad: int, elem_bytes: int, n_sm: int, allow_dequant: bool) -> TuneChoice:
     if allow_dequant and untimed_strategy(M=g.M, K=g.K, C_out=g.C_out, bits=key.bits, elem_bytes=elem_bytes,
                                           taps=g.KH * g.KW) == DEQUANT:
@@ -626,12 +656,15 @@ def _timed_candidates(key: TuneKey, g, r_pad: int, elem_bytes: int, major: int, 
 
 def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
                   time_candidate: Callable[[ConvConfig, int], object], device: torch.device,
-                  time_dequant: Callable[[], object] | None = None, fused_only: bool = False) -> TuneChoice:
+                  time_dequant: Callable[[], object] | None = None, fused_only: bool = False,
+                  compile_candidate: Callable[[ConvConfig, int], object] | None = None) -> TuneChoice:
     """The launch choice for one ``groups == 1`` call: the strategy, and for the fused kernel its config
     and split-K.  ``time_dequant`` (None where the dequantize strategy does not apply, e.g. the
     dense-weight control) runs the call by the dequantize strategy.  ``fused_only`` (or
     ``CORA_STRATEGY=fused``): the fused kernel alone is wanted (benchmarks); what is timed for it then is
-    kept apart and does not replace the cached choice of ``key``.
+    kept apart and does not replace the cached choice of ``key``.  ``compile_candidate(cfg, split)``
+    compiles a fused candidate without running it: the candidates are then compiled in parallel before
+    they are timed (:func:`precompile`).
 
     * ``CORA_STRATEGY=dequant`` (:func:`cora_kernels.environment.strategy_override`): the dequantize strategy;
     * under the Triton interpreter, or for a non-CUDA device: the fused kernel with :data:`INTERPRETER_CONFIG`;
@@ -670,8 +703,13 @@ def select_config(key: TuneKey, geometry, r_pad: int, elem_bytes: int,
     import triton.testing
 
     skip = candidate_errors()
+    candidates = _timed_candidates(key, g, r_pad, elem_bytes, major, n_sm, allow_dequant)
+    if compile_candidate is not None:
+        t0 = time.perf_counter()
+        precompile([c for c in candidates if c.strategy == FUSED], compile_candidate)
+        _spend(time.perf_counter() - t0)
     best, best_t, best_fused, best_fused_t = None, float("inf"), None, float("inf")
-    for choice in _timed_candidates(key, g, r_pad, elem_bytes, major, n_sm, allow_dequant):
+    for choice in candidates:
         if best is not None and not _budget_left():
             break
         fn = time_dequant if choice.strategy == DEQUANT else (lambda c=choice: time_candidate(c.config, c.split_k))

@@ -532,3 +532,37 @@ def test_conv_config_is_frozen_and_named():
     assert c.GROUP_M == 8 and c.as_meta() == {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}
     with pytest.raises(Exception):
         c.name = "y"
+
+
+def test_precompile_submits_every_candidate_to_tritons_async_mode():
+    """Candidates compile in parallel through Triton's AsyncCompileMode: each compile_candidate call runs with
+    the mode active (what a kernel's warmup submits to), and every submitted compilation is finished on return."""
+    import threading
+
+    from triton.runtime import _async_compile
+
+    choices = [TuneChoice(config_named(n), s) for n, s in (("small_m", 1), ("small_m", 4), ("mid_m_64n", 1))]
+    finished, workers = [], set()
+
+    def compile_candidate(cfg, split):
+        mode = _async_compile.active_mode.get()
+        assert mode is not None
+
+        def compile_fn():
+            workers.add(threading.get_ident())
+            return (cfg.name, split)
+
+        mode.submit((cfg.name, split), compile_fn, finished.append)
+
+    assert tuning.precompile(choices, compile_candidate) == 3
+    assert sorted(finished) == sorted((c.config.name, c.split_k) for c in choices)
+    assert threading.get_ident() not in workers and _async_compile.active_mode.get() is None
+    assert tuning.precompile(choices[:1], compile_candidate) == 0  # one candidate: nothing to overlap
+
+
+def test_select_config_precompiles_the_fused_candidates(fake_gpu):
+    g = _geom(N=1, C_in=256, C_out=256, OH=14, OW=14)
+    compiled = []
+    tuning.select_config(_key(g), g, 16, 2, _timed, torch.device("cuda"), time_dequant=_dequant,
+                         compile_candidate=lambda cfg, split: compiled.append((cfg.name, split)))
+    assert compiled == [t for t in fake_gpu.timed if t != "dequant"]  # every fused candidate, before timing
