@@ -1,4 +1,4 @@
-"""The scratch buffer of the dequantize strategy: one per (device, stream, host thread), shared by layers.
+"""The scratch buffer of the dequantize strategy: one per (device, host thread), shared by the layers.
 
 The *dequantize then vendor conv* strategy (:mod:`cora_kernels.dequantize`) writes a layer's effective
 weight ``Q(W) + B·A`` (BatchNorm scale folded in) in the activation dtype, then calls ``F.conv2d`` on it.
@@ -9,8 +9,11 @@ Why this is safe:
 
 * layers that share a buffer run one after the other on one CUDA stream, so the next layer's
   dequantization is ordered after the previous layer's conv by the stream itself;
-* host threads get buffers of their own (two threads that issue work to the same stream could
-  otherwise interleave one layer's dequantization between another's dequantization and conv);
+* when the same thread goes on with another stream (PyTorch's CUDA-graph recipe warms up on a side
+  stream, then captures on the graph's own stream), the new stream first waits for the last one that used
+  the buffer (``wait_stream``; not during a capture, which starts from a synchronised device);
+* host threads get buffers of their own (two threads that issue work to one stream could otherwise
+  interleave one layer's dequantization between another's dequantization and conv);
 * inside one CUDA graph the layers are recorded, and replayed, in order: the graph keeps the buffer's
   address, so a buffer that a capture used is never freed while the process lives (it is retired, not
   released, when a larger layer needs a bigger one).  Growing during a capture is refused: warm up
@@ -31,11 +34,12 @@ _ALIGN = 256  # bytes: every view starts on an aligned address (the buffer's sta
 
 
 class _Slot:
-    __slots__ = ("buf", "captured")
+    __slots__ = ("buf", "captured", "stream")
 
-    def __init__(self, buf: torch.Tensor):
+    def __init__(self, buf: torch.Tensor, stream=None):
         self.buf = buf
         self.captured = False
+        self.stream = stream  # the CUDA stream that used the buffer last
 
 
 _SLOTS: dict[tuple, _Slot] = {}
@@ -45,10 +49,9 @@ _LOCK = threading.Lock()
 
 def _key(device: torch.device) -> tuple:
     if device.type == "cuda":
-        stream = torch.cuda.current_stream(device).cuda_stream
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return ("cuda", index, stream, threading.get_ident())
-    return (device.type, device.index, 0, threading.get_ident())
+        return ("cuda", index, threading.get_ident())
+    return (device.type, device.index, threading.get_ident())
 
 
 def _capturing(device: torch.device) -> bool:
@@ -71,16 +74,21 @@ def scratch_tensor(shapes: list[tuple[int, ...]], dtype: torch.dtype, device) ->
         total += -(-n // _ALIGN) * _ALIGN
     key = _key(device)
     capturing = _capturing(device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     with _LOCK:
         slot = _SLOTS.get(key)
         if slot is None or slot.buf.numel() < total:
             if capturing:
                 raise RuntimeError(
                     "cora: the dequantize strategy's scratch buffer must grow during a CUDA-graph capture; "
-                    "run the model once on this stream before capturing (cora.warmup does)")
+                    "run the model once before capturing (cora.warmup does)")
             if slot is not None and slot.captured:
                 _RETIRED.append(slot.buf)
-            slot = _SLOTS[key] = _Slot(torch.empty(total, dtype=torch.uint8, device=device))
+            old_stream = slot.stream if slot is not None else None
+            slot = _SLOTS[key] = _Slot(torch.empty(total, dtype=torch.uint8, device=device), old_stream)
+        if stream is not None and slot.stream is not None and slot.stream != stream and not capturing:
+            stream.wait_stream(slot.stream)  # the last user's conv may still be reading the buffer
+        slot.stream = stream
         if capturing:
             slot.captured = True
         buf = slot.buf
