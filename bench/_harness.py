@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["ROOT", "git_commit", "gpu_run_header", "write_csv", "append_csv", "machine", "versions", "time_in_graph",
-           "host_time_us", "add_tuning_option", "load_tuning_file", "save_tuning_file"]
+           "host_time_us", "add_tuning_option", "load_tuning_file", "save_tuning_file", "graph_stream", "record_choices",
+           "choice_text", "strategy_env", "cpu_time_ms", "interpret_if"]
 
 
 def git_commit() -> str:
@@ -96,25 +97,43 @@ def append_csv(rows: list[dict], path) -> None:
     write_csv([{k: r.get(k, "") for k in fields} for r in old + rows], path)
 
 
-def time_in_graph(fn, do_bench) -> list[float]:
+_GRAPH_STREAM = None
+
+
+def graph_stream():
+    """The one side stream on which :func:`time_in_graph` warms up and captures (created on first use).
+
+    Warm-up and capture share it, so whatever the warm-up set up lazily for that stream (allocator pools, the
+    dequantize strategy's scratch buffer of ``cora_kernels.scratch``) is in place when the capture starts; one
+    stream for the whole process also means one pool of such buffers, not one per graph timed."""
+    global _GRAPH_STREAM
+    import torch
+
+    if _GRAPH_STREAM is None:
+        _GRAPH_STREAM = torch.cuda.Stream()
+    return _GRAPH_STREAM
+
+
+def time_in_graph(fn, do_bench, *, min_rep_ms: float = 100.0, stream=None) -> list[float]:
     """(median, p20, p80) ms of ``fn()`` replayed from a CUDA graph: the GPU's time alone, no launch overhead.
 
-    ``fn`` is warmed up twice on a side stream (autotuning, allocator) before the capture; the number of timed
-    replays adapts to ``fn``'s duration (at least ~20).  ``do_bench`` is ``triton.testing.do_bench``.
+    ``fn`` is warmed up twice on ``stream`` (default :func:`graph_stream`; autotuning, allocator, scratch
+    buffers) and captured on that same stream; the number of timed replays adapts to ``fn``'s duration (at
+    least ``min_rep_ms`` of replays, ~20 of them).  ``do_bench`` is ``triton.testing.do_bench``.
     """
     import time
 
     import torch
 
+    side = stream if stream is not None else graph_stream()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
+    with torch.no_grad(), torch.cuda.graph(graph, stream=side):
         fn()
     graph.replay()
     torch.cuda.synchronize()
@@ -122,8 +141,8 @@ def time_in_graph(fn, do_bench) -> list[float]:
     graph.replay()
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t) * 1e3
-    rep = min(2000.0, max(100.0, 20 * est_ms))
-    q = do_bench(graph.replay, warmup=max(25.0, 3 * est_ms), rep=rep, quantiles=[0.5, 0.2, 0.8])
+    rep = min(2000.0, max(float(min_rep_ms), 20 * est_ms))
+    q = do_bench(graph.replay, warmup=max(min(25.0, min_rep_ms), 3 * est_ms), rep=rep, quantiles=[0.5, 0.2, 0.8])
     del graph
     return q
 
@@ -186,3 +205,89 @@ def random_model(arch: str, size: int, calib: int, **kwargs):
     probe = torch.randn(8, 3, size, size, generator=gen)
     reestimate_batchnorm(model, torch.randn(32, 3, size, size, generator=gen), batch_size=16)
     return model.eval(), images, probe
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+class record_choices:
+    """``with record_choices() as seen:`` -- every launch choice the Triton conv makes inside the block, in
+    order: ``seen`` is a list of ``cora_kernels.tuning.TuneChoice`` (strategy, config, split-K) returned by
+    ``cora_kernels.tuning.select_config``.  Calls forced by ``strategy="dequant"`` / ``CORA_STRATEGY=dequant``
+    with no tuner involved are not seen.  Wraps the module attribute that the launcher calls; restores it."""
+
+    def __enter__(self) -> list:
+        from cora_kernels import tuning
+
+        self._mod = tuning
+        self._orig = tuning.select_config
+        seen: list = []
+        orig = self._orig
+
+        def wrapped(*args, **kwargs):
+            choice = orig(*args, **kwargs)
+            seen.append(choice)
+            return choice
+
+        tuning.select_config = wrapped
+        return seen
+
+    def __exit__(self, *exc) -> None:
+        self._mod.select_config = self._orig
+
+
+def choice_text(choice) -> str:
+    """``dequant`` or ``fused:<config name>/split<k>`` for a ``TuneChoice`` (``-`` for None)."""
+    if choice is None:
+        return "-"
+    if choice.strategy != "fused" or choice.config is None:
+        return choice.strategy
+    return f"fused:{choice.config.name}/split{choice.split_k}"
+
+
+class strategy_env:
+    """``with strategy_env("fused"):`` -- ``CORA_STRATEGY`` set inside the block (read by the kernels at call
+    time: warm-up, tuning and capture inside the block follow it), restored to what it was afterwards."""
+
+    def __init__(self, value: str | None):
+        self.value = value
+
+    def __enter__(self):
+        self._old = os.environ.get("CORA_STRATEGY")
+        if self.value is None:
+            os.environ.pop("CORA_STRATEGY", None)
+        else:
+            os.environ["CORA_STRATEGY"] = self.value
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is None:
+            os.environ.pop("CORA_STRATEGY", None)
+        else:
+            os.environ["CORA_STRATEGY"] = self._old
+
+
+def cpu_time_ms(fn, reps: int = 2) -> list[float]:
+    """(median, min, max) ms of ``reps`` plain calls after one untimed call: the dry runs' stand-in for the GPU
+    timings (under the Triton interpreter these numbers measure the interpreter, nothing else)."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(max(1, reps)):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(times), min(times), max(times)]
+
+
+def interpret_if(dry_run: bool) -> None:
+    """For a ``--dry-run``: ``TRITON_INTERPRET=1`` (the Triton kernels run on CPU tensors), which Triton reads
+    when it is imported; SystemExit if Triton was already imported without it."""
+    import sys
+
+    if not dry_run:
+        return
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise SystemExit("--dry-run needs TRITON_INTERPRET=1 before Triton is imported; run the script in a "
+                         "fresh process (or set TRITON_INTERPRET=1 yourself)")
+    os.environ["TRITON_INTERPRET"] = "1"
