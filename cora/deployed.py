@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cora_kernels.geometry import pad_input
-from cora_kernels.ops import Backend
+from cora_kernels.geometry import activation_code, pad_input
+from cora_kernels.ops import Backend, resolve_backend
+from cora_kernels.records import Epilogue, PackedWeight
 from cora_kernels.reference import TORCH_ACTIVATIONS  # the epilogue's activations as torch computes them
 
 from .modules import CoRaConv2d, QuantLinear
@@ -112,6 +113,13 @@ class DeployedConv(nn.Module):
         else:
             self.out_scale = None
             self.out_shift = None
+        # CoRaConv2d's padding rule (pad_input), decided once: whether the input must be padded first (non-zero
+        # modes, asymmetric 'same'), and the padding the conv itself then applies
+        left, right, top, bottom = conv._pad_lrtb
+        probe = torch.empty(1, 1, top + bottom + 1, left + right + 1, device="meta")
+        padded, self._conv_padding = pad_input(probe, conv._pad_lrtb, conv.padding_mode)
+        self._pad_first = padded is not probe
+        self._prepared = None  # the Triton launcher, prepared on first use (_launcher)
         if dense:
             self.to_dense()
 
@@ -142,13 +150,9 @@ class DeployedConv(nn.Module):
         self.register_buffer("dense_weight", w.contiguous(), persistent=False)
         self.register_buffer("dense_bias", None if b is None else b.contiguous(), persistent=False)
         self.zero_f = self.out_scale = self.out_shift = None  # buffers set to None: gone from state_dict and .to()
-        # what the forward needs, as plain attributes (no submodule look-up per call); the padding rule is
-        # CoRaConv2d's (pad_input): whether the input must be padded first, and the conv's own padding
-        left, right, top, bottom = c._pad_lrtb
-        probe = torch.empty(1, 1, top + bottom + 1, left + right + 1, device="meta")
-        padded, pad = pad_input(probe, c._pad_lrtb, c.padding_mode)
-        self._pad_first = padded is not probe
-        self._geometry = (c.stride, pad, c.dilation, c.groups)
+        self._prepared = None
+        # what the forward needs, as plain attributes (no submodule look-up per call)
+        self._geometry = (c.stride, self._conv_padding, c.dilation, c.groups)
         self._act = _inplace_activation(self.activation)
         self.dense = True
         return self
@@ -156,11 +160,45 @@ class DeployedConv(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.dense:
             return self._dense_forward(x, residual)
+        fits = residual is None or not self.check_residual or self._fits(x, residual)
+        if fits and not torch.compiler.is_compiling():
+            conv = self.conv
+            if resolve_backend(conv.backend if self.backend is None else self.backend, x) is Backend.TRITON:
+                # eager on the Triton backend: the launcher prepared once (validated, planned per input shape)
+                if self._pad_first:
+                    x, _ = conv._padded_input(x)
+                return (self._prepared or self._launcher())(x, residual)
         kw = dict(zero=self.zero_f, out_scale=self.out_scale, out_shift=self.out_shift, backend=self.backend)
-        if residual is None or not self.check_residual or self._fits(x, residual):
+        if fits:
             return self.conv.op_forward(x, residual=residual, activation=self.activation, **kw)
         y = self.conv.op_forward(x, **kw) + residual
         return y if self.activation is None else TORCH_ACTIVATIONS[self.activation](y)
+
+    def _launcher(self):
+        """This layer's :class:`cora_kernels.prepared.PreparedConv`, made on first use and again after a move
+        (``.to()``, ``.cuda()``: :meth:`_apply` drops it); ``torch.compile`` sees the ``cora::conv2d`` op instead."""
+        prepared = self._prepared
+        if prepared is None:
+            from cora_kernels.prepared import PreparedConv  # imports Triton: only once the Triton backend runs
+
+            c = self.conv
+            ad = c.rank > 0
+            weight = PackedWeight(
+                tuple(c.packed_planes()), c.scale, self.zero_f, c.bits, c.kernel_size, c.stride, self._conv_padding,
+                c.dilation, c.groups, c.adapter_a if ad else None, c.adapter_b if ad else None,
+                c.adapter_a_scale if ad else None, c.adapter_b_scale if ad else None, c.bias, c.in_channels)
+            epilogue = Epilogue(self.out_scale, self.out_shift, activation_code(self.activation))
+            prepared = self._prepared = PreparedConv(weight, epilogue)
+        return prepared
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prepared = None  # it holds the tensors as they were before the move
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_prepared"] = None  # copies and pickles prepare their own
+        return state
 
     def _dense_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if self._pad_first:

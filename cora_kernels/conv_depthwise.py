@@ -43,7 +43,7 @@ import triton.language as tl
 
 from . import tuning
 from .environment import is_interpreting
-from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format
+from .geometry import ConvGeometry, activation_code, cdiv, check_conv_args, out_memory_format
 from .jit_common import epilogue_store, nhwc_strides
 from .packing_jit import load_codes_row
 from .records import Epilogue, PackedWeight
@@ -180,7 +180,7 @@ def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, 
     ``out`` (``[N, C_out, OH, OW]``, x's dtype); returns ``out``."""
     cig, cog = g.C_in // g.groups, g.C_out // g.groups
     has_res = residual is not None
-    grid = (triton.cdiv(g.M, cfg.BLOCK_M), triton.cdiv(g.C_out, cfg.BLOCK_C))
+    grid = (cdiv(g.M, cfg.BLOCK_M), cdiv(g.C_out, cfg.BLOCK_C))
     _cora_conv2d_grouped_kernel[grid](
         x, L.w0, L.w1, L.scale, L.zero, L.bias, L.out_scale, L.out_shift, residual if has_res else out, out,
         g.M, g.H, g.W, g.C_out, g.OH, g.OW, cig, cog, g.KH, g.KW,

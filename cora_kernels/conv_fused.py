@@ -63,14 +63,14 @@ from . import tuning
 from .cost_model import DEQUANT, FUSED, STRATEGIES
 from .dequantize import cora_conv2d_dequant
 from .environment import is_interpreting
-from .geometry import ConvGeometry, activation_code, check_conv_args, out_memory_format, rank_pad
+from .geometry import ConvGeometry, activation_code, cdiv, check_conv_args, next_power_of_2, out_memory_format, rank_pad
 from .jit_common import cast_to, epilogue_store, mma, nhwc_strides
 from .packing import plane_bits
 from .records import Epilogue, PackedWeight
 from .packing_jit import load_codes_aligned, load_codes_gather
 
 __all__ = ["cora_conv2d_triton", "dense_gemm_weight", "rank_pad", "layer_args", "kernel_input", "new_output", "tune_key",
-           "records", "select"]
+           "records", "select", "bind_launch"]
 
 
 @triton.jit
@@ -311,49 +311,61 @@ def kernel_input(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if g.C_in > 1 else x
 
 
-def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, residual, cfg: tuning.ConvConfig,
-            split: int, compile_only: bool = False) -> torch.Tensor:
-    """Run the kernel (and the split-K reduction when ``split > 1``) with one config on ``x`` (from
-    :func:`kernel_input`) into ``out`` (``[N, C_out, OH, OW]``, x's dtype); returns ``out``.
-    ``compile_only``: compile the kernels this launch needs (Triton's ``warmup``), run nothing."""
+def bind_launch(L: _LayerArgs, g: ConvGeometry, cfg: tuning.ConvConfig, split: int, x_strides, out_strides,
+                res_strides=None):
+    """Everything of a launch that does not change between calls with the same input key, bound once:
+    returns ``run(x, out, residual, compile_only=False) -> out``, which starts the kernel (and the split-K
+    reduction when ``split > 1``) with config ``cfg`` on ``x`` (NHWC storage, :func:`kernel_input`) into
+    ``out`` (``[N, C_out, OH, OW]``, x's dtype).  ``x_strides``, ``out_strides``, ``res_strides`` are the
+    tensors' (n, h, w, c) strides (:func:`~cora_kernels.jit_common.nhwc_strides`; ``res_strides`` None: no
+    residual).  ``compile_only`` compiles the kernels the launch needs (Triton's ``warmup``), runs nothing."""
     M = g.M
-    n_cblk = triton.cdiv(g.C_in, cfg.BLOCK_K)
+    n_cblk = cdiv(g.C_in, cfg.BLOCK_K)
     total = g.KH * g.KW * n_cblk
     split = max(1, min(int(split), total))
-    per_split = triton.cdiv(total, split)
-    split = triton.cdiv(total, per_split)  # no empty splits
-    aligned = L.aligned_ok and cfg.BLOCK_K % L.codes_per_word == 0
-    ws = torch.empty((split, M, g.C_out), device=out.device, dtype=torch.float32) if split > 1 else out
-    has_res = residual is not None
-    res = residual if has_res else out
+    per_split = cdiv(total, split)
+    split = cdiv(total, per_split)  # no empty splits
+    has_res = res_strides is not None
     flags = dict(HAS_BIAS=L.has_bias, HAS_BN=L.has_bn, HAS_RES=has_res, ACT=L.act)
-    son, soh, sow, soc = nhwc_strides(out)
-    srn, srh, srw, src = nhwc_strides(residual) if has_res else (0, 0, 0, 0)
-    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(g.C_out, cfg.BLOCK_N), split)
-    _start(_cora_conv2d_kernel, grid, compile_only)(
-        x, L.w0, L.w1, L.scale, L.zero, L.a, L.b, L.a_scale, L.b_scale,
-        L.bias, L.out_scale, L.out_shift, res, out, ws,
-        M, g.C_in, g.H, g.W, g.C_out, g.OH, g.OW, g.KW, g.rank,
-        n_cblk, total, per_split,
-        g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-        *nhwc_strides(x), *L.a_strides, *L.b_strides,
-        son, soh, sow, soc, srn, srh, srw, src,
-        BITS=L.bits, ALIGNED=aligned, R_PAD=L.r_pad, ADAPTER_Q=L.adapter_q, SPLIT_K=split, DOT_PREC=L.dot_prec,
-        UPCAST=L.upcast, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        # with split-K the epilogue runs in the reduction kernel, after the splits are summed
-        **(flags if split == 1 else dict(HAS_BIAS=False, HAS_BN=False, HAS_RES=False, ACT=0)),
-    )
-    if split > 1:
-        rc = tuning.REDUCE_CONFIG
-        grid2 = (triton.cdiv(M, rc.BLOCK_M), triton.cdiv(g.C_out, rc.BLOCK_N))
-        _start(_splitk_epilogue_kernel, grid2, compile_only)(
-            ws, L.bias, L.out_scale, L.out_shift, res, out,
-            M, g.C_out, g.OH, g.OW, split, son, soh, sow, soc, srn, srh, srw, src,
-            UPCAST=L.upcast, BLOCK_M=rc.BLOCK_M, BLOCK_N=rc.BLOCK_N, num_warps=rc.num_warps,
-            **flags,
-        )
-    return out
+    weights = (L.w0, L.w1, L.scale, L.zero, L.a, L.b, L.a_scale, L.b_scale, L.bias, L.out_scale, L.out_shift)
+    res_s = tuple(res_strides) if has_res else (0, 0, 0, 0)
+    ints = (M, g.C_in, g.H, g.W, g.C_out, g.OH, g.OW, g.KW, g.rank, n_cblk, total, per_split,
+            g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+            *x_strides, *L.a_strides, *L.b_strides, *out_strides, *res_s)
+    meta = dict(BITS=L.bits, ALIGNED=L.aligned_ok and cfg.BLOCK_K % L.codes_per_word == 0, R_PAD=L.r_pad,
+                ADAPTER_Q=L.adapter_q, SPLIT_K=split, DOT_PREC=L.dot_prec, UPCAST=L.upcast,
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                # with split-K the epilogue runs in the reduction kernel, after the splits are summed
+                **(flags if split == 1 else dict(HAS_BIAS=False, HAS_BN=False, HAS_RES=False, ACT=0)))
+    grid = (cdiv(M, cfg.BLOCK_M) * cdiv(g.C_out, cfg.BLOCK_N), split)
+    rc = tuning.REDUCE_CONFIG
+    grid2 = (cdiv(M, rc.BLOCK_M), cdiv(g.C_out, rc.BLOCK_N))
+    ints2 = (M, g.C_out, g.OH, g.OW, split, *out_strides, *res_s)
+    meta2 = dict(UPCAST=L.upcast, BLOCK_M=rc.BLOCK_M, BLOCK_N=rc.BLOCK_N, num_warps=rc.num_warps, **flags)
+    main = _cora_conv2d_kernel[grid]
+
+    def run(x, out, residual, compile_only=False):
+        res = out if residual is None else residual
+        if split == 1 and not compile_only:
+            main(x, *weights, res, out, out, *ints, **meta)
+            return out
+        ws = torch.empty((split, M, g.C_out), device=out.device, dtype=torch.float32) if split > 1 else out
+        _start(_cora_conv2d_kernel, grid, compile_only)(x, *weights, res, out, ws, *ints, **meta)
+        if split > 1:
+            reduce = _start(_splitk_epilogue_kernel, grid2, compile_only)
+            reduce(ws, L.bias, L.out_scale, L.out_shift, res, out, *ints2, **meta2)
+        return out
+
+    return run
+
+
+def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, residual, cfg: tuning.ConvConfig,
+            split: int, compile_only: bool = False) -> torch.Tensor:
+    """One launch with config ``cfg`` (see :func:`bind_launch`, bound and run at once); returns ``out``."""
+    bound = bind_launch(L, g, cfg, split, nhwc_strides(x), nhwc_strides(out),
+                        None if residual is None else nhwc_strides(residual))
+    return bound(x, out, residual, compile_only)
 
 
 def _start(kernel, grid, compile_only: bool):
@@ -375,7 +387,7 @@ def tune_key(x, g: ConvGeometry, w: PackedWeight, dense: bool, has_residual: boo
     return tuning.TuneKey(
         C_in=g.C_in, C_out=g.C_out, KH=g.KH, KW=g.KW, stride=g.stride, dilation=g.dilation, padding=g.padding,
         bits=16 if dense else w.bits, r_pad=rank_pad(g.rank), dtype=str(x.dtype).removeprefix("torch."),
-        m_bucket=triton.next_power_of_2(g.M), has_residual=has_residual,
+        m_bucket=next_power_of_2(g.M), has_residual=has_residual,
         device=tuning.device_name(x.device), aligned=g.C_in % per == 0, int8_adapter=g.rank > 0 and w.int8_adapter)
 
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .environment import is_interpreting
-from .geometry import ACTIVATIONS, ConvGeometry, out_memory_format, rank_pad
+from .geometry import ACTIVATIONS, ConvGeometry, cdiv, out_memory_format, rank_pad
 from .jit_common import cast_to
 from .packing_jit import load_codes_gather
 from .records import Epilogue, PackedWeight
@@ -130,7 +130,7 @@ def effective_weight(w: PackedWeight, ep: Epilogue, g: ConvGeometry, dtype: torc
     w0 = w.planes[0].contiguous()
     w1 = w.planes[1].contiguous() if len(w.planes) > 1 else w0
     fill = w.scale  # never read: its flag is off
-    grid = (triton.cdiv(K, DEQUANT_BLOCK_K), triton.cdiv(C_out, DEQUANT_BLOCK_N))
+    grid = (cdiv(K, DEQUANT_BLOCK_K), cdiv(C_out, DEQUANT_BLOCK_N))
     _dequant_weight_kernel[grid](
         w0, w1, w.scale, w.zero, w.a if has_ad else fill, w.b if has_ad else fill,
         w.a_scale if adapter_q else fill, w.b_scale if adapter_q else fill,

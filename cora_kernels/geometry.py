@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from .packing import plane_bits
 
 __all__ = [
+    "cdiv",
+    "next_power_of_2",
     "rank_pad",
     "ACT_DTYPES",
     "ACTIVATIONS",
@@ -139,6 +141,17 @@ def pad_input(x: torch.Tensor, lrtb, padding_mode: str = "zeros") -> tuple[torch
         return x, (top, left)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     return F.pad(x, tuple(lrtb), mode=mode), (0, 0)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, in plain Python: on the host path of every launch (``triton.cdiv`` is a
+    ``@triton.jit`` function, whose call from Python costs about a microsecond)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), in plain Python like :func:`cdiv`."""
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def rank_pad(r: int) -> int:

@@ -25,24 +25,27 @@ from . import conv_depthwise, conv_fused, tuning
 from .cost_model import DEQUANT
 from .dequantize import cora_conv2d_dequant
 from .geometry import ACTIVATIONS, check_conv_args
+from .jit_common import nhwc_strides
 from .records import Epilogue, PackedWeight
 
 __all__ = ["PreparedConv"]
 
 
 class _Plan:
-    """One input key's launch: geometry, the weight side of the launch, and the choice (when settled)."""
+    """One input key's launch: geometry, output layout, the weight side of the launch, and (once the choice
+    is settled) the launch bound to it."""
 
-    __slots__ = ("g", "layer", "out_shape", "fmt", "choice", "dw_config", "x_nhwc")
+    __slots__ = ("g", "layer", "out_shape", "fmt", "x_nhwc", "strides", "choice", "run")
 
-    def __init__(self, g, layer, fmt, choice, dw_config, x_nhwc: bool):
+    def __init__(self, g, layer, fmt, x_nhwc: bool, strides):
         self.g = g
         self.layer = layer
         self.out_shape = (g.N, g.C_out, g.OH, g.OW)
         self.fmt = fmt
-        self.choice = choice
-        self.dw_config = dw_config
-        self.x_nhwc = x_nhwc  # x already in the kernel's NHWC storage
+        self.x_nhwc = x_nhwc   # x already in the kernel's NHWC storage
+        self.strides = strides  # (x as the kernel reads it, out, residual or None), (n, h, w, c) order
+        self.choice = None     # the tuner's settled choice (groups == 1)
+        self.run = None        # run(x, out, residual) -> out: the launch bound to the choice (or the grouped tile)
 
 
 class PreparedConv:
@@ -82,18 +85,34 @@ class PreparedConv:
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
             else torch.contiguous_format
         x_nhwc = g.C_in == 1 or x.is_contiguous(memory_format=torch.channels_last)
+        x_k = x if x_nhwc else torch.empty(x.shape, device="meta").contiguous(memory_format=torch.channels_last)
+        out = torch.empty((g.N, g.C_out, g.OH, g.OW), device="meta", memory_format=fmt)
+        strides = (nhwc_strides(x_k), nhwc_strides(out), None if residual is None else nhwc_strides(residual))
         if g.groups > 1:
-            layer = conv_depthwise.layer_args(self.weight, self.epilogue, x.dtype)
-            return _Plan(g, layer, fmt, None, conv_depthwise.choose_config(g, x.device), x_nhwc)
-        layer = conv_fused.layer_args(self.weight, self.epilogue, g, x.dtype)
-        return _Plan(g, layer, fmt, self._settled_choice(x, g, residual), None, x_nhwc)
+            plan = _Plan(g, conv_depthwise.layer_args(self.weight, self.epilogue, x.dtype), fmt, x_nhwc, strides)
+            cfg = conv_depthwise.choose_config(g, x.device)
+            plan.run = lambda xk, o, res: conv_depthwise._launch(plan.layer, g, xk, o, res, cfg)
+            return plan
+        plan = _Plan(g, conv_fused.layer_args(self.weight, self.epilogue, g, x.dtype), fmt, x_nhwc, strides)
+        self._settle(plan, x, residual, self._settled_choice(x, g, residual))
+        return plan
+
+    def _settle(self, plan: _Plan, x, residual, choice) -> None:
+        """Keep ``choice`` (when it will not change) and bind the launch to it."""
+        if choice is None:
+            return
+        plan.choice = choice
+        if choice.strategy == DEQUANT:
+            w, ep, g = self.weight, self.epilogue, plan.g
+            plan.run = lambda xk, o, res: cora_conv2d_dequant(xk, w, ep, res, g)
+        else:
+            plan.run = conv_fused.bind_launch(plan.layer, plan.g, choice.config, choice.split_k, *plan.strides)
 
     def _settled_choice(self, x, g, residual) -> tuning.TuneChoice | None:
         """The tuner's choice if it will not change (cached, or fixed off the GPU); None: ask per call."""
         if x.device.type != "cuda":
             return conv_fused.select(x, g, self.weight, self.epilogue, residual)
-        key = conv_fused.tune_key(x, g, self.weight, False, residual is not None)
-        return tuning.TUNING_CACHE.get(key)
+        return tuning.TUNING_CACHE.get(conv_fused.tune_key(x, g, self.weight, False, residual is not None))
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         res_key = None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device)
@@ -101,18 +120,18 @@ class PreparedConv:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(x, residual)
-        g = plan.g
-        if plan.dw_config is not None:
-            xk = x if plan.x_nhwc else x.contiguous(memory_format=torch.channels_last)
-            out = torch.empty(plan.out_shape, device=x.device, dtype=x.dtype, memory_format=plan.fmt)
-            return conv_depthwise._launch(plan.layer, g, xk, out, residual, plan.dw_config)
-        choice = plan.choice
-        if choice is None:  # not settled yet: the tuner times it now, or decides untimed (capture, budget)
+        run = plan.run
+        if run is None:  # not settled yet: the tuner times it now, or decides untimed (capture, budget)
+            g = plan.g
             choice = conv_fused.select(x, g, self.weight, self.epilogue, residual)
             if choice is tuning.TUNING_CACHE.get(conv_fused.tune_key(x, g, self.weight, False, residual is not None)):
-                plan.choice = choice
-        if choice.strategy == DEQUANT:
-            return cora_conv2d_dequant(x, self.weight, self.epilogue, residual, g)
+                self._settle(plan, x, residual, choice)
+                run = plan.run
+            elif choice.strategy == DEQUANT:
+                return cora_conv2d_dequant(x, self.weight, self.epilogue, residual, g)
+            else:
+                run = conv_fused.bind_launch(plan.layer, g, choice.config, choice.split_k, *plan.strides)
+        if plan.choice is not None and plan.choice.strategy == DEQUANT:
+            return run(x, None, residual)
         xk = x if plan.x_nhwc else x.contiguous(memory_format=torch.channels_last)
-        out = torch.empty(plan.out_shape, device=x.device, dtype=x.dtype, memory_format=plan.fmt)
-        return conv_fused._launch(plan.layer, g, xk, out, residual, choice.config, choice.split_k)
+        return run(xk, torch.empty(plan.out_shape, device=x.device, dtype=x.dtype, memory_format=plan.fmt), residual)

@@ -178,15 +178,15 @@ def test_one_fused_block_through_the_triton_interpreter(monkeypatch, adapter_dty
         import cora_kernels.conv_fused as kernel_mod
 
         launches = []
-        real = kernel_mod.cora_conv2d_triton
-        monkeypatch.setattr(kernel_mod, "cora_conv2d_triton", lambda *a, **k: launches.append(k) or real(*a, **k))
+        real = kernel_mod.bind_launch  # the eager path: each deployed conv's prepared launcher (cora_kernels.prepared)
+        monkeypatch.setattr(kernel_mod, "bind_launch", lambda L, g, cfg, split, xs, os, rs=None:
+                            launches.append((L, rs)) or real(L, g, cfg, split, xs, os, rs))
         got = dep(x)
     assert isinstance(dep[0], DeployedBasicBlock)
     # two launches: conv1 (+BN1+ReLU) and conv2 (+BN2 + option-A shortcut + ReLU)
-    assert [(k["relu"], k["out_scale"] is not None, k["residual"] is not None) for k in launches] == [
-        (True, True, False), (True, True, True)]
+    assert [(L.act, L.has_bn, res is not None) for L, res in launches] == [(1, True, False), (1, True, True)]
     # int8 adapters reach the kernel as stored: codes and scales, BatchNorm in the fp32 epilogue
-    assert all((k["a_scale"] is not None) == (adapter_dtype == "int8") for k in launches)
+    assert all(L.adapter_q == (adapter_dtype == "int8") for L, _ in launches)
     for key, t in dep[0].conv2.conv.adapter_state().items():
         assert (t is None and stored[key] is None) or torch.equal(t, stored[key]), key
     assert_close_rel(got, want, torch.float32)
