@@ -7,7 +7,8 @@
 
 What ``cora serve`` runs behind its batcher, measured alone. For each model (the CoRa checkpoint, made
 on the fly by ``bench/serve_load.py``'s fast conversion of cifar_resnet20 unless ``--checkpoint`` or
-``--accurate``; then ``--float``): build the engine (load + deploy), time ``warm_up()`` (on CUDA the
+``--accurate``; then ``--float``): build the engine (load + deploy, with ``--deploy-weights``: auto is
+dense weights on the CPU, packed codes on CUDA; the ``weights`` column), time ``warm_up()`` (on CUDA the
 kernel autotuning plus one CUDA-graph capture per bucket; on the CPU one forward per bucket), then
 for every bucket (1, 2, 4, ... ``--max-batch``) time ``predict`` on a full batch of preprocessed
 CIFAR-10 test images (float32 on the CPU, as the server hands them over: the host-to-device copy,
@@ -45,7 +46,7 @@ def build_engine(kind: str, source: str, args):
     t0 = clock()
     kw = dict(device=args.device, dtype=args.dtype, max_batch=args.max_batch)
     if kind == "cora":
-        engine = InferenceEngine.from_checkpoint(source, **kw)
+        engine = InferenceEngine.from_checkpoint(source, deploy_weights=args.deploy_weights, **kw)
     else:
         engine = InferenceEngine.from_float(source, shared=args.shared, **kw)
     return engine, clock() - t0
@@ -84,6 +85,7 @@ def bench_model(kind: str, source: str, images, labels, args, meta: dict, over) 
     warm_s = engine.warm_up()
     acc = top1(engine, images[:args.eval_images], labels[:args.eval_images])
     print(f"# {kind}: built in {build_s:.1f}s, warm-up {warm_s:.1f}s ({'CUDA graphs' if engine._graphs else 'no graphs'},"
+          f" weights {engine.info()['weights']},"
           f" buckets {engine.buckets}), top-1 {acc:.2f}% on {min(args.eval_images, images.shape[0])} test images",
           flush=True)
     rows = []
@@ -93,7 +95,8 @@ def bench_model(kind: str, source: str, images, labels, args, meta: dict, over) 
             break
         times = [t * 1e3 for t in time_predict(engine, images[:b], args.min_time, args.min_calls)]
         med = statistics.median(times)
-        rows.append(dict(model=kind, source=os.path.basename(str(source)), bucket=b, calls=len(times), median_ms=round(med, 4),
+        rows.append(dict(model=kind, source=os.path.basename(str(source)), weights=engine.info()["weights"] or "",
+                         bucket=b, calls=len(times), median_ms=round(med, 4),
                          p10_ms=round(percentile(times, 10), 4), p90_ms=round(percentile(times, 90), 4),
                          images_per_s=round(b / (med * 1e-3), 1), warmup_s=round(warm_s, 2), build_s=round(build_s, 2),
                          cuda_graphs=bool(engine._graphs), dtype=str(engine.dtype).replace("torch.", ""),
@@ -135,6 +138,8 @@ def parse_args(argv=None):
     ap.add_argument("--float", dest="float_model", default="cifar_resnet20")
     ap.add_argument("--device", default="auto", help="auto|cuda|cpu")
     ap.add_argument("--dtype", default=None, help="float16|bfloat16|float32 (default: fp16 on CUDA, fp32 on the CPU)")
+    ap.add_argument("--deploy-weights", default="auto", choices=("auto", "dense", "packed"),
+                    help="the checkpoint's deployed weights (default auto: dense on the CPU, packed on CUDA)")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per bucket (at least)")
     ap.add_argument("--min-calls", type=int, default=20)

@@ -28,7 +28,8 @@ requests then get at most ``--request-timeout`` more seconds). Clients use only 
 Reported per phase: images/s (successful images over the phase's wall time), p50/p95/p99 latency of the
 successful requests, 503 (overload) and other error counts, and the mean batch size the server formed,
 taken from the difference of the batch counters in ``GET /v1/models`` before and after the phase
-(empty when the server exposes none). The run's rows are appended to
+(empty when the server exposes none), and how the CoRa model's convs ran (``weights``: dense or packed,
+from ``GET /v1/models``; the server runs ``cora serve``'s default, ``--deploy-weights auto``). The run's rows are appended to
 ``bench/results/serve_load_<device>.csv`` (``--out``) with machine, versions and commit; a Markdown
 table and the CoRa / float ratios are printed. On a small machine the client threads share the CPU
 cores with the server (``--num-cpus`` is passed to it): the rows say so.
@@ -487,10 +488,19 @@ def model_device(info: dict | None, fallback: str) -> str:
     return str(dev) if dev else fallback
 
 
-def make_row(label: str, target: str, max_batch, res: LoadResult, mbatch: float, ready_s: float, args) -> dict:
+def model_weights(info: dict | None) -> str:
+    """How the served model's convs run (``models[0].weights`` of ``GET /v1/models``: dense, packed; empty for a
+    float model or a server that does not say)."""
+    models = (info or {}).get("models") or [{}]
+    return str((models[0].get("weights") if isinstance(models[0], dict) else None) or "")
+
+
+def make_row(label: str, target: str, max_batch, res: LoadResult, mbatch: float, ready_s: float, args,
+             weights: str = "") -> dict:
     """One CSV row: the configuration, what was measured, and the run's metadata."""
     s = summarize(res)
-    return dict(model=label, target=target, max_batch=max_batch, batch_wait_ms=args.batch_wait_ms, mode=res.mode,
+    return dict(model=label, target=target, weights=weights, max_batch=max_batch, batch_wait_ms=args.batch_wait_ms,
+                mode=res.mode,
                 client_threads=res.concurrency, arrivals=args.arrivals if res.mode == "open" else "",
                 offered_rate=round(res.rate, 2) if res.rate else "", planned=res.planned, capped=res.capped,
                 images_per_request=args.images_per_request, **{k: _round(v) for k, v in s.items()},
@@ -529,10 +539,11 @@ def serve_all(args, payloads: list) -> tuple[list, str]:
                 target = os.path.basename(checkpoint) if kind == "cora" else f"--float {args.float_model}"
                 with Server(server_args(kind, checkpoint, mb, args), args.ready_timeout, log=args.server_log) as srv:
                     print(f"# {kind} max-batch {mb}: ready in {srv.ready_s:.1f}s at {srv.url}", flush=True)
-                    device = model_device(get_json(srv.url, MODELS), device)
+                    info = get_json(srv.url, MODELS)
+                    device, weights = model_device(info, device), model_weights(info)
                     phases, rate = run_phases(srv.url, payloads, args, rate)  # the next model gets the same rate
                     for res, mbatch in phases:
-                        rows.append(make_row(kind, target, mb, res, mbatch, srv.ready_s, args))
+                        rows.append(make_row(kind, target, mb, res, mbatch, srv.ready_s, args, weights))
                         print(_line(rows[-1]), flush=True)
     return rows, device
 
