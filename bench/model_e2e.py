@@ -38,6 +38,7 @@ deployed model against the converted one on a tiny batch through the reference p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -162,6 +163,43 @@ def time_graph(model, x, do_bench, min_rep_ms: float = 100.0):
     return q, torch.cuda.max_memory_allocated()
 
 
+class hidden_tuning_cache:
+    """``with hidden_tuning_cache():`` -- the tuner's cache (``cora_kernels.tuning.TUNING_CACHE``) emptied inside the
+    block and its entries put back after it.  For the forced strategies: a deployed conv's prepared launcher
+    (``cora_kernels.prepared``) settles on a cached choice without asking the tuner, whatever ``CORA_STRATEGY``
+    says, so with the cache in view a "fused only" model would run the layers cached as dequant by dequant."""
+
+    def __enter__(self):
+        from cora_kernels.tuning import TUNING_CACHE
+
+        self.cache = TUNING_CACHE
+        self.saved = TUNING_CACHE.items()
+        TUNING_CACHE.clear()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for key, choice in self.saved:
+            if key not in self.cache:
+                self.cache.put(key, choice)
+
+
+def settled_picks(model, batch: int) -> list:
+    """The strategies the deployed convs' prepared launchers have settled on for inputs of ``batch`` images
+    (``cora_kernels.prepared`` plans: private attributes, read defensively; [] where there are none)."""
+    out = []
+    for m in model.modules():
+        plans = getattr(getattr(m, "_prepared", None), "_plans", None) or {}
+        for key, plan in plans.items():
+            choice = getattr(plan, "choice", None)
+            try:
+                same_batch = key[0][0] == batch
+            except (TypeError, IndexError):
+                same_batch = False
+            if choice is not None and same_batch:
+                out.append(choice.strategy)
+    return out
+
+
 def largest_dense_bytes(model, elem: int = 2) -> int:
     """Bytes of one dense weight plus bias of the model's largest groups == 1 conv in ``elem``-byte floats: what
     one scratch buffer of the dequantize strategy must hold at least."""
@@ -268,16 +306,23 @@ def bench(args) -> int:
                     if strat is None:
                         (med, p20, p80), peak = measure(model, x)
                     else:
-                        # CORA_STRATEGY is read at call time: warm-up (tuning) and capture both under it
-                        with strategy_env(_ENV[strat]):
-                            with budget_for(name) as budget, record_choices() as seen:
+                        # CORA_STRATEGY is read at call time: warm-up (tuning) and capture both under it; .to() drops
+                        # the convs' prepared launchers, whose plans keep the choice made under another strategy;
+                        # a forced strategy runs with the tuner's cache out of view (hidden_tuning_cache)
+                        model.to(dev)
+                        forced = strat != "chosen"
+                        with strategy_env(_ENV[strat]), (hidden_tuning_cache() if forced else contextlib.nullcontext()):
+                            with budget_for(name) as budget:
                                 try:
                                     warmup(model, [batch], image, dev, dtype, memory_format=cl)
                                 finally:
                                     tune_s = budget.spent
                                     spent[name] = spent.get(name, 0.0) + tune_s
-                            n_fused = sum(1 for c in seen if c.strategy == "fused")
-                            n_deq = sum(1 for c in seen if c.strategy == "dequant")
+                            # the picks of one forward pass: plans settled on a choice, plus the calls that ask
+                            with torch.no_grad(), record_choices() as seen:
+                                model(x)
+                            picks = settled_picks(model, batch) + [c.strategy for c in seen]
+                            n_fused, n_deq = picks.count("fused"), picks.count("dequant")
                             (med, p20, p80), peak = measure(model, x)
                 except Exception as e:  # keep going; record the failure
                     print(f"  {name} {prov} batch {batch} failed: {type(e).__name__}: {e}", flush=True)
