@@ -210,7 +210,7 @@ printf 'step %-16s rc=%-3s %4ss\n' env 0 "$SECONDS" | tee -a "$ENV_TXT" "$LOG"
 # ---------------------------------------------------------------------------------------------- benchmarks
 if [ "$DRY" = 1 ]; then
   CF_DRY=(--dry-run --batches 1) E2E_DRY=(--dry-run) E2E_B=() TUNE=5
-  C1=${CONV1_CAP:-30} C64=${CONV64_CAP:-20} CE=${E2E_CAP:-100} GRACE_C=60 GRACE_E=120
+  C1=${CONV1_CAP:-30} C64=${CONV64_CAP:-20} CE=${E2E_CAP:-150} GRACE_C=60 GRACE_E=120
 else
   CF_DRY=() E2E_DRY=() E2E_B=(--batches 1 64 8 256 --graph-rep-ms 50) TUNE=${E2E_TUNE:-20}
   C1=${CONV1_CAP:-75} C64=${CONV64_CAP:-60} CE=${E2E_CAP:-120} GRACE_C=45 GRACE_E=60
@@ -251,12 +251,14 @@ fi
 if [ "$HAVE_DATA" = 1 ]; then
   if [ "$DRY" = 1 ]; then
     QUANT=(--device cpu --calib 100 --iters 5 --tune-iters 5 --eval-limit 200 --no-rtn)
+    qlimit=${QUANT_TIMEOUT:-150}  # ~10 s alone; a busy 2-core machine took 83 s once
   else
     QUANT=(--device cuda --eval-limit 2000)
+    qlimit=${QUANT_TIMEOUT:-90}
   fi
   TIMEV=()
   if [ -x /usr/bin/time ]; then TIMEV=(/usr/bin/time -v); fi
-  step quantize "${QUANT_TIMEOUT:-90}" 30 ${TIMEV[@]+"${TIMEV[@]}"} "$PYTHON" -m cora quantize cifar_resnet20 --bits 4 "${QUANT[@]}" --json
+  step quantize "$qlimit" 30 ${TIMEV[@]+"${TIMEV[@]}"} "$PYTHON" -m cora quantize cifar_resnet20 --bits 4 "${QUANT[@]}" --json
 else
   note "step quantize         skipped: no shared data"
 fi
