@@ -61,12 +61,14 @@ and times many candidate kernels and synchronizes) must not happen inside a grap
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from cora_kernels.ops import Backend, default_backend
+from cora_kernels.scratch import scratch_bytes
 
 from .deployed import (
     DENSE_BUFFERS,
@@ -287,7 +289,8 @@ def warmup(
     dtype: torch.dtype = torch.float32,
     *,
     memory_format: torch.memory_format = torch.contiguous_format,
-) -> None:
+    tune_seconds: float | None = None,
+) -> float:
     """Run ``model`` once per batch size (eval mode, ``torch.no_grad()``) on random inputs.
 
     ``input_shape`` is one sample's shape, e.g. ``(3, 224, 224)``; inputs are
@@ -296,12 +299,19 @@ def warmup(
     happen *before* CUDA-graph capture: autotuning launches, times and synchronizes, none of which
     may run inside a capture.  Use the same dtype and memory format as the captured inputs.  On the
     CPU it just runs the model.  The training flags of every submodule are restored afterwards.
+
+    The tuning is bounded: ``tune_seconds`` (None: ``CORA_TUNE_SECONDS``, default 60) of candidate timing in
+    all (:func:`cora_kernels.tuning.tuning_budget`); layers not tuned by then use the untimed choice.  Every
+    batch size runs before any capture, so the scratch buffer of the dequantize strategy has its full size by
+    then.  Returns the seconds spent tuning.
     """
+    from cora_kernels.tuning import tuning_budget
+
     modes = [(m, m.training) for m in model.modules()]
     device = torch.device(device)
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tuning_budget(tune_seconds) as budget:
             for bs in batch_sizes:
                 x = torch.randn(int(bs), *input_shape, device=device).to(dtype)
                 model(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x)
@@ -310,6 +320,7 @@ def warmup(
     finally:
         for m, flag in modes:
             m.train(flag)
+    return budget.spent
 
 
 # ---------------------------------------------------------------------------------------- bytes
@@ -338,7 +349,10 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     weights and biases of a ``weights="dense"`` deployment: non-persistent buffers, counted all the same;
     the packed layers they were computed from stay and are counted too), ``batchnorm`` (unfolded BN
     affine and running stats), ``float`` (everything else: float weights, biases); plus ``total``.
-    Integer bookkeeping tensors (BatchNorm's ``num_batches_tracked``) are not counted.
+    Integer bookkeeping tensors (BatchNorm's ``num_batches_tracked``) are not counted.  ``scratch``, not in
+    ``total``: what the dequantize strategy's scratch buffers (:mod:`cora_kernels.scratch`) hold on the model's
+    devices now (one per device and host thread, shared by every model of the process, sized to the largest
+    layer that took that strategy; 0 until a layer has run it).
     """
     out = {k: 0 for k in ("codes", "scales", "zeros", "adapters", "bn_folded", "dense", "batchnorm", "float")}
     seen = set()
@@ -359,4 +373,6 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             seen.add(key)
             out[_category(module, name)] += t.numel() * t.element_size()
     out["total"] = sum(out.values())
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers()) if t.device.type != "meta"}
+    out["scratch"] = sum(scratch_bytes(d) for d in devices)
     return out

@@ -154,8 +154,10 @@ class InferenceEngine:
         """Prepare every bucket; returns the seconds it took. Sets ``ready``.
 
         CUDA: ``cora.warmup`` on every bucket first (kernel autotuning launches, times and
-        synchronises, which must not happen inside a capture), then one CUDA graph per bucket over
-        a static input buffer. CPU: one plain forward per bucket.
+        synchronises, which must not happen inside a capture; bounded by ``CORA_TUNE_SECONDS``), then one
+        CUDA graph per bucket over a static input buffer, the largest bucket first, all in one graph
+        memory pool (the smaller graphs reuse the largest one's activation memory: they never replay at
+        the same time). CPU: one plain forward per bucket.
         """
         from .deploy import warmup
 
@@ -163,14 +165,16 @@ class InferenceEngine:
         with self._lock:
             warmup(self.model, self.buckets, self.input_shape, self.device, self.dtype, memory_format=self.memory_format)
             if self.device.type == "cuda":
-                for b in self.buckets:
-                    self._graphs[b] = self._capture(b)
+                pool = torch.cuda.graph_pool_handle()
+                for b in sorted(self.buckets, reverse=True):
+                    self._graphs[b] = self._capture(b, pool)
         self.warmup_seconds = time.perf_counter() - t0
         self.ready = True
         return self.warmup_seconds
 
-    def _capture(self, batch: int):
-        """One CUDA graph for ``batch`` images: ``(graph, static input, static logits)``."""
+    def _capture(self, batch: int, pool=None):
+        """One CUDA graph for ``batch`` images, in the graph memory pool ``pool`` (None: its own):
+        ``(graph, static input, static logits)``."""
         static_in = torch.zeros(batch, *self.input_shape, device=self.device, dtype=self.dtype)
         static_in = static_in.contiguous(memory_format=self.memory_format)
         # PyTorch's recipe: a few eager iterations on a side stream before capturing, so that lazy
@@ -182,7 +186,7 @@ class InferenceEngine:
                 self.model(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
+        with torch.cuda.graph(graph, pool=pool), torch.no_grad():
             static_out = self.model(static_in)
         torch.cuda.synchronize(self.device)
         return graph, static_in, static_out

@@ -12,6 +12,7 @@ import cora
 from cora.deploy import DeployedBasicBlock, DeployedBottleneck, DeployedConv, deploy, warmup, weight_bytes
 from cora.experiments.cifar_resnet import CifarBasicBlock
 from cora.experiments.models import cifar_resnet
+from cora_kernels.scratch import scratch_bytes
 from tests.helpers import compile_fullgraph, randomise_bn
 from tests.tolerances import assert_close_rel
 
@@ -249,7 +250,8 @@ def test_weight_bytes_counts_stored_buffers(resnet8):
         p.numel() * 4 for p in dep.linear.packed_planes())
     assert wb["adapters"] == sum(2 * m.adapter_params for m in convs) + 2 * dep.linear.adapter_params  # linear: adapted too
     assert wb["batchnorm"] == 0 and wb["bn_folded"] == 8 * sum(m.out_channels for m in convs) and wb["dense"] == 0
-    assert wb["total"] == sum(v for k, v in wb.items() if k != "total")
+    assert wb["total"] == sum(v for k, v in wb.items() if k not in ("total", "scratch"))
+    assert wb["scratch"] == scratch_bytes("cpu")  # the dequantize strategy's shared buffers, apart from the model's
     fp16 = weight_bytes(copy.deepcopy(cifar_resnet(8)).half())
     assert wb["codes"] < fp16["float"] / 3
 

@@ -76,3 +76,22 @@ def test_host_time_of_a_deployed_call(benchmark, stubbed_launches, monkeypatch, 
     with torch.no_grad():
         layer(x, res)
         benchmark(layer, x, res)
+
+
+def test_warmup_tunes_within_a_budget(monkeypatch):
+    """cora.warmup opens a tuning budget (tune_seconds, else CORA_TUNE_SECONDS) around its runs and returns
+    the seconds spent timing candidates."""
+    from cora.deploy import warmup
+    from cora_kernels import tuning
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append([b.seconds for b in tuning._BUDGETS])
+            return x
+
+    assert warmup(Probe(), [2, 1], (3, 4, 4), tune_seconds=7.5) == 0.0  # nothing timed on the CPU
+    monkeypatch.setenv("CORA_TUNE_SECONDS", "3")
+    warmup(Probe(), [1], (3, 4, 4))
+    assert seen == [[7.5], [7.5], [3.0]] and tuning._BUDGETS == []
