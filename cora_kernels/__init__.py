@@ -7,11 +7,16 @@ Modules (imports only torch and triton; no device work at import):
 * :mod:`.geometry` -- conv shapes and padding, the fused activations (:data:`ACTIVATIONS`),
   validation of a layer call;
 * :mod:`.reference` -- the pure-torch ground truth;
-* :mod:`.conv_fused` -- the fused Triton kernel and its launcher :func:`cora_conv2d_triton`;
+* :mod:`.records` -- the typed records a layer travels in (:class:`~.records.PackedWeight`,
+  :class:`~.records.Epilogue`); :mod:`.environment` -- the environment variables the kernels read;
+* :mod:`.conv_fused` -- the fused Triton kernel and its launcher :func:`cora_conv2d_triton`, which
+  picks one of two strategies per call: the fused kernel, or :mod:`.dequantize` (the effective weight
+  written into :mod:`.scratch`, then the vendor conv);
 * :mod:`.conv_depthwise` -- the direct kernel for grouped and depthwise convs (``groups > 1``) and
   its launcher :func:`cora_conv2d_grouped_triton`;
+* :mod:`.prepared` -- a layer validated once and planned per input shape (what deployed convs call);
 * :mod:`.tuning` -- launch configurations, the autotuner and its cache (:func:`save_tuning`,
-  :func:`load_tuning`);
+  :func:`load_tuning`), shipped tables, the tuning budget; :mod:`.cost_model` -- its untimed estimates;
 * :mod:`.ops` -- the ``cora::conv2d`` op (:func:`cora_conv2d`) and the backend choice
   (:class:`Backend`, :func:`resolve_backend`, env ``CORA_BACKEND``);
 * :mod:`.testing` -- random layers and the error measure shared by tests and benchmarks.

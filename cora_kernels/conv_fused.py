@@ -46,10 +46,14 @@ An fp16-weight control variant of the same kernel (``BITS = 16``: a dense ``[K, 
 the activation dtype, no scale/zero) separates "Triton conv vs cuDNN" from "fewer weight bytes".
 
 The launcher :func:`cora_conv2d_triton` runs in three steps: :func:`~cora_kernels.geometry.check_conv_args`
-validates the call, :func:`_prepare` puts the tensors in the kernel's layout (NHWC input, contiguous
-planes, strides in (n, h, w, c) order, variant flags, dot precision) and :func:`_launch` starts the
-kernel (plus the split-K reduction) for one :class:`~cora_kernels.tuning.ConvConfig`, which
-:func:`cora_kernels.tuning.select_config` chooses (timing candidates through ``_launch``).
+validates the call (and :func:`records` turns it into a :class:`~cora_kernels.records.PackedWeight` and an
+:class:`~cora_kernels.records.Epilogue`), :func:`select` asks :func:`cora_kernels.tuning.select_config` for
+the strategy (this kernel, or :mod:`cora_kernels.dequantize`) and the :class:`~cora_kernels.tuning.ConvConfig`,
+then the launch: :func:`layer_args` puts the weight side in the kernel's layout (contiguous planes,
+variant flags, dot precision), :func:`kernel_input` gives the input NHWC storage, and :func:`bind_launch`
+binds every argument that depends only on the input's shape and layout and starts the kernel (plus the
+split-K reduction).  :class:`cora_kernels.prepared.PreparedConv` keeps the first and the bound launch
+per layer and input key, so that a deployed conv repeats none of it.
 """
 from __future__ import annotations
 
