@@ -6,8 +6,8 @@ layer's kernel.  :class:`PreparedConv` does that work once:
 
 * at construction, the layer (:class:`~cora_kernels.records.PackedWeight`) and its epilogue
   (:class:`~cora_kernels.records.Epilogue`) are validated, with a probe input of the layer's channels;
-* on the first call for an input of a given shape, dtype, device and layout (and residual layout), a
-  :class:`_Plan` is made: the call is validated in full, the geometry computed, the weight side of the
+* on the first call for an input of a given shape, dtype, device and layout (and residual layout, and
+  ``CORA_STRATEGY``), a :class:`_Plan` is made: the call is validated in full, the geometry computed, the weight side of the
   launch laid out (``layer_args``) and, for ``groups == 1``, the strategy and config chosen by the tuner
   (kept once the tuner has cached them; untimed choices, made during a CUDA-graph capture or past a
   tuning budget, are asked again next time);
@@ -24,6 +24,7 @@ import torch
 from . import conv_depthwise, conv_fused, tuning
 from .cost_model import DEQUANT
 from .dequantize import cora_conv2d_dequant
+from .environment import strategy_override
 from .geometry import ACTIVATIONS, check_conv_args
 from .jit_common import nhwc_strides
 from .records import Epilogue, PackedWeight
@@ -80,7 +81,7 @@ class PreparedConv:
                                out_scale=ep.out_scale, out_shift=ep.out_shift, residual=residual, groups=w.groups,
                                in_channels=w.in_channels, a_scale=w.a_scale, b_scale=w.b_scale, activation=act)
 
-    def _plan(self, x: torch.Tensor, residual) -> _Plan:
+    def _plan(self, x: torch.Tensor, residual, forced) -> _Plan:
         g = self._check(x, residual)
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
             else torch.contiguous_format
@@ -94,7 +95,7 @@ class PreparedConv:
             plan.run = lambda xk, o, res: conv_depthwise._launch(plan.layer, g, xk, o, res, cfg)
             return plan
         plan = _Plan(g, conv_fused.layer_args(self.weight, self.epilogue, g, x.dtype), fmt, x_nhwc, strides)
-        self._settle(plan, x, residual, self._settled_choice(x, g, residual))
+        self._settle(plan, x, residual, self._settled_choice(x, g, residual, forced))
         return plan
 
     def _settle(self, plan: _Plan, x, residual, choice) -> None:
@@ -108,18 +109,22 @@ class PreparedConv:
         else:
             plan.run = conv_fused.bind_launch(plan.layer, plan.g, choice.config, choice.split_k, *plan.strides)
 
-    def _settled_choice(self, x, g, residual) -> tuning.TuneChoice | None:
-        """The tuner's choice if it will not change (cached, or fixed off the GPU); None: ask per call."""
-        if x.device.type != "cuda":
+    def _settled_choice(self, x, g, residual, forced) -> tuning.TuneChoice | None:
+        """The tuner's choice if it will not change (cached, forced to dequant, or fixed off the GPU); None:
+        ask per call.  ``forced``: ``CORA_STRATEGY`` (part of the plan's key)."""
+        if x.device.type != "cuda" or forced == DEQUANT:
             return conv_fused.select(x, g, self.weight, self.epilogue, residual)
+        if forced is not None:  # the fused kernel alone: its best timed choice, asked per call
+            return None
         return tuning.TUNING_CACHE.get(conv_fused.tune_key(x, g, self.weight, False, residual is not None))
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         res_key = None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device)
-        key = (x.shape, x.dtype, x.device, x.stride(), res_key)
+        forced = strategy_override()  # read per call, as the op does: a plan per forced strategy
+        key = (x.shape, x.dtype, x.device, x.stride(), res_key, forced)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan(x, residual)
+            plan = self._plans[key] = self._plan(x, residual, forced)
         run = plan.run
         if run is None:  # not settled yet: the tuner times it now, or decides untimed (capture, budget)
             g = plan.g

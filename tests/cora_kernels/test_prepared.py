@@ -115,3 +115,26 @@ def test_host_time_of_a_call(benchmark, stubbed_launches, path):
         benchmark(call, args[0], res)
     else:
         benchmark(lambda: cora_conv2d(*args, **kw, residual=res, backend="triton"))
+
+
+def test_cora_strategy_is_read_per_call(monkeypatch):
+    """A plan is per CORA_STRATEGY: switching the variable between calls switches the strategy (a deployed
+    model benchmarked fused-only, then tuned, must not keep the first one's plans)."""
+    from cora_kernels import scratch
+
+    c = Case(N=1, C_in=8, C_out=6, bits=4, rank="odd", bias=True, bn=True)
+    args, kw = random_layer(c)
+    call = PreparedConv(*_records(args, kw, c))
+    dequants = []
+    real = prepared.cora_conv2d_dequant
+    monkeypatch.setattr(prepared, "cora_conv2d_dequant", lambda *a: dequants.append(1) or real(*a))
+    monkeypatch.delenv("CORA_STRATEGY", raising=False)
+    y_auto = call(args[0])
+    assert dequants == []
+    monkeypatch.setenv("CORA_STRATEGY", "dequant")
+    y_dq = call(args[0])
+    assert dequants == [1] and len(call._plans) == 2
+    monkeypatch.setenv("CORA_STRATEGY", "fused")
+    assert torch.equal(call(args[0]), y_auto) and dequants == [1]
+    assert (y_dq - y_auto).abs().max() < 1e-3 * y_auto.abs().max()
+    scratch.release_scratch()
