@@ -10,6 +10,7 @@ import torch
 import cora
 from cora.deploy import deploy, warmup
 from cora.experiments.models import cifar_resnet
+from tests.cora.test_deploy import resnet8  # noqa: F401  (the converted ResNet-8 fixture)
 from cora_kernels import scratch
 from tests.helpers import randomise_bn
 from tests.tolerances import assert_close_rel
@@ -17,17 +18,6 @@ from tests.tolerances import assert_close_rel
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 STRATEGIES = ["fused", "dequant", "auto"]
-
-
-@pytest.fixture(scope="module")
-def resnet8():
-    torch.manual_seed(0)
-    model = randomise_bn(cifar_resnet(8), seed=1)
-    calib = torch.randn(8, 3, 32, 32)
-    cfg = cora.CoRaConfig(bits=4, method="uniform", budget=0.2, rounding="nearest", range_method="minmax",
-                          factorization="weight", sequential=False, refine=False, progress=False,
-                          calib_images=8, stats_images=8, tune_iterations=0)
-    return cora.convert(model, calib, cfg).eval()
 
 
 def _deployed_cuda(model, monkeypatch, strategy):
@@ -38,7 +28,7 @@ def _deployed_cuda(model, monkeypatch, strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("batch", [1, 16])
-def test_deployed_fp16_on_cuda_matches_the_converted_model(resnet8, monkeypatch, strategy, batch):
+def test_deployed_fp16_on_cuda_matches_the_converted_model(resnet8, monkeypatch, strategy, batch):  # noqa: F811
     dep = _deployed_cuda(resnet8, monkeypatch, strategy)
     x = torch.randn(batch, 3, 32, 32)
     with torch.no_grad():
@@ -48,7 +38,7 @@ def test_deployed_fp16_on_cuda_matches_the_converted_model(resnet8, monkeypatch,
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_cuda_graph_replay_equals_eager(resnet8, monkeypatch, strategy):
+def test_cuda_graph_replay_equals_eager(resnet8, monkeypatch, strategy):  # noqa: F811
     """Warm up (tuning, scratch sized), capture on a side stream as PyTorch's recipe does, replay on new inputs."""
     dep = _deployed_cuda(resnet8, monkeypatch, strategy)
     shape = (4, 3, 32, 32)
@@ -75,7 +65,7 @@ def test_cuda_graph_replay_equals_eager(resnet8, monkeypatch, strategy):
         assert scratch.scratch_bytes("cuda") > 0
 
 
-def test_serving_engine_graphs_on_cuda(resnet8, tmp_path, monkeypatch):
+def test_serving_engine_graphs_on_cuda(resnet8, tmp_path, monkeypatch):  # noqa: F811
     """A checkpoint served by the engine on CUDA: every bucket captured, logits as the converted model's."""
     from cora.inference import InferenceEngine
 
