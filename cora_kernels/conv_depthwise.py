@@ -195,7 +195,9 @@ def _launch(L: _LayerArgs, g: ConvGeometry, x: torch.Tensor, out: torch.Tensor, 
 
 def choose_config(g: ConvGeometry, device: torch.device) -> tuning.DepthwiseConfig:
     """The tile for this geometry (:func:`cora_kernels.tuning.depthwise_config`; a small one off the GPU)."""
-    return tuning.depthwise_config(M=g.M, C_out=g.C_out, interpreting=is_interpreting() or device.type != "cuda")
+    cig, cog = g.C_in // g.groups, g.C_out // g.groups
+    return tuning.depthwise_config(M=g.M, C_out=g.C_out, interpreting=is_interpreting() or device.type != "cuda",
+                                   multiplier=_mode(cig, cog) == 1)
 
 
 def cora_conv2d_grouped_triton(x, qweight, scale, zero, a=None, b=None, bias=None, *, bits, kernel_size, stride=1,

@@ -60,6 +60,7 @@ __all__ = [
     "DepthwiseConfig",
     "DEPTHWISE_CONFIGS",
     "DEPTHWISE_INTERPRETER_CONFIG",
+    "DEPTHWISE_MULTIPLIER_EXCLUDED",
     "depthwise_config",
     "prune_configs",
     "untimed_config",
@@ -193,20 +194,26 @@ DEPTHWISE_CONFIGS: tuple[DepthwiseConfig, ...] = (
 )
 DEPTHWISE_INTERPRETER_CONFIG = DepthwiseConfig("dw_interpreter", 32, 16, 4)
 DEPTHWISE_MIN_PROGRAMS = 256  # below this many large-M tiles (about 2 per SM), take the small-M tile
+# Tiles never chosen for a depthwise conv with a channel multiplier (the kernel's MODE 1, whose per-column
+# input channel c // COG keeps more live): the 32x128 tile spilled 8 B there on sm_90 with int3 codes under
+# triton 3.6 (128 registers at 8 warps), the GPU machines' version; such layers take the 64-channel tiles.
+DEPTHWISE_MULTIPLIER_EXCLUDED = ("dw_c128",)
 
 
-def depthwise_config(*, M: int, C_out: int, interpreting: bool = False) -> DepthwiseConfig:
+def depthwise_config(*, M: int, C_out: int, interpreting: bool = False, multiplier: bool = False) -> DepthwiseConfig:
     """The grouped kernel's tile for ``M = N*OH*OW`` output pixels and ``C_out`` channels.
 
     The channel tile is the widest of 128 / 64 / 32 that pads ``C_out`` by at most 1/8 (MobileNet
     and EfficientNet widths such as 96 or 144 get 32, 384 or 960 get 128); then the large-M tile of
     that width, or its small-M one when the large one would give fewer than
-    :data:`DEPTHWISE_MIN_PROGRAMS` programs.  ``interpreting``: :data:`DEPTHWISE_INTERPRETER_CONFIG`.
+    :data:`DEPTHWISE_MIN_PROGRAMS` programs.  ``multiplier`` (depthwise with a channel multiplier): at most
+    64 channels per tile (:data:`DEPTHWISE_MULTIPLIER_EXCLUDED`).  ``interpreting``:
+    :data:`DEPTHWISE_INTERPRETER_CONFIG`.
     """
     if interpreting:
         return DEPTHWISE_INTERPRETER_CONFIG
     block_c = 32
-    for bc in (128, 64):
+    for bc in (64,) if multiplier else (128, 64):
         if -(-C_out // bc) * bc * 8 <= C_out * 9:
             block_c = bc
             break

@@ -115,5 +115,10 @@ def test_depthwise_config_by_shape():
         # the small-M tile only when the large one makes too few programs
         assert pick(M=small, C_out=c_out).BLOCK_M <= pick(M=big, C_out=c_out).BLOCK_M
     assert pick(M=big, C_out=384).name == "dw_c128" and pick(M=small, C_out=384).name == "dw_c128_small_m"
+    # a channel multiplier: never the excluded tiles (64 channels at most)
+    for c_out in (240, 384, 960):
+        for m in (big, small):
+            cfg = pick(M=m, C_out=c_out, multiplier=True)
+            assert cfg.name not in tuning.DEPTHWISE_MULTIPLIER_EXCLUDED and cfg.BLOCK_C <= 64, (c_out, m, cfg)
     for cfg in tuning.DEPTHWISE_CONFIGS:  # 16 fp32 accumulators per thread (more spilled)
         assert cfg.BLOCK_M * cfg.BLOCK_C == 16 * 32 * cfg.num_warps, cfg
