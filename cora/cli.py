@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "turns); the reported eval_images says how many")
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model and report accuracy")
-    q.add_argument("model", help="cifar_resnet20, cifar_resnet32, ... (depth 6n+2) or a torchvision name (resnet18, ...)")
+    q.add_argument("model", help="cifar_resnet20, cifar_resnet32, ... (depth 6n+2), cifar_shufflenetv2_x0_5 or a "
+                                 "torchvision name (resnet18, ...)")
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     q.add_argument("--grouped-bits", type=int, choices=SUPPORTED_BITS, default=None,

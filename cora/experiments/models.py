@@ -1,6 +1,6 @@
-"""Model zoo: the CIFAR ResNet family (pretrained checkpoints from the shared folder) and
-torchvision's classification models (random weights or a local state-dict file; nothing is
-ever downloaded).
+"""Model zoo: the CIFAR ResNet family and the CIFAR ShuffleNetV2 x0.5 (pretrained checkpoints from
+the shared folder) and torchvision's classification models (random weights or a local state-dict
+file; nothing is ever downloaded).
 
 ``build_model("cifar_resnet20")`` gives the pretrained ResNet-20 in eval mode;
 ``model_input_spec(name)`` gives the input normalisation and size the model expects;
@@ -33,6 +33,9 @@ __all__ = [
     "blocks_per_stage",
     "cifar_resnet",
     "load_cifar_resnet",
+    "cifar_shufflenetv2_x0_5",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "build_model",
     "model_input_spec",
     "preprocessing_for",
@@ -41,13 +44,35 @@ __all__ = [
     "torchvision_model_names",
 ]
 
-# The CIFAR checkpoints were trained with the ImageNet statistics too (shared/README.md).
+# The CIFAR ResNet checkpoints were trained with the ImageNet statistics too (shared/README.md);
+# the ShuffleNet with CIFAR-10's own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 _CIFAR_RE = re.compile(r"cifar_resnet(\d+)")
-_EXAMPLES = "cifar_resnet20, cifar_resnet32, cifar_resnet56, resnet18, resnet50, mobilenet_v2"
+_EXAMPLES = ("cifar_resnet20, cifar_resnet32, cifar_resnet56, cifar_shufflenetv2_x0_5, resnet18, resnet50, "
+             "mobilenet_v2")
+
+
+def cifar_shufflenetv2_x0_5(num_classes: int = 10) -> nn.Module:
+    """torchvision's ShuffleNetV2 x0.5 in its CIFAR variant: a 3x3 stride-1 stem conv and no max-pool,
+    so the stem keeps 32x32 (the layout of ``models/cifar10_shufflenetv2_x0_5-*.pt``)."""
+    from torchvision.models import ShuffleNetV2
+
+    model = ShuffleNetV2([4, 8, 4], [24, 48, 96, 192, 1024], num_classes=num_classes)
+    model.conv1[0] = nn.Conv2d(3, 24, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+# The other pretrained CIFAR models: name -> (builder, checkpoint glob in the shared folder, mean, std).
+_CIFAR_ZOO = {
+    "cifar_shufflenetv2_x0_5": (cifar_shufflenetv2_x0_5, "models/cifar10_shufflenetv2_x0_5-*.pt",
+                                CIFAR10_MEAN, CIFAR10_STD),
+}
 
 
 def torchvision_model_names() -> list[str]:
@@ -62,13 +87,17 @@ def _cifar_depth(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _is_cifar(name: str) -> bool:
+    return _cifar_depth(name) is not None or name in _CIFAR_ZOO
+
+
 def _check_name(name: str) -> None:
-    if _cifar_depth(name) is not None:
+    if _is_cifar(name):
         return
     if name not in torchvision_model_names():
         raise ValueError(
-            f"unknown model {name!r}: use cifar_resnet<6n+2> or a torchvision classification "
-            f"model name; examples: {_EXAMPLES}"
+            f"unknown model {name!r}: use cifar_resnet<6n+2>, {', '.join(_CIFAR_ZOO)} or a torchvision "
+            f"classification model name; examples: {_EXAMPLES}"
         )
 
 
@@ -84,6 +113,8 @@ def build_model(
     - ``cifar_resnet{6n+2}``: ``weights=None`` loads ``models/resnet{depth}-*.th`` from the
       shared folder, a path loads that checkpoint, ``weights=False`` gives a fresh
       Kaiming-initialised model. The one keyword argument is ``num_classes`` (default 10).
+    - ``cifar_shufflenetv2_x0_5`` (:func:`cifar_shufflenetv2_x0_5`): the same, from
+      ``models/cifar10_shufflenetv2_x0_5-*.pt``; ``weights=False`` gives torchvision's initialisation.
     - torchvision classification names (``resnet18``, ``mobilenet_v2``, ...): random weights,
       unless ``weights`` is a local state-dict file, or ``pretrained_torchvision=True`` and
       torchvision's default weights are already in the local torch hub cache. Never downloads.
@@ -96,11 +127,19 @@ def build_model(
     cannot be found.
     """
     _check_name(name)
-    depth = _cifar_depth(name)
-    if depth is not None:
+    if _is_cifar(name):
         unknown = sorted(set(kwargs) - {"num_classes"})
         if unknown:
             raise ValueError(f"{name} takes no keyword argument(s) {', '.join(unknown)} (only num_classes)")
+    if name in _CIFAR_ZOO:
+        builder, pattern = _CIFAR_ZOO[name][:2]
+        model = _construct(name, lambda: builder(**kwargs), kwargs)
+        if weights is not False:
+            path = paths.find_glob(pattern, shared) if weights in (None, True) else paths.find_file(weights, shared)
+            _load_checked(model, read_state_dict(path), f"{path} does not fit {name}{_fmt_kwargs(kwargs)}")
+        return model.eval()
+    depth = _cifar_depth(name)
+    if depth is not None:
         if weights is False:
             return _construct(name, lambda: cifar_resnet(depth, **kwargs), kwargs).eval()
         if weights is True:
@@ -185,11 +224,15 @@ def model_input_spec(name: str) -> dict:
 
     Returns ``{"mean": (r, g, b), "std": (r, g, b), "image_size": int, "resize_size": int,
     "num_classes": int, "layout": "NCHW float32, RGB scaled to [0, 1] then normalised"}``.
-    CIFAR ResNets: 32×32, no resize. torchvision models: the crop/resize sizes of their
-    default weights' preset (224/256 for most), ImageNet mean/std.
+    CIFAR ResNets: 32×32, no resize, ImageNet mean/std; ``cifar_shufflenetv2_x0_5``: 32×32, CIFAR-10
+    mean/std. torchvision models: the crop/resize sizes of their default weights' preset (224/256
+    for most), ImageNet mean/std.
     """
     _check_name(name)
     layout = "NCHW float32, RGB scaled to [0, 1] then normalised"
+    if name in _CIFAR_ZOO:
+        mean, std = _CIFAR_ZOO[name][2:]
+        return {"mean": mean, "std": std, "image_size": 32, "resize_size": 32, "num_classes": 10, "layout": layout}
     if _cifar_depth(name) is not None:
         blocks_per_stage(_cifar_depth(name))  # validate the depth
         return {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "image_size": 32, "resize_size": 32,
@@ -212,13 +255,13 @@ def preprocessing_for(name: str, kwargs: dict | None = None, class_names=None) -
     "std": [r, g, b], "class_names": [str, ...] or None}``. The image is resized so that its short
     side is ``resize_size``, centre-cropped to ``image_size`` square, scaled to [0, 1] and normalised.
 
-    ``class_names``: given, or CIFAR-10's for the CIFAR ResNets and the ImageNet categories of
+    ``class_names``: given, or CIFAR-10's for the CIFAR models and the ImageNet categories of
     torchvision's weights metadata (no download) when the class count is the default one; else None.
     """
     spec = model_input_spec(name)
     kwargs = kwargs or {}
     if class_names is None and kwargs.get("num_classes", spec["num_classes"]) == spec["num_classes"]:
-        if _cifar_depth(name) is not None:
+        if _is_cifar(name):
             class_names = CIFAR10_CLASSES
         else:
             import torchvision.models as tvm

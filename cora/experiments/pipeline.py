@@ -20,7 +20,8 @@ __all__ = [
 
 
 def load_float_model(name: str, weights=None, shared=None) -> nn.Module:
-    """The float model by name (``cifar_resnet{6n+2}`` from the shared checkpoints, or torchvision)."""
+    """The float model by name (``cifar_resnet{6n+2}`` or ``cifar_shufflenetv2_x0_5`` from the shared
+    checkpoints, or torchvision)."""
     from .models import build_model
 
     model = build_model(name, weights=weights, shared=shared)
@@ -30,6 +31,14 @@ def load_float_model(name: str, weights=None, shared=None) -> nn.Module:
 
 def _is_cifar(name: str) -> bool:
     return name.startswith("cifar_")
+
+
+def _normalisation(name: str) -> dict:
+    """The model's input mean and std, for the CIFAR-10 arrays."""
+    from .models import model_input_spec
+
+    spec = model_input_spec(name)
+    return {"mean": spec["mean"], "std": spec["std"]}
 
 
 def _image_folder(name: str, data_dir, what: str):
@@ -49,7 +58,7 @@ def calibration_data(name: str, n: int, shared=None, data_dir=None):
 
     if _is_cifar(name):
         try:
-            ds = cifar10_calibration(n, shared=shared, split="search")
+            ds = cifar10_calibration(n, shared=shared, split="search", **_normalisation(name))
         except ValueError as e:
             raise ValueError(f"cannot calibrate on {n} CIFAR-10 images (--calib): {e}") from e
         return ds.images, ds.labels
@@ -81,9 +90,9 @@ def evaluation_data(name: str, shared=None, data_dir=None, split: str = "test", 
         raise ValueError(f"the evaluation split must be one of {', '.join(SPLITS)}, got {split!r}")
     if _is_cifar(name):
         if split == "test":
-            ds = cifar10_test(shared=shared)
+            ds = cifar10_test(shared=shared, **_normalisation(name))
         else:
-            ds = cifar10_calibration(calib_images, shared=shared, split="holdout")
+            ds = cifar10_calibration(calib_images, shared=shared, split="holdout", **_normalisation(name))
             if len(ds) == 0:
                 raise ValueError(
                     f"no held-out images left: the calibration uses all {calib_images} images of {CALIB_FILE}; "
