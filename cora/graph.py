@@ -16,6 +16,13 @@ partly quantized copy, the converted model): modules are looked up by name on th
 :meth:`StageChain.run`, so replaced layers are the ones that run. Models ``torch.fx`` cannot trace
 (data-dependent control flow), or whose traced forward does not reproduce the model's own output
 on a sample, get no chain (``None``); callers then fall back to full forward passes.
+
+The value at a cut is a tensor, or a (nested) tuple / list / dict of tensors: a channel split
+(ShuffleNet's ``chunk``) or a block with several outputs. Every tensor in it is batch-major, so the
+value of a batch of images is cut into smaller batches, and batches are put together again, leaf by
+leaf (:func:`map_tensors`, :func:`tensors_of`, :func:`batch_len`, :func:`cat_values`); a cut whose
+value is anything else (a leaf that is no tensor, or a tensor without the batch as its first
+dimension) is not used: its two stages run as one.
 """
 from __future__ import annotations
 
@@ -27,7 +34,56 @@ import torch.nn as nn
 
 from ._modules_util import kept_modes
 
-__all__ = ["StageChain", "trace_stages"]
+__all__ = ["StageChain", "trace_stages", "map_tensors", "tensors_of", "batch_len", "cat_values"]
+
+
+def map_tensors(fn, value):
+    """``value`` with ``fn`` applied to every tensor in it: a tensor, or tuples (named ones included),
+    lists and dicts of them, nested; any other leaf is passed through as it is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(map_tensors(fn, v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(fn, v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, map_tensors(fn, v)) for k, v in value.items())
+    return value
+
+
+def tensors_of(value) -> list:
+    """The leaves of ``value`` (see :func:`map_tensors`) in order, tensors and others alike."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in tensors_of(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in tensors_of(v)]
+    return [value]
+
+
+def batch_len(value) -> int:
+    """The batch size of a stage value: the first dimension of its first tensor."""
+    return next(t for t in tensors_of(value) if isinstance(t, torch.Tensor)).shape[0]
+
+
+def cat_values(values: list):
+    """Stage values of consecutive batches (all alike in structure) as the value of the whole batch:
+    ``torch.cat`` along the first dimension, leaf by leaf (any other leaf is taken from the first)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(cat_values([v[i] for v in values]) for i in range(len(first))))
+    if isinstance(first, (tuple, list)):
+        return type(first)(cat_values([v[i] for v in values]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return type(first)((k, cat_values([v[k] for v in values])) for k in first)
+    return first
+
+
+def _batched(value, n: int) -> bool:
+    """Whether every leaf of ``value`` is a tensor with ``n`` (the batch) as its first dimension."""
+    leaves = tensors_of(value)
+    return bool(leaves) and all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves)
 
 
 class _LeafTracer(fx.Tracer):
@@ -65,7 +121,7 @@ class StageChain:
         ``inputs[k]``); for the last stage, the model's output. ``x`` is not modified (a stage may
         start with an in-place op, so it gets a copy)."""
         interp = fx.Interpreter(model, garbage_collect_values=False, graph=self.graph)
-        interp.env = {self.inputs[k]: x.clone() if isinstance(x, torch.Tensor) else x}
+        interp.env = {self.inputs[k]: map_tensors(torch.Tensor.clone, x)}
         value = None
         for node in self.stages[k]:
             for arg in node.all_input_nodes:  # parameters / buffers read from an earlier stage
@@ -137,10 +193,30 @@ def trace_stages(model: nn.Module, layer_names: list[str], sample: torch.Tensor)
     chain = StageChain(graph, stages, inputs, layer_stage)
     try:
         with torch.no_grad(), kept_modes(model, train=False):
+            chain = _batched_cuts(chain, model, sample)
             same = _same(chain.forward(model, sample), model(sample))
     except Exception:
         return None
     return chain if same else None
+
+
+def _batched_cuts(chain: StageChain, model: nn.Module, sample: torch.Tensor) -> StageChain:
+    """``chain`` with every stage whose value on ``sample`` is not batch-major (:func:`_batched`) run
+    together with the stage after it, so that the value at each cut can be cut into batches and put
+    together again. The same chain when every cut is (a ResNet's, whose cuts are tensors)."""
+    stages, inputs, x = [list(chain.stages[0])], [chain.inputs[0]], sample
+    for k in range(len(chain) - 1):
+        x = chain.run(model, k, x)
+        if _batched(x, sample.shape[0]):
+            stages.append(list(chain.stages[k + 1]))
+            inputs.append(chain.inputs[k + 1])
+        else:
+            stages[-1] += chain.stages[k + 1]
+    if len(stages) == len(chain):
+        return chain
+    layer_stage = {n.target: k for k, stage in enumerate(stages) for n in stage
+                   if n.op == "call_module" and n.target in chain.layer_stage}
+    return StageChain(chain.graph, stages, inputs, layer_stage)
 
 
 def _same(a, b) -> bool:

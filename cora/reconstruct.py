@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._modules_util import kept_modes, set_submodule
-from .graph import StageChain
+from .graph import StageChain, batch_len, cat_values, map_tensors, tensors_of
 from .progress import progress_bar
 from .modules import CoRaConv2d, QuantLinear
 from .tune import adapted_layers, trainable_adapter
@@ -73,8 +73,13 @@ def _run(chain: StageChain, model: nn.Module, stages: list[int], x):
 
 
 @torch.no_grad()
-def _run_all(chain: StageChain, model: nn.Module, stages: list[int], xs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([_run(chain, model, stages, xs[i : i + batch_size]) for i in range(0, xs.shape[0], batch_size)])
+def _run_all(chain: StageChain, model: nn.Module, stages: list[int], xs, batch_size: int):
+    """The block's output on all of ``xs``, ``batch_size`` at a time (values as at a cut: a tensor, or a
+    tuple / list / dict of them, :mod:`cora.graph`)."""
+    return cat_values([
+        _run(chain, model, stages, map_tensors(lambda t: t[i : i + batch_size], xs))
+        for i in range(0, batch_len(xs), batch_size)
+    ])
 
 
 def reconstruct_blocks(
@@ -175,32 +180,40 @@ def _block_norms(chain: StageChain, model: nn.Module, stages: list[int]) -> dict
 
 
 def _block_loss(chain, model, stages, x, target) -> torch.Tensor:
-    """Mean squared error relative to the target's mean square (comparable across blocks)."""
-    return F.mse_loss(_run(chain, model, stages, x), target) / target.pow(2).mean().clamp_min(1e-12)
+    """Mean squared error relative to the target's mean square (comparable across blocks); for a
+    tuple / list / dict output, the squared error summed over its tensors relative to their summed square."""
+    y = _run(chain, model, stages, x)
+    if isinstance(target, torch.Tensor):
+        return F.mse_loss(y, target) / target.pow(2).mean().clamp_min(1e-12)
+    pairs = list(zip(tensors_of(y), tensors_of(target)))
+    num = sum((a - t).pow(2).sum() for a, t in pairs)
+    den = sum(t.pow(2).sum() for _, t in pairs)
+    return num / den.clamp_min(1e-12 * sum(t.numel() for _, t in pairs))
 
 
-def _relative_error(y: torch.Tensor, target: torch.Tensor, chunk: int = 100) -> float:
+def _relative_error(y, target, chunk: int = 100) -> float:
     """:func:`_block_loss` of a whole output, in float64 (the before / after loss of a block).
 
     Summed ``chunk`` images at a time: a float64 copy of a whole early block's output (1,600 images)
     costs more than the pass that computed it."""
     num = den = 0.0
-    for i in range(0, target.shape[0], chunk):
-        t = target[i : i + chunk].double()
-        num += float((y[i : i + chunk].double() - t).pow(2).sum())
-        den += float(t.pow(2).sum())
+    for y_part, t_part in zip(tensors_of(y), tensors_of(target)):
+        for i in range(0, t_part.shape[0], chunk):
+            t = t_part[i : i + chunk].double()
+            num += float((y_part[i : i + chunk].double() - t).pow(2).sum())
+            den += float(t.pow(2).sum())
     return num / max(den, 1e-300)
 
 
 def _fit_block(
     model, chain, stages, names, norms, x_q, target, iterations, lr, batch_size, gen, eval_batch
-) -> tuple[float, float, torch.Tensor]:
+) -> tuple[float, float, object]:
     """Train the adapters of ``names`` (and the BatchNorms ``norms``) on one block.
 
     Returns the block loss on all images before and after, and the block's output on all of ``x_q``
     as kept (the next block's input; computing the loss from it saves a pass over the images).
     """
-    n = x_q.shape[0]
+    n, device = batch_len(x_q), tensors_of(x_q)[0].device
     before = _relative_error(_run_all(chain, model, stages, x_q, eval_batch), target)
     frozen = {p: p.requires_grad for p in model.parameters()}
     # small: codes, adapters and per-channel BatchNorm vectors
@@ -218,8 +231,8 @@ def _fit_block(
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iterations))
         for _ in range(iterations):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(x_q.device)
-            loss = _block_loss(chain, model, stages, x_q[idx], target[idx])
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(device)
+            loss = _block_loss(chain, model, stages, *(map_tensors(lambda t: t[idx], v) for v in (x_q, target)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
