@@ -102,3 +102,31 @@ def test_timm_convert_deploy_save_load(name, tmp_path):
     loaded = cora.load(path, randomise_bn(timm.create_model(name, pretrained=False), seed=3))
     with torch.no_grad():
         assert torch.equal(loaded(probe), want), name
+
+
+# The defaults (label-free W3: block reconstruction over the traced stages; labelled W4: search and ce tuning)
+# at 32x32 with 4 images and one step per phase, on the two runs that fit the CI budget: measured here under
+# pytest (a second process busy on the other core) RegNetY-400MF 72 s at W3, 78 s at W2, 106 s at W4 with
+# labels, MNASNet 0.5 42 s at W4 with labels. Left out: those other runs, MobileNetV3, EfficientNet-B0,
+# GoogLeNet, DenseNet, ResNeXt. ShuffleNetV2 (a tuple at its cuts) runs all three in test_nested_cuts.
+DEFAULTS = {"regnet_y_400mf": [(3, False)], "mnasnet0_5": [(4, True)]}
+
+
+@pytest.mark.parametrize("name,bits,labels", [(n, b, lab) for n, runs in DEFAULTS.items() for b, lab in runs])
+def test_defaults_convert_deploy_save_load(name, bits, labels, tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 10}
+    model = randomise_bn(build_model(name, weights=False, **kwargs), seed=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    calib = (x, torch.randint(0, 10, (4,), generator=g)) if labels else x
+    q = cora.convert(model, calib, cora.CoRaConfig(bits=bits, calib_images=4, iterations=1, tune_iterations=1, progress=False))
+    assert q.cora_report.tune_loss == ("ce" if labels else "blocks")
+    probe = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        want = q(probe)
+        assert_close_rel(cora.deploy(q)(probe), want, torch.float32)
+    path = tmp_path / f"{name}.safetensors"
+    cora.save(q, path, architecture={"name": name, "kwargs": kwargs})
+    with torch.no_grad():
+        assert torch.equal(cora.load(path)(probe), want), name
