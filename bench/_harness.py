@@ -24,6 +24,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def dry_run_header(prefix: str, out: str | None, what: str) -> tuple[dict, str]:
+    """Metadata of a CPU dry run (the Triton interpreter; printed with ``what``, the sizes used) and its CSV
+    path (``out`` or ``<tmp>/<prefix>_dryrun.csv``): the code paths of a GPU run, not a measurement."""
+    import os
+    import tempfile
+
+    import torch
+
+    meta = dict(device="cpu (Triton interpreter, dry run)", torch=torch.__version__, commit="dry-run")
+    print(f"# dry run: CPU, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, {what}; "
+          f"the times below are the interpreter's, not a measurement")
+    return meta, out or os.path.join(tempfile.gettempdir(), f"{prefix}_dryrun.csv")
+
+
 def gpu_run_header(prefix: str, device, out: str | None) -> tuple[dict, str]:
     """Metadata of a GPU run (device name, torch/triton versions, commit; printed) and its CSV path.
 

@@ -36,14 +36,13 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (add_tuning_option, append_csv, choice_text, cpu_time_ms, gpu_run_header,  # noqa: E402
+from _harness import (add_tuning_option, append_csv, choice_text, cpu_time_ms, dry_run_header, gpu_run_header,  # noqa: E402
                       host_time_us, interpret_if, load_tuning_file, record_choices, save_tuning_file, time_in_graph,
                       write_csv)
 
@@ -257,10 +256,7 @@ def bench(args) -> int:
     dry = args.dry_run
     if dry:
         dev = torch.device("cpu")
-        meta = dict(device="cpu (Triton interpreter, dry run)", torch=torch.__version__, commit="dry-run")
-        out_csv = args.out or os.path.join(tempfile.gettempdir(), "conv_fused_dryrun.csv")
-        print(f"# dry run: CPU, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, tiny shapes; "
-              f"the times below are the interpreter's, not a measurement")
+        meta, out_csv = dry_run_header("conv_fused", args.out, "tiny shapes")
     else:
         from triton.testing import do_bench
 

@@ -42,14 +42,13 @@ import contextlib
 import copy
 import os
 import sys
-import tempfile
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (add_tuning_option, gpu_run_header, interpret_if, load_tuning_file,  # noqa: E402
+from _harness import (add_tuning_option, dry_run_header, gpu_run_header, interpret_if, load_tuning_file,  # noqa: E402
                       record_choices, save_tuning_file, strategy_env, time_in_graph, write_csv)
 
 # torch, cora and cora_kernels are imported after the arguments: --help stays fast and --dry-run can set
@@ -223,10 +222,7 @@ def bench(args) -> int:
     image = (3, args.image, args.image)
     if dry:
         dev, dtype = torch.device("cpu"), torch.float32
-        meta = dict(device="cpu (Triton interpreter, dry run)", torch=torch.__version__, commit="dry-run")
-        out_csv = args.out or os.path.join(tempfile.gettempdir(), "model_e2e_dryrun.csv")
-        print(f"# dry run: CPU, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, fp32, {args.image}x{args.image}, "
-              f"no graphs; the times below are the interpreter's, not a measurement")
+        meta, out_csv = dry_run_header("model_e2e", args.out, f"fp32, {args.image}x{args.image}, no graphs")
     else:
         from triton.testing import do_bench
 

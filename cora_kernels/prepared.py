@@ -95,10 +95,10 @@ class PreparedConv:
             plan.run = lambda xk, o, res: conv_depthwise._launch(plan.layer, g, xk, o, res, cfg)
             return plan
         plan = _Plan(g, conv_fused.layer_args(self.weight, self.epilogue, g, x.dtype), fmt, x_nhwc, strides)
-        self._settle(plan, x, residual, self._settled_choice(x, g, residual, forced))
+        self._settle(plan, self._settled_choice(x, g, residual, forced))
         return plan
 
-    def _settle(self, plan: _Plan, x, residual, choice) -> None:
+    def _settle(self, plan: _Plan, choice) -> None:
         """Keep ``choice`` (when it will not change) and bind the launch to it."""
         if choice is None:
             return
@@ -130,7 +130,7 @@ class PreparedConv:
             g = plan.g
             choice = conv_fused.select(x, g, self.weight, self.epilogue, residual)
             if choice is tuning.TUNING_CACHE.get(conv_fused.tune_key(x, g, self.weight, False, residual is not None)):
-                self._settle(plan, x, residual, choice)
+                self._settle(plan, choice)
                 run = plan.run
             elif choice.strategy == DEQUANT:
                 return cora_conv2d_dequant(x, self.weight, self.epilogue, residual, g)
