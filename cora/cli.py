@@ -245,12 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_serve_parser(sub) -> None:
     from .deploy import WEIGHTS
     from .inference import DTYPES
-    from .payloads import Limits
 
-    d = Limits()
     s = sub.add_parser("serve", help="serve a checkpoint (or a float model) over HTTP on Ray Serve",
                        description="Serve image classification over HTTP: POST /v1/classify, GET /v1/models, "
-                                   "/healthz, /readyz; Prometheus metrics from Ray's metrics agent. Stops on SIGINT/SIGTERM.")
+                                   "/healthz, /readyz; Prometheus metrics from Ray's metrics agent. Stops on "
+                                   "SIGINT/SIGTERM. docs/serving.md has the API, backpressure and scaling.")
     s.set_defaults(json=False, threads=None)  # main() reads these for every command
     s.add_argument("checkpoint", nargs="?", default=None, help="a cora checkpoint (written by 'quantize --out')")
     s.add_argument("--float", dest="float_model", default=None, metavar="MODEL",
@@ -269,23 +268,34 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-batch", type=_positive_int, default=32, help="largest batch one model call takes (default 32)")
     s.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
                    help="how long a batch waits to fill up, milliseconds (default 5)")
-    s.add_argument("--replicas", type=_positive_int, default=1, help="model replicas (default 1)")
+    s.add_argument("--replicas", type=_positive_int, default=None, help="fixed number of model replicas (default 1)")
+    s.add_argument("--min-replicas", type=_positive_int, default=None,
+                   help="autoscaling: fewest replicas (with --max-replicas and --target-ongoing)")
+    s.add_argument("--max-replicas", type=_positive_int, default=None, help="autoscaling: most replicas")
+    s.add_argument("--target-ongoing", type=_positive_float, default=None,
+                   help="autoscaling: requests per replica the autoscaler aims at")
     s.add_argument("--gpus-per-replica", type=_nonnegative_float, default=None,
                    help="GPUs per replica, fractions allowed (default: 1 on CUDA, 0 on the CPU)")
     s.add_argument("--num-cpus", type=_positive_float, default=1.0, help="CPUs per replica (default 1)")
-    s.add_argument("--max-queued", type=_positive_int, default=256,
-                   help="images a replica lets wait for the model; beyond that: 503 with Retry-After (default 256)")
+    s.add_argument("--decode-threads", type=_positive_int, default=2,
+                   help="threads per replica decoding request images (default 2)")
+    s.add_argument("--max-ongoing", type=_positive_int, default=None,
+                   help="requests one replica holds at once (Ray Serve's max_ongoing_requests; default 2 x --max-batch)")
+    s.add_argument("--max-queued", type=_positive_int, default=64,
+                   help="requests waiting at Ray's proxy when every replica is full; beyond that: 503 (Ray Serve's "
+                        "max_queued_requests; default 64)")
     s.add_argument("--address", default=None,
                    help="join a running Ray cluster (e.g. auto, or HOST:6379 of 'ray start --head') instead of starting one")
     s.add_argument("--top-k", type=_positive_int, default=5, help="classes per prediction (default 5, at most the class count)")
     s.add_argument("--metrics-port", type=_port, default=8001,
                    help="port of Ray's Prometheus metrics export, local Ray only (default 8001)")
-    s.add_argument("--max-images", type=_positive_int, default=d.max_images,
-                   help=f"images per JSON request (default {d.max_images})")
-    s.add_argument("--max-body-bytes", type=_positive_int, default=d.max_body_bytes,
-                   help=f"bytes per request body (default {d.max_body_bytes}, 8 MiB)")
-    s.add_argument("--max-pixels", type=_positive_int, default=d.max_pixels,
-                   help=f"pixels (width x height) per image, checked before decoding (default {d.max_pixels}, 4096 x 4096)")
+    s.add_argument("--max-images", type=_positive_int, default=None, help="images per JSON request (default 64)")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=None, help="bytes per request body (default 8 MiB)")
+    s.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="pixels (width x height) per image, read from the header before decoding (default: "
+                        "(8 x the model's resize size)^2, within 512^2..4096^2)")
+    s.add_argument("--max-request-pixels", type=_positive_int, default=None,
+                   help="pixels of all a request's images together (default 16 x --max-pixels' default)")
     s.add_argument("--ready-timeout", type=_positive_float, default=600.0,
                    help="seconds to wait for every replica to load and warm up (default 600)")
 
@@ -497,95 +507,18 @@ def _eval(args) -> tuple[dict, None]:
     return res, None
 
 
-def _check_port_free(host: str, port: int, what: str) -> None:
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise _CliError(f"--host {host}: cannot resolve it ({exc})") from None
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError as exc:
-            raise _CliError(f"{what} {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-
-
-def _serve_source(args) -> tuple[dict, dict]:
-    """What the replicas load, and its preprocessing record; checked here, before Ray starts."""
-    if (args.checkpoint is None) == (args.float_model is None):
-        raise _CliError("serve needs a CHECKPOINT or --float MODEL (one of them)")
-    if args.checkpoint is None:
-        from .experiments.models import preprocessing_for
-        from .experiments.pipeline import load_float_model
-
-        load_float_model(args.float_model, args.weights, args.shared)  # name, weights and shared folder, once
-        shared = str(Path(args.shared).resolve()) if args.shared else None
-        weights = str(Path(args.weights).resolve()) if args.weights else None
-        return {"float": args.float_model, "weights": weights, "shared": shared}, preprocessing_for(args.float_model)
-    if args.weights is not None or args.shared is not None:
-        raise _CliError("--weights and --shared are for --float; a checkpoint holds its own weights")
-    from .checkpoint import read_metadata
-
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        raise _CliError(f"{path} is a folder, not a checkpoint")
-    meta = read_metadata(path)  # the whole file against its digest
-    if meta.get("preprocessing") is None:
-        raise _CliError(f"{path} records no preprocessing (image size, mean/std), so it cannot be served: re-save it "
-                        f"with cora.save(model, path, preprocessing=...)")
-    if not isinstance(meta.get("architecture"), dict):
-        raise _CliError(f"{path} records no architecture, so it cannot be rebuilt for serving")
-    return {"checkpoint": str(path.resolve())}, meta["preprocessing"]
-
-
 def _serve(args) -> tuple[dict, None]:
-    source, pre = _serve_source(args)
-    if args.float_model is not None and args.deploy_weights != "auto":
-        raise _CliError("--deploy-weights is for a checkpoint; a float model is served as it is")
-    if args.address:  # the GPUs are the cluster's, not necessarily this machine's
-        device = args.device if args.device != "auto" else ("cuda" if (args.gpus_per_replica or 0) > 0 else "cpu")
-    else:
-        device = resolve_device(args.device).type
-    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
-    if device == "cuda" and gpus <= 0:
-        raise _CliError("--device cuda needs --gpus-per-replica > 0 (Ray hides the GPUs from a replica that reserves none)")
-    if device == "cpu" and gpus > 0:
-        raise _CliError("--gpus-per-replica is for --device cuda; a CPU replica reserves no GPU")
-    if not args.address and device == "cuda":
-        import torch
+    from .serve_settings import settings_from_args
 
-        have = torch.cuda.device_count()
-        if gpus * args.replicas > have:
-            raise _CliError(f"--replicas {args.replicas} x --gpus-per-replica {gpus:g} needs {gpus * args.replicas:g} GPUs, "
-                            f"this machine has {have}")
-    if args.max_images > args.max_queued:
-        raise _CliError(f"--max-images {args.max_images} is more than --max-queued {args.max_queued}: "
-                        f"such a request could never be queued")
-    classes = len(pre["class_names"]) if pre.get("class_names") else None
-    if classes is not None and args.top_k > classes:
-        raise _CliError(f"--top-k {args.top_k} is more than the model's {classes} classes")
-    if args.address is None and args.metrics_port == args.port:
-        raise _CliError(f"--metrics-port and --port are both {args.port}")
-    _check_port_free(args.host, args.port, "--port")
-    if args.address is None:
-        _check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
-    dtype = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
-    settings = {"device": device, "dtype": dtype, "deploy_weights": args.deploy_weights,
-                "max_batch": args.max_batch, "batch_wait_s": args.batch_wait_ms / 1000.0,
-                "max_queued": args.max_queued, "top_k": args.top_k, "max_images": args.max_images,
-                "max_body_bytes": args.max_body_bytes, "max_pixels": args.max_pixels,
-                "num_threads": max(1, int(args.num_cpus))}
-    opts = argparse.Namespace(source=source, settings=settings, host=args.host, port=args.port, replicas=args.replicas,
-                              num_cpus=args.num_cpus, gpus_per_replica=gpus, address=args.address,
-                              metrics_port=args.metrics_port, ready_timeout=args.ready_timeout)
+    if args.replicas is not None and args.min_replicas is not None:
+        raise _CliError("--replicas is a fixed count; autoscaling uses --min-replicas/--max-replicas instead")
+    args.replicas = args.replicas or 1
+    settings = settings_from_args(args, resolve_device)  # every check, before Ray is imported
     try:
         from .serve import run
     except ImportError as exc:
         raise _CliError(f"cora serve needs Ray Serve: pip install 'cora[serve]' ({exc})") from None
-    run(opts)
+    run(settings)
     return {"served": True}, None
 
 

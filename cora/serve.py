@@ -1,24 +1,23 @@
 """``cora serve``: a cora checkpoint (or a float peer) behind HTTP, on Ray Serve.
 
-Ray Serve does the serving: the HTTP proxy, replicas (``--replicas``, ``--gpus-per-replica``),
-dynamic batching (``@serve.batch``), the outer queue bound, clusters (``--address``) and its own
-Prometheus metrics. This module only adds the model (:mod:`cora.inference`), request checks
-(:mod:`cora.payloads`) and the API:
+Ray Serve does the serving: the HTTP proxy, replicas (fixed or autoscaled), dynamic batching
+(``@serve.batch``), backpressure (``max_ongoing_requests`` per replica, ``max_queued_requests`` per
+proxy), health checks and replacement of failed replicas, clusters (``--address``) and metrics. This
+module adds the model (:mod:`cora.inference`), request checks (:mod:`cora.payloads`) and the API:
 
 * ``POST /v1/classify``: one PNG/JPEG (``image/png``, ``image/jpeg``) or JSON ``{"images": [base64,
   ...]}`` -> ``{"predictions": [{"top": [{"index", "label", "prob"}, ...]}, ...], "model": {...}}``;
 * ``GET /v1/models``: the model's :meth:`InferenceEngine.info` plus this replica's counters;
-* ``GET /healthz``: 200 while the replica is alive; ``GET /readyz``: 200 once warm-up is done, 503 before.
+* ``GET /healthz``: 200 from a live replica; ``GET /readyz``: 200 while the application is RUNNING
+  (Serve's own status), 503 otherwise.
 
-Every error is JSON ``{"error": "one line"}``. Backpressure: each replica admits at most
-``--max-queued`` images waiting for the model; beyond that it answers 503 with ``Retry-After``
-at once (Ray's own 503 for a full proxy queue is plain text, so the replica counts itself and
-Ray's ``max_queued_requests`` stays as the outer bound). Warm-up runs in a background thread
-started by the replica's constructor, so ``/healthz`` and ``/readyz`` answer during it.
-
-Metrics (``ray.serve.metrics``, exported by Ray's metrics agent with Serve's own, names prefixed
-``ray_``): ``cora_requests_total{status}``, ``cora_request_latency_seconds``, ``cora_batch_size``,
-``cora_queue_depth``.
+A replica loads, deploys and warms the model up in its constructor: Serve routes to it only once
+that is done, and a load that fails makes the deployment fail (``cora serve`` exits with the cause).
+``check_health`` raises once the model has failed :data:`BROKEN_AFTER` calls in a row, so Serve
+replaces the replica. Request bodies are decoded in a bounded thread pool per replica and the model
+runs in its own single thread: the event loop only routes. Every error the replica writes is JSON
+``{"error": "one line"}``; Ray's own refusals (backpressure) are its plain-text 503.
+See ``docs/serving.md`` for the API, backpressure as a client sees it, scaling and metrics.
 """
 # no `from __future__ import annotations`: FastAPI must see the real `Request` annotation of the
 # endpoints after Serve rewrites their signatures
@@ -31,6 +30,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fastapi import FastAPI, Request
@@ -39,22 +39,26 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .inference import InferenceEngine
-from .payloads import Limits, PayloadError, decode_image, decode_request, preprocess
+from .payloads import PayloadError, decode_image, decode_request, preprocess
+from .serve_settings import ServeSettings
 
-__all__ = ["CoraServer", "run", "WARMUP_DELAY_ENV", "APP_NAME"]
+__all__ = ["CoraServer", "run", "APP_NAME", "BROKEN_AFTER", "ModelLoadError", "load_engine"]
 
 APP_NAME = "cora"
-# tests only: seconds each replica sleeps before its warm-up, so that /readyz can be seen at 503
-WARMUP_DELAY_ENV = "CORA_SERVE_WARMUP_DELAY"
+BROKEN_AFTER = 3  # model calls failing in a row before check_health reports the replica broken
 SHUTDOWN_TIMEOUT_S = 60  # the most serve.shutdown may take before Ray is stopped anyway
-RETRY_AFTER_S = 1  # what a 503 tells the client to wait, seconds
-_LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+HEALTH_CHECK_PERIOD_S = 2.0  # Serve's probe of each replica (its default is 10 s)
+_DECODE_BOUNDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
 app = FastAPI(title="cora serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def _error(status: int, message: str, retry: bool = False) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+class ModelLoadError(ValueError):
+    """The replicas could not load the model; the message is one line naming the cause."""
+
+
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
 
 
@@ -64,69 +68,67 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return _error(exc.status_code, exc.detail)
 
 
-class _Ticket:
-    """One request's images in the queue: how many a batch has taken, and whether it has left."""
+LOAD_FAILURE_MARK = "cora-load-failure:"  # finds the one line in Serve's DEPLOY_FAILED message
 
-    __slots__ = ("n", "started", "closed")
 
-    def __init__(self, n: int) -> None:
-        self.n, self.started, self.closed = n, 0, False
+def load_engine(settings: ServeSettings) -> InferenceEngine:
+    """The settings' model, built, deployed and warmed up (each batch bucket run once)."""
+    kw = dict(device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch)
+    src = settings.source
+    if src.checkpoint is not None:
+        engine = InferenceEngine.from_checkpoint(src.checkpoint, deploy_weights=settings.deploy_weights, **kw)
+    else:
+        engine = InferenceEngine.from_float(src.float_model, src.weights, src.shared, **kw)
+    engine.warm_up()
+    return engine
+
+
+def _app_status() -> str:
+    """This application's status in Serve (``RUNNING``, ``DEPLOYING``, ...; ``MISSING`` if unknown)."""
+    found = serve.status().applications.get(APP_NAME)
+    return "MISSING" if found is None else str(getattr(found.status, "value", found.status))
 
 
 @serve.deployment(name="CoraServer")
 @serve.ingress(app)
 class CoraServer:
-    """One replica: the engine, the per-replica queue bound, the batcher and the counters.
+    """One replica: the engine (loaded and warm when the constructor returns), its two executors,
+    the batcher and the counters. ``settings``: the checked :class:`ServeSettings`."""
 
-    ``source``: ``{"checkpoint": path}`` or ``{"float": name, "weights": ..., "shared": ...}``;
-    ``settings``: ``device``, ``dtype``, ``deploy_weights`` (a checkpoint's, see :class:`InferenceEngine`),
-    ``max_batch``, ``batch_wait_s``, ``max_queued``, ``top_k``, ``num_threads`` and the :class:`Limits` fields.
-    """
-
-    def __init__(self, source: dict, settings: dict) -> None:
+    def __init__(self, settings: ServeSettings) -> None:
+        import ray
         from ray.serve import metrics
 
         self.settings = settings
-        self.limits = Limits(settings["max_images"], settings["max_body_bytes"], settings["max_pixels"])
-        self.engine: InferenceEngine | None = None
-        self.failure: str | None = None  # why loading or warm-up failed (the replica stays up to say so)
-        self.waiting = 0  # images admitted and not yet handed to the model
-        self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0, "batch_sizes": {}}
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.classify_batch.set_max_batch_size(settings["max_batch"])
-        self.classify_batch.set_batch_wait_timeout_s(settings["batch_wait_s"])
-        self.m_requests = metrics.Counter("cora_requests_total", description="classify requests by HTTP status",
-                                          tag_keys=("status",))
-        self.m_latency = metrics.Histogram("cora_request_latency_seconds", description="classify latency, seconds",
-                                           boundaries=_LATENCY_BOUNDS)
-        self.m_batch = metrics.Histogram("cora_batch_size", description="images per model call",
-                                         boundaries=[float(b) for b in range(1, settings["max_batch"] + 1)])
-        self.m_queue = metrics.Gauge("cora_queue_depth", description="images waiting for the model in this replica")
-        self.m_queue.set(0)
-        if settings.get("num_threads"):
-            torch.set_num_threads(int(settings["num_threads"]))
-        # load + warm up off the constructor: the replica answers /healthz and /readyz meanwhile
-        threading.Thread(target=self._prepare, args=(source,), name="cora-warmup", daemon=True).start()
-
-    def _prepare(self, source: dict) -> None:
+        torch.set_num_threads(settings.num_threads)
         try:
-            delay = float(os.environ.get(WARMUP_DELAY_ENV) or 0)
-            if delay > 0:
-                time.sleep(delay)
-            kw = dict(device=self.settings["device"], dtype=self.settings["dtype"], max_batch=self.settings["max_batch"])
-            if "checkpoint" in source:
-                engine = InferenceEngine.from_checkpoint(source["checkpoint"], deploy_weights=self.settings.get(
-                    "deploy_weights", "auto"), **kw)
-            else:
-                engine = InferenceEngine.from_float(source["float"], source.get("weights"), source.get("shared"), **kw)
-            engine.warm_up()
-            self.engine = engine  # published only once warm: `ready` below reads it
-        except Exception as exc:
-            self.failure = f"{type(exc).__name__}: {exc}"
+            self.engine = load_engine(settings)
+        except Exception as exc:  # one line Serve's failure message carries to `cora serve`
+            raise ModelLoadError(f"{LOAD_FAILURE_MARK} {settings.source.describe()}: {type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())}") from exc
+        # decoding: bounded pool (at most max_ongoing requests wait for it); the model: one thread of its own
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="cora-decode")
+        self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="cora-model")
+        self.failed_in_a_row = 0
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0, "batch_sizes": {}}
+        ctx = ray.get_runtime_context()
+        self.replica = {"actor_id": ctx.get_actor_id(), "node_id": ctx.get_node_id(), "pid": os.getpid()}
+        self.classify_batch.set_max_batch_size(settings.max_batch)
+        self.classify_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
+        # only what Ray does not export itself (requests, latency and batch size are Ray Serve's own)
+        self.m_images = metrics.Counter("cora_images_total", description="images classified (a request may hold many)")
+        self.m_decode = metrics.Histogram("cora_decode_seconds", description="decoding and preprocessing one request",
+                                          boundaries=_DECODE_BOUNDS)
 
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None and self.engine.ready
+    def check_health(self) -> None:
+        """Serve's periodic probe: raising makes Serve replace this replica."""
+        if self.failed_in_a_row >= BROKEN_AFTER:
+            raise RuntimeError(f"the model failed {self.failed_in_a_row} calls in a row")
+
+    def __del__(self) -> None:
+        for pool in (getattr(self, "decode_pool", None), getattr(self, "model_pool", None)):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # -------------------------------------------------------------------------- probes and info
     @app.get("/healthz")
@@ -135,69 +137,41 @@ class CoraServer:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        if self.ready:
+        status = await asyncio.to_thread(_app_status)
+        if status == "RUNNING":
             return JSONResponse({"status": "ready"})
-        return _error(503, f"model failed to load: {self.failure}" if self.failure else "warming up", retry=True)
-
-    def readiness(self) -> dict:
-        """For :func:`run`, through a deployment handle: this replica's id and state."""
-        return {"replica": self.replica_id, "ready": self.ready, "failure": self.failure}
+        return _error(503, f"application status {status}", retry_after=1)
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
-        info = self.engine.info() if self.engine is not None else {"ready": False}
-        stats = dict(self.stats, queue_depth=self.waiting, replica=self.replica_id)
-        return JSONResponse({"models": [info], "stats": stats, "limits": self.limits.__dict__,
-                             "top_k": self.settings["top_k"], "max_queued": self.settings["max_queued"]})
+        s = self.settings
+        return JSONResponse({"models": [self.engine.info()], "stats": dict(self.stats, replica=self.replica),
+                             "limits": s.limits.__dict__, "top_k": s.top_k,
+                             "backpressure": {"max_ongoing_requests": s.max_ongoing, "max_queued_requests": s.max_queued}})
 
     # -------------------------------------------------------------------------- classify
     @app.post("/v1/classify")
     async def classify(self, request: Request) -> JSONResponse:
-        t0 = time.perf_counter()
-        response = await self._classify(request)
-        self.m_requests.inc(tags={"status": str(response.status_code)})
-        self.m_latency.observe(time.perf_counter() - t0)
-        return response
-
-    async def _classify(self, request: Request) -> JSONResponse:
-        if not self.ready:
-            return _error(503, f"model failed to load: {self.failure}" if self.failure else "warming up", retry=True)
+        loop = asyncio.get_running_loop()
         try:
             body = await self._read_body(request)
-            encoded = decode_request(body, request.headers.get("content-type"), self.limits)
+            images = await loop.run_in_executor(self.decode_pool, self._decode, body, request.headers.get("content-type"))
         except PayloadError as exc:
             return _error(exc.status, exc.message)
-        n = len(encoded)
-        if self.waiting + n > self.settings["max_queued"]:  # bounded queue: refuse now, never wait unbounded
-            return _error(503, f"server busy ({self.waiting} images queued, limit {self.settings['max_queued']})",
-                          retry=True)
-        ticket = _Ticket(n)
-        self._admit(n)
         try:
-            # decode per request, off the event loop, before batching: a bad image fails only this request
-            images = await asyncio.to_thread(self._decode_all, encoded)
-            results = await asyncio.gather(*(self.classify_batch((x, ticket)) for x in images))
-        except PayloadError as exc:
-            return _error(exc.status, exc.message)
-        except Exception as exc:  # the model failed on this request's batch: this request fails, the replica lives
+            results = await asyncio.gather(*(self.classify_batch(x) for x in images))
+        except Exception as exc:  # the model failed on this request's batch: this request fails
             return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
-        finally:
-            # whatever no batch has taken yet (decoding failed, the client went away) leaves the queue now
-            ticket.closed = True
-            self._admit(-(n - ticket.started))
         self.stats["requests"] += 1
+        self.m_images.inc(len(images))
         info = self.engine.info()
         model = {k: info[k] for k in ("architecture", "float", "bits", "equiv_bits", "checkpoint_sha256")}
         preds = [{"top": [{"index": i, "label": self.engine.label(i), "prob": p} for i, p in top]} for top in results]
         return JSONResponse({"predictions": preds, "model": model})
 
-    def _admit(self, n: int) -> None:
-        self.waiting += n
-        self.m_queue.set(self.waiting)
-
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it is over the limit, before reading the rest."""
-        limit = self.limits.max_body_bytes
+        limit = self.settings.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
@@ -209,78 +183,98 @@ class CoraServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _decode_all(self, encoded: list[bytes]) -> list[torch.Tensor]:
-        pre = self.engine.preprocessing
+    def _decode(self, body: bytes, content_type: str | None) -> list[torch.Tensor]:
+        """(decode pool) The request's images as model inputs ``[3, S, S]`` float32; raises PayloadError."""
+        t0 = time.perf_counter()
+        limits, pre = self.settings.limits, self.engine.preprocessing
+        encoded = decode_request(body, content_type, limits)  # JSON, base64, header sizes
         many = len(encoded) > 1
-        return [preprocess(decode_image(data, self.limits, f"images[{i}]" if many else "image"), pre)
-                for i, data in enumerate(encoded)]
+        out = [preprocess(decode_image(data, limits, f"images[{i}]" if many else "image"), pre)
+               for i, data in enumerate(encoded)]
+        self.m_decode.observe(time.perf_counter() - t0)
+        return out
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # both replaced from the options in __init__
-    async def classify_batch(self, items: list[tuple[torch.Tensor, _Ticket]]) -> list[list[tuple[int, float]]]:
-        """Many requests' images ``[3, S, S]`` float32 (with their request's ticket) -> their top-k,
-        one model call (in a thread)."""
-        n = len(items)
-        for _, ticket in items:  # these leave the queue (runs on the event loop, like _classify)
-            if not ticket.closed:
-                ticket.started += 1
-                self._admit(-1)
-        images = [x for x, _ in items]
+    def _predict(self, images: torch.Tensor) -> list[list[tuple[int, float]]]:
+        """(model thread) One model call; counts failures in a row for :meth:`check_health`."""
+        try:
+            out = self.engine.predict(images, self.settings.top_k)
+        except Exception:
+            self.failed_in_a_row += 1
+            raise
+        self.failed_in_a_row = 0
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # both replaced from the settings in __init__
+    async def classify_batch(self, images: list[torch.Tensor]) -> list[list[tuple[int, float]]]:
+        """Many requests' images ``[3, S, S]`` float32 -> their top-k, one model call in the model thread."""
+        n = len(images)
         self.stats["batches"] += 1
         self.stats["images"] += n
         self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
         self.stats["batch_sizes"][str(n)] = self.stats["batch_sizes"].get(str(n), 0) + 1
-        self.m_batch.observe(n)
-        # the model runs in a thread: the event loop keeps accepting, decoding and refusing requests
-        return await asyncio.to_thread(self.engine.predict, torch.stack(images), self.settings["top_k"])
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.model_pool, self._predict, torch.stack(images))
 
 
 # ------------------------------------------------------------------------------------ running it
-def _deployment(source: dict, settings: dict, opts):
-    from ray.serve.config import BackpressureConfig
-
-    # a replica must see every request it may queue itself (the batcher collects from them, and the
-    # replica answers the JSON 503); +16: room for probes and /v1/models while its queue is full
-    ongoing = settings["max_queued"] + 2 * settings["max_batch"] + 16
-    return CoraServer.options(
-        num_replicas=opts.replicas,
-        ray_actor_options={"num_cpus": opts.num_cpus, "num_gpus": opts.gpus_per_replica},
-        max_ongoing_requests=ongoing,
-        # the outer bound: requests waiting in Ray's proxy when every replica holds `ongoing` (Ray answers
-        # 503 + Retry-After, plain text). Generous (4x), so that the replica's own JSON 503 is what clients
-        # normally meet: Ray's count was seen to trip at 40 concurrent requests with a bound of 24 + 24
-        max_queued_requests=4 * ongoing * opts.replicas,
-        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
+def deployment_options(settings: ServeSettings) -> dict:
+    """Ray Serve's options for the settings: replicas (fixed or autoscaled), resources, backpressure."""
+    opts = dict(
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.gpus_per_replica},
+        max_ongoing_requests=settings.max_ongoing,  # what one replica holds: the batcher fills from these
+        max_queued_requests=settings.max_queued,  # waiting at each proxy / handle beyond that; then 503
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         graceful_shutdown_wait_loop_s=0.5,  # in-flight requests finish; no need to poll every 2 s
         graceful_shutdown_timeout_s=20,
-    ).bind(source, settings)
+    )
+    if settings.autoscaling:
+        opts["autoscaling_config"] = {
+            "min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
+            "target_ongoing_requests": settings.target_ongoing,
+            "upscale_delay_s": 3.0, "downscale_delay_s": 15.0,  # quicker than Serve's 30 s / 600 s defaults
+        }
+    else:
+        opts["num_replicas"] = settings.replicas
+    return opts
 
 
-def _wait_ready(handle, replicas: int, timeout_s: float, stop: threading.Event) -> bool:
-    """Until every replica says it is warm (through the handle: the router spreads the calls over
-    the replicas, so asking a few times per replica reaches all of them); raises on failure or timeout.
-    False: ``stop`` was set (SIGINT/SIGTERM during start-up)."""
-    deadline = time.monotonic() + timeout_s
-    ready: set[str] = set()
-    while not stop.is_set():
-        answers = [r.result(timeout_s=max(1.0, deadline - time.monotonic()))
-                   for r in [handle.readiness.remote() for _ in range(4 * replicas)]]
-        for a in answers:
-            if a["failure"]:
-                raise RuntimeError(f"replica {a['replica']} could not load the model: {a['failure']}")
-            if a["ready"]:
-                ready.add(a["replica"])
-        if len(ready) >= replicas:
-            return True
+def _deploy(settings: ServeSettings, stop: threading.Event) -> bool:
+    """``serve.run`` in a thread (it blocks until every replica is constructed, or the deployment failed);
+    False: ``stop`` was set first. Raises :class:`ModelLoadError` / ``TimeoutError``."""
+    from ray.serve.schema import LoggingConfig
+
+    result: dict = {}
+
+    def deploy() -> None:
+        try:
+            serve.run(CoraServer.options(**deployment_options(settings)).bind(settings), name=APP_NAME,
+                      route_prefix="/", logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False))
+            result["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - carried to the main thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=deploy, name="cora-deploy", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + settings.ready_timeout
+    while worker.is_alive():
+        if stop.is_set():
+            return False
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(ready)} of {replicas} replicas ready after {timeout_s:.0f} s")
-        time.sleep(0.2)
-    return False
+            raise TimeoutError(f"the replicas were not all up within --ready-timeout {settings.ready_timeout:g} s")
+        worker.join(0.2)
+    if "error" in result:
+        text = str(result["error"])
+        lines = [ln for ln in text.splitlines() if LOAD_FAILURE_MARK in ln]
+        if lines:
+            raise ModelLoadError("could not load the model: " + lines[-1].split(LOAD_FAILURE_MARK, 1)[1].strip())
+        raise RuntimeError(f"Ray Serve could not deploy: {' '.join(text.split())[:500]}")
+    return True
 
 
-def _http_ready(url: str, timeout_s: float) -> None:
-    """Until the proxy routes /readyz (it learns the route a moment after serve.run returns)."""
+def _http_ready(url: str, timeout_s: float, stop: threading.Event) -> None:
+    """Until the proxy routes /readyz to a replica (it learns the route a moment after serve.run returns)."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    while not stop.is_set():
         try:
             with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
                 if r.status == 200:
@@ -292,14 +286,34 @@ def _http_ready(url: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def run(opts) -> int:
-    """Start Ray (local, or join ``opts.address``), deploy, wait until ready, serve until SIGINT/SIGTERM.
-
-    ``opts`` holds the CLI's (already checked) options: ``source`` (dict), ``settings`` (dict, see
-    :class:`CoraServer`), ``host``, ``port``, ``replicas``, ``num_cpus``, ``gpus_per_replica``,
-    ``address``, ``metrics_port``, ``ready_timeout``. Returns the exit status (0 after a clean stop).
-    """
+def _start_ray(settings: ServeSettings) -> None:
     import ray
+
+    init = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False, configure_logging=True)
+    if settings.address:
+        ray.init(address=settings.address, **init)
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray's documented switch; no usage report
+    # a local Ray on loopback only; ray.init has no public argument for the node address or the metrics port
+    # (`ray start` has --node-ip-address / --metrics-export-port); the proxy and controller take 0 CPUs
+    ray.init(num_cpus=max(1, math.ceil(settings.num_cpus * settings.most_replicas)), _node_ip_address="127.0.0.1",
+             _metrics_export_port=settings.metrics_port, **init)
+
+
+def _ready_line(settings: ServeSettings, url: str, t0: float) -> str:
+    metrics = (f"http://127.0.0.1:{settings.metrics_port}/metrics" if not settings.address
+               else "each node's Ray metrics agent (see the cluster's ray start --metrics-export-port)")
+    replicas = (f"{settings.min_replicas}-{settings.max_replicas} replicas (autoscaling)" if settings.autoscaling
+                else f"{settings.replicas} replica(s)")
+    return (f"cora serve: ready at {url} ({settings.source.describe()}, {replicas}, device {settings.device}, "
+            f"max batch {settings.max_batch}, {time.perf_counter() - t0:.1f} s from start to ready; metrics at {metrics})")
+
+
+def run(settings: ServeSettings) -> int:
+    """Start Ray (local on 127.0.0.1, or join ``settings.address``), deploy, serve until SIGINT/SIGTERM.
+
+    Returns 0 after a clean stop; raises :class:`ModelLoadError` when the replicas cannot load the model.
+    """
     from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
 
@@ -307,48 +321,41 @@ def run(opts) -> int:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's INFO lines say nothing the ready line doesn't
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    init = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False, configure_logging=True)
     try:
-        if opts.address:
-            ray.init(address=opts.address, **init)
-        else:
-            # the proxy and controller take 0 CPUs: only the replicas need reserving
-            ray.init(num_cpus=max(1, math.ceil(opts.num_cpus * opts.replicas)), _metrics_export_port=opts.metrics_port,
-                     **init)
+        _start_ray(settings)
         for s in previous:  # ray.init may install its own handlers: ours decide how to stop
             signal.signal(s, lambda *_: stop.set())
-        serve.start(http_options=HTTPOptions(host=opts.host, port=opts.port),
+        serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port),
                     logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False))
-        handle = serve.run(_deployment(opts.source, opts.settings, opts), name=APP_NAME, route_prefix="/",
-                           logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False))
-        if not _wait_ready(handle, opts.replicas, opts.ready_timeout, stop):
+        url = f"http://{settings.host}:{settings.port}"
+        if not _deploy(settings, stop):
             print("cora serve: stopped before it was ready", file=sys.stderr, flush=True)
             return 0  # the finally below shuts down
-        url = f"http://{opts.host}:{opts.port}"
-        _http_ready(url, 60)
-        metrics = (f"http://127.0.0.1:{opts.metrics_port}/metrics" if not opts.address
-                   else "each node's Ray metrics agent (see the cluster's ray start --metrics-export-port)")
-        what = opts.source.get("checkpoint") or f"float {opts.source['float']}"
-        cfg = opts.settings
-        print(f"cora serve: ready at {url} ({what}, {opts.replicas} replica(s), device {cfg['device']}, "
-              f"max batch {cfg['max_batch']}, {time.perf_counter() - t0:.1f} s from start to ready; metrics at {metrics})",
-              flush=True)
+        _http_ready(url, 600, stop)
+        if not stop.is_set():
+            print(_ready_line(settings, url, t0), flush=True)
         while not stop.wait(0.5):
             pass
         print("cora serve: stopping (finishing in-flight requests)", file=sys.stderr, flush=True)
     finally:
-        for s in previous:  # a second Ctrl-C during shutdown must not leave Ray half-stopped
-            signal.signal(s, signal.SIG_IGN)
-        # serve.shutdown lets in-flight requests finish (graceful_shutdown_*); bounded, since it waits
-        # on Ray's control store forever if that is gone (a signal sent to the whole process group)
-        stopper = threading.Thread(target=serve.shutdown, name="cora-serve-shutdown", daemon=True)
-        if ray.is_initialized():  # (ray.init itself may have failed)
-            stopper.start()
-            stopper.join(SHUTDOWN_TIMEOUT_S)
-        if stopper.is_alive():
-            print(f"cora: warning: Ray Serve did not stop within {SHUTDOWN_TIMEOUT_S} s; stopping Ray",
-                  file=sys.stderr, flush=True)
-        ray.shutdown()
-        for s, h in previous.items():
-            signal.signal(s, h)
+        _shutdown(previous)
     return 0
+
+
+def _shutdown(previous: dict) -> None:
+    import ray
+
+    for s in previous:  # a second Ctrl-C during shutdown must not leave Ray half-stopped
+        signal.signal(s, signal.SIG_IGN)
+    # serve.shutdown lets in-flight requests finish (graceful_shutdown_*); bounded, since it waits
+    # on Ray's control store forever if that is gone (a signal sent to the whole process group)
+    stopper = threading.Thread(target=serve.shutdown, name="cora-serve-shutdown", daemon=True)
+    if ray.is_initialized():  # (ray.init itself may have failed)
+        stopper.start()
+        stopper.join(SHUTDOWN_TIMEOUT_S)
+    if stopper.is_alive():
+        print(f"cora: warning: Ray Serve did not stop within {SHUTDOWN_TIMEOUT_S} s; stopping Ray",
+              file=sys.stderr, flush=True)
+    ray.shutdown()
+    for s, h in previous.items():
+        signal.signal(s, h)

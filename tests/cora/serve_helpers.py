@@ -1,5 +1,5 @@
 """What the serving tests share: a small checkpoint made fast, encoded images, a standard-library
-HTTP client and a ``cora serve`` subprocess with bounded waits."""
+HTTP client, a ``cora serve`` subprocess with bounded waits, and a closed-loop load that stops by itself."""
 from __future__ import annotations
 
 import io
@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,96 @@ class Server:
             except ProcessLookupError:
                 pass
             self.proc.wait(30)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``condition()`` until it returns something truthy (returned); AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+
+
+def replica_info(url: str, timeout: float = 10.0) -> dict | None:
+    """``/v1/models``' ``stats.replica`` (``pid``, ``actor_id``, ``node_id``) of whichever replica answered."""
+    import json
+
+    try:
+        status, _, body = request(url + "/v1/models", timeout=timeout)
+    except OSError:
+        return None
+    return json.loads(body)["stats"]["replica"] if status == 200 else None
+
+
+def replica_pids(url: str, want: int, timeout: float = 120.0) -> set[int]:
+    """Ask ``/v1/models`` until ``want`` different replica processes have answered."""
+    seen: set[int] = set()
+
+    def enough():
+        info = replica_info(url)
+        if info is not None:
+            seen.add(info["pid"])
+        return len(seen) >= want
+
+    wait_for(enough, timeout, f"{want} replicas answering /v1/models (seen {seen})", interval=0.05)
+    return seen
+
+
+@dataclass
+class Outcome:
+    """One request of a :class:`ClosedLoop`: monotonic start / end, HTTP status (None: connection error or
+    timeout) and the error text."""
+
+    start: float
+    end: float
+    status: int | None
+    error: str = ""
+
+
+@dataclass
+class ClosedLoop:
+    """``clients`` threads, each posting ``body`` again as soon as its last answer came, until :meth:`stop`
+    or ``max_seconds``; each request times out after ``timeout`` s, so every thread ends by itself."""
+
+    url: str
+    body: bytes
+    clients: int = 4
+    timeout: float = 30.0
+    max_seconds: float = 300.0
+    outcomes: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + self.max_seconds
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            t0 = time.monotonic()
+            try:
+                status, _, _ = request(self.url + "/v1/classify", self.body, "image/png", timeout=self.timeout)
+                out = Outcome(t0, time.monotonic(), status)
+            except OSError as exc:
+                out = Outcome(t0, time.monotonic(), None, f"{type(exc).__name__}: {exc}")
+                time.sleep(0.05)  # a refused connection returns at once: do not spin
+            with self._lock:
+                self.outcomes.append(out)
+
+    def snapshot(self) -> list:
+        with self._lock:
+            return list(self.outcomes)
+
+    def stop(self) -> list:
+        """Stop the clients and wait for them (each ends within its request timeout); all outcomes."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 10)
+        assert not any(t.is_alive() for t in self._threads), "a client thread did not end after its timeout"
+        return self.snapshot()

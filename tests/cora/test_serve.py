@@ -1,11 +1,11 @@
 """``cora serve`` end to end: a real server (Ray Serve on this machine's CPU), real HTTP, standard-library
-clients. Two servers: the main one (batching, accuracy, refusals, metrics, SIGTERM) and a small one
-(warm-up delayed through CORA_SERVE_WARMUP_DELAY, a tiny queue: readiness and overload)."""
+clients. The main server comes from a fixture that starts it again whenever a test left it dead or not
+answering, so any order or subset of these tests passes; the overload test starts its own small server.
+Faults (replica killed, SIGTERM under load, a failed load) are in test_serve_faults.py."""
 import base64
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,14 +14,17 @@ import torch
 
 import cora
 from cora.experiments.data import NpzImageDataset, load_npz
-from tests.cora.serve_helpers import ROOT, Server, jpeg, make_checkpoint, png, png_header_only, request
+from tests.cora.serve_helpers import ROOT, Server, jpeg, make_checkpoint, png, png_header_only, request, wait_for
 
-# the real-server tests are slow: each Ray Serve start-up takes 20-30 s on the 2-core CPU machine
+# the real-server tests are slow: each Ray Serve start-up takes 15-30 s on the 2-core CPU machine
 slow = pytest.mark.slow
 
 N_IMAGES = 100
-CUSTOM_METRICS = ("ray_cora_requests_total", "ray_cora_request_latency_seconds", "ray_cora_batch_size",
-                  "ray_cora_queue_depth")
+CUSTOM_METRICS = ("ray_cora_images_total", "ray_cora_decode_seconds")
+# Ray Serve's own, which cora's docs point to for requests, latency and batch size
+RAY_METRICS = ("ray_serve_num_http_requests", "ray_serve_http_request_latency_ms", "ray_serve_batch_size")
+MAIN_ARGS = ["--device", "cpu", "--num-cpus", "1", "--max-batch", "8", "--batch-wait-ms", "20", "--max-images", "4",
+             "--max-body-bytes", "50000", "--max-pixels", "1000000", "--max-request-pixels", "1000000"]
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +39,31 @@ def cifar():
 
 
 @pytest.fixture(scope="module")
-def server(ckpt):
-    srv = Server([str(ckpt), "--device", "cpu", "--num-cpus", "1", "--max-batch", "8", "--batch-wait-ms", "20",
-                  "--max-queued", "64", "--max-images", "4", "--max-body-bytes", "50000", "--max-pixels", "1000000"])
+def _main_server(ckpt):
+    holder: dict = {}
+    yield holder
+    if holder.get("srv") is not None:
+        holder["srv"].kill()
+
+
+def _answers(srv) -> bool:
     try:
+        return srv.proc.poll() is None and request(srv.url + "/readyz", timeout=10)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def server(_main_server, ckpt):
+    """The main server, started again if an earlier test left it dead or not ready."""
+    srv = _main_server.get("srv")
+    if srv is None or not _answers(srv):
+        if srv is not None:
+            srv.kill()
+        srv = Server([str(ckpt), *MAIN_ARGS])
+        _main_server["srv"] = srv
         srv.wait_ready()
-        yield srv
-    finally:
-        srv.kill()
+    return srv
 
 
 def _offline_top1(ckpt, images: np.ndarray) -> list[int]:
@@ -78,6 +98,7 @@ def test_ready_line_and_probes(server):
     info = json.loads(body)["models"][0]
     assert status == 200 and info["architecture"] == "cifar_resnet20" and info["bits"] == 4
     assert info["checkpoint_sha256"] == cora.checkpoint.read_metadata(server.proc.args[4])["cora_sha256"]
+    assert json.loads(request(server.url + "/readyz")[2]) == {"status": "ready"}  # from Serve's application status
     assert info["batch_buckets"] == [1, 2, 4, 8] and info["device"] == "cpu" and info["accuracy"] is None
 
 
@@ -126,6 +147,9 @@ def test_bad_requests_fail_alone(server, cifar):
         (json.dumps({"images": [b64] * 5}).encode(), "application/json", 413),
         (b"\x89PNG" + bytes(60_000), "image/png", 413),
         (png_header_only(2000, 2000), "image/png", 413),
+        # each image under --max-pixels, together over --max-request-pixels: refused before any decoding
+        (json.dumps({"images": [base64.b64encode(png_header_only(600, 600)).decode()] * 3}).encode(),
+         "application/json", 413),
         (b'{"images": ["%%% not base64"]}', "application/json", 400),
         (b'{"images": [', "application/json", 400),
         (b'{"pictures": []}', "application/json", 400),
@@ -144,74 +168,39 @@ def test_bad_requests_fail_alone(server, cifar):
 
 
 @slow
-def test_metrics_show_the_custom_metrics(server):
+def test_metrics_show_the_custom_and_rays_metrics(server, cifar):
+    images, _ = cifar
+    assert _classify(server, png(images[0]), "image/png")[0] == 200
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:  # Ray's agent exports every few seconds
+    wanted = CUSTOM_METRICS + RAY_METRICS
+
+    def exported():  # Ray's agent exports every few seconds
         try:
             text = request(url, timeout=5)[2].decode()
         except OSError:
-            text = ""
-        if all(name in text for name in CUSTOM_METRICS):
-            break
-        time.sleep(1)
-    missing = [name for name in CUSTOM_METRICS if name not in text]
-    assert not missing, f"not exported within 60 s: {missing}"
-    assert 'status="200"' in text and "ray_serve_" in text  # by status; and Ray Serve's own metrics
+            return None
+        return text if all(name in text for name in wanted) else None
+
+    text = wait_for(exported, 90, f"all of {wanted} at {url}", interval=1)
+    assert "ray_cora_requests_total" not in text  # Ray counts requests itself (ray_serve_num_http_requests)
 
 
 @slow
-def test_sigterm_stops_cleanly(server):
-    # last test on this server (tests run in file order)
-    rc, seconds = server.stop(timeout=90)
-    assert rc == 0, "\n".join(server.stderr[-20:])
-    assert seconds < 60
-    print(f"\n{server.ready_line}\nstopped {seconds:.1f} s after SIGTERM")
-
-
-@slow
-def test_readiness_and_overload(ckpt, cifar):
+def test_overload_is_refused_by_serve_with_503(ckpt, cifar):
     images, _ = cifar
+    # a replica holds 2 requests, its proxy queues 2 more: 40 at once must meet Serve's 503
     srv = Server([str(ckpt), "--device", "cpu", "--num-cpus", "1", "--max-batch", "2", "--batch-wait-ms", "300",
-                  "--max-queued", "4", "--max-images", "4"], env={"CORA_SERVE_WARMUP_DELAY": "8"})
+                  "--max-ongoing", "2", "--max-queued", "2"])
     try:
-        # (d) before warm-up ends: /readyz 503 (JSON, Retry-After), /healthz 200; then 200
-        seen_503, refused, deadline = False, 0, time.monotonic() + 150
-        while time.monotonic() < deadline:
-            try:
-                status, headers, body = request(srv.url + "/readyz", timeout=5)
-            except OSError:  # the proxy is not listening yet
-                status = None
-            if status == 503 and body.startswith(b"{"):
-                _json_error(status, headers, json.loads(body), 503)
-                assert headers.get("Retry-After")
-                assert request(srv.url + "/healthz", timeout=5)[0] == 200
-                c_status, c_headers, c_doc = _classify(srv, png(images[0]), "image/png", timeout=10)
-                if c_status == 503:  # (200: the warm-up ended between the two requests)
-                    _json_error(c_status, c_headers, c_doc, 503)
-                    refused += 1
-                seen_503 = True
-            if status == 200:
-                break
-            assert srv.proc.poll() is None, "\n".join(srv.stderr[-20:])
-            time.sleep(0.2)
-        assert seen_503 and refused > 0 and status == 200
-        srv.wait_ready(timeout=60)
-        # (c) far more concurrent requests than --max-queued 4 allows: some 503 + Retry-After, no hang
+        srv.wait_ready()
         with ThreadPoolExecutor(40) as pool:
-            answers = list(pool.map(lambda a: _classify(srv, png(a), "image/png", timeout=30), list(images[:40])))
+            answers = list(pool.map(lambda a: _classify(srv, png(a), "image/png", timeout=60), list(images[:40])))
         statuses = [a[0] for a in answers]
         assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) > 0, statuses
-        for status, headers, doc in answers:
-            if status == 503:
-                assert int(headers["Retry-After"]) >= 1
-                if not isinstance(doc, str):  # the replica's refusal (Ray's outer bound answers in plain text)
-                    _json_error(status, headers, doc, 503)
-        assert any(isinstance(doc, dict) and status == 503 for status, _, doc in answers), answers  # the replica's bound
+        assert all("backpressure" in doc for status, _, doc in answers if status == 503), answers
         assert request(srv.url + "/healthz", timeout=10)[0] == 200
         assert _classify(srv, png(images[0]), "image/png", timeout=30)[0] == 200
-        rc, seconds = srv.stop(timeout=90)
-        assert rc == 0 and seconds < 60
+        assert srv.stop(timeout=90)[0] == 0
     finally:
         srv.kill()
 
@@ -236,13 +225,18 @@ def test_cli_refuses_bad_serve_arguments_before_starting_ray(ckpt, tmp_path):
         ["serve"],
         ["serve", str(ckpt), "--float", "cifar_resnet20"],
         ["serve", str(ckpt), "--top-k", "11"],
-        ["serve", str(ckpt), "--max-images", "9", "--max-queued", "8"],
+        ["serve", str(ckpt), "--max-batch", "16", "--max-ongoing", "8"],
+        ["serve", str(ckpt), "--min-replicas", "1", "--max-replicas", "2"],
+        ["serve", str(ckpt), "--min-replicas", "2", "--max-replicas", "1", "--target-ongoing", "2"],
+        ["serve", str(ckpt), "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing", "500"],
+        ["serve", str(ckpt), "--replicas", "2", "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing", "2"],
+        ["serve", str(ckpt), "--max-pixels", "1000", "--max-request-pixels", "999"],
+        ["serve", str(ckpt), "--max-pixels", str(2 ** 40)],
         ["serve", str(ckpt), "--deploy-weights", "int4"],
         ["serve", "--float", "cifar_resnet20", "--deploy-weights", "packed"],
     ]
     if not torch.cuda.is_available():
         cases.append(["serve", str(ckpt), "--device", "cuda"])
-    t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     result = json.loads(p.stdout.strip().splitlines()[-1])
@@ -250,7 +244,6 @@ def test_cli_refuses_bad_serve_arguments_before_starting_ray(ckpt, tmp_path):
     assert result["codes"] == [2] * len(cases), p.stderr
     assert len(errors) == len(cases) and all(e.startswith("cora: error: ") for e in errors), errors
     assert result["ray"] is False  # every refusal came before Ray was imported, let alone started
-    assert time.monotonic() - t0 < 60
 
 
 def test_port_in_use_is_refused(ckpt):
