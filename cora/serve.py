@@ -263,12 +263,21 @@ def _deploy(settings: ServeSettings, stop: threading.Event) -> bool:
             raise TimeoutError(f"the replicas were not all up within --ready-timeout {settings.ready_timeout:g} s")
         worker.join(0.2)
     if "error" in result:
-        text = str(result["error"])
+        text = "\n".join([str(result["error"]), *_deployment_messages()])
         lines = [ln for ln in text.splitlines() if LOAD_FAILURE_MARK in ln]
         if lines:
             raise ModelLoadError("could not load the model: " + lines[-1].split(LOAD_FAILURE_MARK, 1)[1].strip())
         raise RuntimeError(f"Ray Serve could not deploy: {' '.join(text.split())[:500]}")
     return True
+
+
+def _deployment_messages() -> list[str]:
+    """Serve's status messages of this application's deployments (a failed constructor's traceback is there)."""
+    try:
+        found = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001 - only used to word an error better
+        return []
+    return [] if found is None else [d.message for d in found.deployments.values() if d.message]
 
 
 def _http_ready(url: str, timeout_s: float, stop: threading.Event) -> None:

@@ -22,7 +22,7 @@ slow = pytest.mark.slow
 N_IMAGES = 100
 CUSTOM_METRICS = ("ray_cora_images_total", "ray_cora_decode_seconds")
 # Ray Serve's own, which cora's docs point to for requests, latency and batch size
-RAY_METRICS = ("ray_serve_num_http_requests", "ray_serve_http_request_latency_ms", "ray_serve_batch_size")
+RAY_METRICS = ("ray_serve_num_http_requests", "ray_serve_http_request_latency_ms", "ray_serve_actual_batch_size")
 MAIN_ARGS = ["--device", "cpu", "--num-cpus", "1", "--max-batch", "8", "--batch-wait-ms", "20", "--max-images", "4",
              "--max-body-bytes", "50000", "--max-pixels", "1000000", "--max-request-pixels", "1000000"]
 
@@ -172,16 +172,20 @@ def test_metrics_show_the_custom_and_rays_metrics(server, cifar):
     images, _ = cifar
     assert _classify(server, png(images[0]), "image/png")[0] == 200
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    wanted = CUSTOM_METRICS + RAY_METRICS
+    wanted, last = CUSTOM_METRICS + RAY_METRICS, {"missing": None}
 
     def exported():  # Ray's agent exports every few seconds
         try:
             text = request(url, timeout=5)[2].decode()
         except OSError:
             return None
-        return text if all(name in text for name in wanted) else None
+        last["missing"] = [name for name in wanted if name not in text]
+        return None if last["missing"] else text
 
-    text = wait_for(exported, 90, f"all of {wanted} at {url}", interval=1)
+    try:
+        text = wait_for(exported, 90, f"all of {wanted} at {url}", interval=1)
+    except AssertionError:
+        raise AssertionError(f"not exported within 90 s: {last['missing']}") from None
     assert "ray_cora_requests_total" not in text  # Ray counts requests itself (ray_serve_num_http_requests)
 
 
