@@ -286,6 +286,8 @@ def _add_serve_parser(sub) -> None:
                         "max_queued_requests; default 64)")
     s.add_argument("--address", default=None,
                    help="join a running Ray cluster (e.g. auto, or HOST:6379 of 'ray start --head') instead of starting one")
+    s.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
+                   help="where Ray Serve runs HTTP proxies: every node with a replica (default) or the head node only")
     s.add_argument("--top-k", type=_positive_int, default=5, help="classes per prediction (default 5, at most the class count)")
     s.add_argument("--metrics-port", type=_port, default=8001,
                    help="port of Ray's Prometheus metrics export, local Ray only (default 8001)")
@@ -508,12 +510,14 @@ def _eval(args) -> tuple[dict, None]:
 
 
 def _serve(args) -> tuple[dict, None]:
-    from .serve_settings import settings_from_args
+    from .serve_settings import ray_environment, settings_from_args
 
     if args.replicas is not None and args.min_replicas is not None:
         raise _CliError("--replicas is a fixed count; autoscaling uses --min-replicas/--max-replicas instead")
     args.replicas = args.replicas or 1
     settings = settings_from_args(args, resolve_device)  # every check, before Ray is imported
+    for name, value in ray_environment(settings).items():  # read by Ray when it is imported
+        os.environ.setdefault(name, value)
     try:
         from .serve import run
     except ImportError as exc:

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .inference import InferenceEngine
 from .payloads import PayloadError, decode_image, decode_request, preprocess
-from .serve_settings import ServeSettings
+from .serve_settings import ServeSettings, ray_environment
 
 __all__ = ["CoraServer", "run", "APP_NAME", "BROKEN_AFTER", "ModelLoadError", "load_engine"]
 
@@ -302,10 +302,11 @@ def _start_ray(settings: ServeSettings) -> None:
     if settings.address:
         ray.init(address=settings.address, **init)
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray's documented switch; no usage report
-    # a local Ray on loopback only; ray.init has no public argument for the node address or the metrics port
-    # (`ray start` has --node-ip-address / --metrics-export-port); the proxy and controller take 0 CPUs
-    ray.init(num_cpus=max(1, math.ceil(settings.num_cpus * settings.most_replicas)), _node_ip_address="127.0.0.1",
+    # the node's address (127.0.0.1) and usage statistics: see serve_settings.ray_environment, applied before
+    # Ray is imported; ray.init has no public argument for the metrics port (`ray start` has --metrics-export-port)
+    for name, value in ray_environment(settings).items():
+        os.environ.setdefault(name, value)
+    ray.init(num_cpus=max(1, math.ceil(settings.num_cpus * settings.most_replicas)),
              _metrics_export_port=settings.metrics_port, **init)
 
 
@@ -334,7 +335,7 @@ def run(settings: ServeSettings) -> int:
         _start_ray(settings)
         for s in previous:  # ray.init may install its own handlers: ours decide how to stop
             signal.signal(s, lambda *_: stop.set())
-        serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port),
+        serve.start(proxy_location=settings.proxy_location, http_options=HTTPOptions(host=settings.host, port=settings.port),
                     logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False))
         url = f"http://{settings.host}:{settings.port}"
         if not _deploy(settings, stop):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .payloads import Limits, limits_for
 
-__all__ = ["ServeSettings", "ModelSource", "ServeSettingsError", "settings_from_args", "check_port_free"]
+__all__ = ["ServeSettings", "ModelSource", "ServeSettingsError", "settings_from_args", "check_port_free",
+           "ray_environment"]
 
 
 class ServeSettingsError(ValueError):
@@ -54,7 +55,7 @@ class ServeSettings:
     Backpressure (Ray Serve's): ``max_ongoing`` requests a replica holds at once, ``max_queued`` requests
     waiting at each Ray proxy / handle beyond that (then 503). ``limits``: one request's images and pixels.
     Ray: ``host``, ``port``, ``metrics_port`` (local Ray only), ``address`` (join a cluster),
-    ``ready_timeout`` seconds.
+    ``proxy_location`` (Serve's: ``EveryNode`` with a replica, or ``HeadOnly``), ``ready_timeout`` seconds.
     """
 
     source: ModelSource
@@ -80,6 +81,7 @@ class ServeSettings:
     port: int = 8000
     metrics_port: int = 8001
     address: str | None = None
+    proxy_location: str = "EveryNode"
     ready_timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -103,6 +105,8 @@ class ServeSettings:
             raise ServeSettingsError(f"--max-ongoing {self.max_ongoing} is below --max-batch {self.max_batch}: "
                                      f"a batch could never fill up")
         self._check_autoscaling()
+        if self.proxy_location not in ("EveryNode", "HeadOnly"):
+            raise ServeSettingsError(f"proxy location must be EveryNode or HeadOnly, got {self.proxy_location!r}")
         if self.address is None and self.metrics_port == self.port:
             raise ServeSettingsError(f"--metrics-port and --port are both {self.port}")
         from PIL import Image
@@ -133,6 +137,23 @@ class ServeSettings:
     def most_replicas(self) -> int:
         """The largest replica count this deployment may reach (for reserving CPUs)."""
         return self.max_replicas if self.autoscaling else self.replicas
+
+
+def ray_environment(settings: ServeSettings) -> dict:
+    """Environment variables Ray must see before it is imported, for these settings.
+
+    A local Ray (or a cluster reached on a loopback address) runs on 127.0.0.1: Ray's own switch
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes it take the loopback address as the node's (Ray resolves
+    ``127.0.0.1`` given to ``ray.init`` to the machine's address otherwise). A local Ray reports no usage
+    statistics (``RAY_USAGE_STATS_ENABLED=0``). Values already in the environment win.
+    """
+    env = {}
+    host = (settings.address or "").rsplit(":", 1)[0].strip("[]")
+    if settings.address is None or host in ("127.0.0.1", "localhost", "::1"):
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if settings.address is None:
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
 
 
 def _positive(obj, *names: str) -> None:
@@ -220,7 +241,7 @@ def settings_from_args(args, resolve_device) -> ServeSettings:
         gpus_per_replica=gpus, num_threads=max(1, int(args.num_cpus)), decode_threads=args.decode_threads,
         max_ongoing=args.max_ongoing or 2 * args.max_batch, max_queued=args.max_queued, limits=limits,
         host=args.host, port=args.port, metrics_port=args.metrics_port, address=args.address,
-        ready_timeout=args.ready_timeout)
+        proxy_location=args.proxy_location, ready_timeout=args.ready_timeout)
     check_port_free(settings.host, settings.port, "--port")
     if settings.address is None:
         check_port_free("127.0.0.1", settings.metrics_port, "--metrics-port")
