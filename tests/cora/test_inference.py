@@ -136,7 +136,7 @@ def test_cli_deploy_weights(ckpt, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "cora.serve", types.SimpleNamespace(run=runs.append))
     base = ["serve", str(ckpt), "--device", "cpu", "--port", str(_free_port()), "--metrics-port", str(_free_port())]
     assert main(base) == 0 and main(base + ["--deploy-weights", "packed"]) == 0
-    assert [r.settings["deploy_weights"] for r in runs] == ["auto", "packed"]
+    assert [r.deploy_weights for r in runs] == ["auto", "packed"]  # the ServeSettings record run() gets
     assert main(base + ["--deploy-weights", "int4"]) == 2
     assert "--deploy-weights" in capsys.readouterr().err
     assert main(["serve", "--float", "cifar_resnet20", "--deploy-weights", "dense", "--device", "cpu"]) == 2
