@@ -231,7 +231,8 @@ def deployment_options(settings: ServeSettings) -> dict:
         opts["autoscaling_config"] = {
             "min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
             "target_ongoing_requests": settings.target_ongoing,
-            "upscale_delay_s": 3.0, "downscale_delay_s": 15.0,  # quicker than Serve's 30 s / 600 s defaults
+            # quicker than Serve's defaults (30 s look-back, 30 s up, 600 s down): a step in load shows in seconds
+            "look_back_period_s": 10.0, "upscale_delay_s": 3.0, "downscale_delay_s": 15.0,
         }
     else:
         opts["num_replicas"] = settings.replicas
