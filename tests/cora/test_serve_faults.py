@@ -40,7 +40,10 @@ def _report(name: str, outcomes: list, t_fault: float, extra: str = "") -> None:
     failed = [o for o in outcomes if o.status != 200]
     ok_after = [o.end for o in outcomes if o.status == 200 and o.start >= t_fault]
     again = f"{min(ok_after) - t_fault:.1f} s" if ok_after else "never"
-    print(f"\n{name}: {len(outcomes)} requests, {len(failed)} failed "
+    in_flight = sum(o.start < t_fault < o.end for o in outcomes)
+    late = sum(o.start >= t_fault for o in failed)
+    print(f"\n{name}: {len(outcomes)} requests, {in_flight} in flight at the fault, {len(failed)} failed "
+          f"({late} of them sent after it) "
           f"({sorted({o.status or o.error.split(':')[0] for o in failed}, key=str)}), first answer started after "
           f"the fault came {again} after it{extra}; load average {os.getloadavg()[0]:.2f}")
 
