@@ -342,7 +342,7 @@ def run(settings: ServeSettings) -> int:
         if not _deploy(settings, stop):
             print("cora serve: stopped before it was ready", file=sys.stderr, flush=True)
             return 0  # the finally below shuts down
-        _http_ready(url, 600, stop)
+        _http_ready(url, settings.ready_timeout, stop)
         if not stop.is_set():
             print(_ready_line(settings, url, t0), flush=True)
         while not stop.wait(0.5):
