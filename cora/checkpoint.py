@@ -7,7 +7,7 @@ statistics, the float layers), and string metadata:
 
 * ``cora_format`` (``"cora-checkpoint"``), ``cora_format_version`` (``"2"``),
   ``module_format_version`` and ``pack_format_version``: what the file is and which layouts it uses;
-* ``architecture``: JSON ``{"name": ..., "kwargs": {...}}`` from which :func:`cora.experiments.models.build_model`
+* ``architecture``: JSON ``{"name": ..., "kwargs": {...}}`` from which :func:`cora.zoo.build_model`
   rebuilds the float skeleton (CIFAR ResNets, torchvision models), or ``null`` when the caller must
   pass the model;
 * ``layers``: JSON, for each quantized layer, its type and constructor arguments (geometry, bits,
@@ -19,7 +19,7 @@ statistics, the float layers), and string metadata:
 * ``config`` and ``report``: the conversion settings and results (``report`` becomes ``cora_report``);
 * ``preprocessing``: JSON ``{"image_size", "resize_size", "mean", "std", "class_names"}``, how an
   encoded image becomes the model's input (what ``cora serve`` needs; see
-  :func:`cora.experiments.models.preprocessing_for`), or ``null``; becomes ``cora_preprocessing``
+  :func:`cora.zoo.preprocessing_for`), or ``null``; becomes ``cora_preprocessing``
   (files written before it existed read as ``null``);
 * ``evaluation``: JSON, the accuracy measured when the model was quantized (``{"acc": ...,
   "eval_split": ..., "eval_images": ..., ...}``: numbers, strings or null), or ``null``; becomes
@@ -338,7 +338,7 @@ def _load_into(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], m
 
 
 def _build_architecture(arch: dict) -> nn.Module:
-    from .experiments.models import build_model
+    from .zoo import build_model
 
     try:
         with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
@@ -614,10 +614,10 @@ def _json(what: str, value) -> str:
 
 def _preprocessing(model: nn.Module, given, arch) -> dict | None:
     """The preprocessing record to write: ``given``, else ``model.cora_preprocessing``, else the
-    recorded architecture's own (:func:`cora.experiments.models.preprocessing_for`), else None."""
+    recorded architecture's own (:func:`cora.zoo.preprocessing_for`), else None."""
     pre = given if given is not None else getattr(model, "cora_preprocessing", None)
     if pre is None and arch is not None:
-        from .experiments.models import preprocessing_for
+        from .zoo import preprocessing_for
 
         try:
             pre = preprocessing_for(arch["name"], arch.get("kwargs"))
@@ -645,7 +645,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, architecture: dict | None
          preprocessing: dict | None = None, evaluation: dict | None = None) -> Path:
     """Write ``model`` (converted by :func:`cora.convert`) to ``path`` as safetensors + metadata.
 
-    ``architecture``: ``{"name": "cifar_resnet20"}`` (or any :func:`cora.experiments.models.build_model` name, with
+    ``architecture``: ``{"name": "cifar_resnet20"}`` (or any :func:`cora.zoo.build_model` name, with
     optional ``"kwargs"``) so that :func:`load` can rebuild the model alone; defaults to
     ``model.cora_architecture`` if set. ``preprocessing``: how an encoded image becomes the model's
     input (see :func:`preprocessing_problem`); defaults to ``model.cora_preprocessing``, then to the

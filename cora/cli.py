@@ -486,7 +486,7 @@ def _eval(args) -> tuple[dict, None]:
         model = load_float_model(name, args.weights, args.shared)
     else:
         from .checkpoint import load
-        from .experiments.models import build_model
+        from .zoo import build_model
 
         model = load(args.checkpoint) if recorded else load(args.checkpoint, build_model(name, weights=False))
     acc = evaluate(model.to(device), ds, device=device)
@@ -518,8 +518,7 @@ def _serve_source(args) -> tuple[dict, dict]:
     if (args.checkpoint is None) == (args.float_model is None):
         raise _CliError("serve needs a CHECKPOINT or --float MODEL (one of them)")
     if args.checkpoint is None:
-        from .experiments.models import preprocessing_for
-        from .experiments.pipeline import load_float_model
+        from .zoo import load_float_model, preprocessing_for
 
         load_float_model(args.float_model, args.weights, args.shared)  # name, weights and shared folder, once
         shared = str(Path(args.shared).resolve()) if args.shared else None

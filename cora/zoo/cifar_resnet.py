@@ -6,7 +6,7 @@ their ``module.`` prefix is stripped: ``conv1``, ``bn1``, ``layer1``..``layer3``
 ``nn.Sequential`` of :class:`CifarBasicBlock`) and ``linear``.
 
 Layout: inputs are float32 NCHW ``[N, 3, 32, 32]``, normalised with the ImageNet mean/std on
-[0, 1] RGB (see :func:`cora.experiments.models.model_input_spec`); outputs are logits ``[N, num_classes]``.
+[0, 1] RGB (see :func:`cora.zoo.model_input_spec`); outputs are logits ``[N, num_classes]``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model zoo: the CIFAR ResNet family and the CIFAR ShuffleNetV2 x0.5 (pretrained checkpoints from
+"""The model registry: names -> builders, input specs and preprocessing records. The CIFAR ResNet family and the CIFAR ShuffleNetV2 x0.5 (pretrained checkpoints from
 the shared folder) and torchvision's classification models (random weights or a local state-dict
 file; nothing is ever downloaded).
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cora.experiments import paths
-from cora.experiments.cifar_resnet import (
+from .paths import find_file, find_glob
+from .cifar_resnet import (
     CifarBasicBlock,
     CifarResNet,
     OptionAShortcut,
@@ -37,6 +37,7 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "build_model",
+    "load_float_model",
     "model_input_spec",
     "preprocessing_for",
     "CIFAR10_CLASSES",
@@ -135,7 +136,7 @@ def build_model(
         builder, pattern = _CIFAR_ZOO[name][:2]
         model = _construct(name, lambda: builder(**kwargs), kwargs)
         if weights is not False:
-            path = paths.find_glob(pattern, shared) if weights in (None, True) else paths.find_file(weights, shared)
+            path = find_glob(pattern, shared) if weights in (None, True) else find_file(weights, shared)
             _load_checked(model, read_state_dict(path), f"{path} does not fit {name}{_fmt_kwargs(kwargs)}")
         return model.eval()
     depth = _cifar_depth(name)
@@ -150,11 +151,19 @@ def build_model(
 
     model = _construct(name, lambda: tvm.get_model(name, weights=None, **kwargs), kwargs)
     if weights not in (None, False, True):
-        path = paths.find_file(weights, shared)
+        path = find_file(weights, shared)
         _load_checked(model, read_state_dict(path), f"{path} does not fit {name}{_fmt_kwargs(kwargs)}")
     elif pretrained_torchvision or weights is True:
         state = _cached_torchvision_state(name)
         _load_checked(model, state, f"torchvision's pretrained weights do not fit {name}{_fmt_kwargs(kwargs)}")
+    return model.eval()
+
+
+def load_float_model(name: str, weights=None, shared=None) -> nn.Module:
+    """The float model by name (:func:`build_model`), in eval mode, tagged with ``cora_architecture =
+    {"name": name}`` so that :func:`cora.save` records how to rebuild it."""
+    model = build_model(name, weights=weights, shared=shared)
+    model.cora_architecture = {"name": name}
     return model.eval()
 
 
@@ -312,16 +321,16 @@ def load_cifar_resnet(
 
     ``weights`` is a checkpoint path; by default ``models/resnet{depth}-*.th`` is looked up
     in the shared folder (``shared``, ``CORA_SHARED`` or ``../shared``, see
-    :mod:`cora.experiments.paths`). The load is strict. Raises ``FileNotFoundError`` (naming every place
+    :mod:`cora.zoo.paths`). The load is strict. Raises ``FileNotFoundError`` (naming every place
     looked at), or ``ValueError`` for a file that is not a checkpoint or does not fit the depth
     (one line: the blocks per stage it has, how many keys are missing / unexpected and the first few,
     shape mismatches).
     """
     model = _construct(f"cifar_resnet{depth}", lambda: cifar_resnet(depth, **kwargs), kwargs)
     if weights is None:
-        path = paths.find_glob(f"models/resnet{depth}-*.th", shared)
+        path = find_glob(f"models/resnet{depth}-*.th", shared)
     else:
-        path = paths.find_file(weights, shared)
+        path = find_file(weights, shared)
     state = read_state_dict(path)
     head = f"{path} does not fit cifar_resnet{depth}{_fmt_kwargs(kwargs)}"
     got = _checkpoint_blocks(state)
