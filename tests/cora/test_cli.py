@@ -509,7 +509,7 @@ def test_tuning_options_reach_the_config():
 
     parse = lambda *extra: _config(build_parser().parse_args(["quantize", "cifar_resnet20", *extra]))  # noqa: E731
     default = parse()
-    assert default.tune.norms is True and default.tune.lr == 1e-3
+    assert default.tune.norms is True and default.tune.lr is None  # None: the tuning loss's own rate
     changed = parse("--tune-lr", "0.004", "--no-tune-norms")
     assert changed.tune.norms is False and changed.tune.lr == 0.004
     assert default.grouped_bits is None and parse("--grouped-bits", "8").grouped_bits == 8
