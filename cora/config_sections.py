@@ -16,7 +16,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from cora_kernels.packing import SUPPORTED_BITS
+from cora_kernels.packing import SUPPORTED_BITS  # noqa: F401  (one source of the widths; cora.config re-exports it)
 
 METHODS = ("auto", "search", "uniform", "none")
 DEPRECATED_METHODS = {"cora": "search", "heuristic": "uniform", "rtn": "none"}

@@ -1,6 +1,5 @@
 """Moved to :mod:`cora.zoo.cifar_resnet` (core, not harness); this name is the same module, kept for old imports."""
+import importlib
 import sys
 
-from cora.zoo import cifar_resnet as _moved
-
-sys.modules[__name__] = _moved
+sys.modules[__name__] = importlib.import_module("cora.zoo.cifar_resnet")

@@ -1,6 +1,5 @@
 """Moved to :mod:`cora.zoo.paths` (core, not harness); this name is the same module, kept for old imports."""
+import importlib
 import sys
 
-from cora.zoo import paths as _moved
-
-sys.modules[__name__] = _moved
+sys.modules[__name__] = importlib.import_module("cora.zoo.paths")

@@ -1,6 +1,8 @@
-"""The model registry: names -> builders, input specs and preprocessing records. The CIFAR ResNet family and the CIFAR ShuffleNetV2 x0.5 (pretrained checkpoints from
-the shared folder) and torchvision's classification models (random weights or a local state-dict
-file; nothing is ever downloaded).
+"""The model registry: names -> builders, input specs and preprocessing records.
+
+The CIFAR ResNet family and the CIFAR ShuffleNetV2 x0.5 (pretrained checkpoints from the shared
+folder) and torchvision's classification models (random weights or a local state-dict file;
+nothing is ever downloaded).
 
 ``build_model("cifar_resnet20")`` gives the pretrained ResNet-20 in eval mode;
 ``model_input_spec(name)`` gives the input normalisation and size the model expects;
