@@ -200,7 +200,8 @@ def test_from_dict_reads_version_1_flat_dicts():
         warnings.simplefilter("error")  # old files load without a warning
         c = CoRaConfig.from_dict(old)
     assert c == CoRaConfig(bits=3, method="uniform", loss="kl", tune_iterations=0, tune_loss="kl", layer_bits=(("fc", 8),),
-                           range_method="mse", refine=True, tune_lr=1e-3)  # what old files recorded stays (the default is now auto)
+                           range_method="mse", refine=True,
+                           tune_lr=1e-3)  # what old files recorded stays (the default is now auto)
 
 
 def test_from_dict_of_a_config_written_before_norms_were_tuned_says_they_were_not():
