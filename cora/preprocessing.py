@@ -8,10 +8,9 @@ same pixels. torchvision is imported on first use.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-__all__ = ["model_transform", "transform_for"]
+__all__ = ["model_transform"]
 
 
 def model_transform(image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -25,13 +24,3 @@ def model_transform(image_size: int, resize_size: int, mean: Sequence[float], st
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
-
-
-def transform_for(record: dict):
-    """:func:`model_transform` of a preprocessing record, built once per distinct record."""
-    return _cached(int(record["image_size"]), int(record["resize_size"]), tuple(record["mean"]), tuple(record["std"]))
-
-
-@functools.lru_cache(maxsize=8)
-def _cached(image_size: int, resize_size: int, mean: tuple, std: tuple):
-    return model_transform(image_size, resize_size, mean, std)
