@@ -10,9 +10,9 @@ __all__ = ["set_submodule", "module_modes", "kept_modes"]
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` of ``root`` by ``new``."""
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    """Replace the submodule at dotted path ``name`` of ``root`` by ``new``: torch's
+    ``nn.Module.set_submodule``, under the name the older call sites use (new code calls torch's)."""
+    root.set_submodule(name, new)
 
 
 def module_modes(model: nn.Module) -> dict[str, bool]:

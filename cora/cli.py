@@ -498,7 +498,7 @@ def _eval(args) -> tuple[dict, None]:
         model = load_float_model(name, args.weights, args.shared)
     else:
         from .checkpoint import load
-        from .experiments.models import build_model
+        from .zoo import build_model
 
         model = load(args.checkpoint) if recorded else load(args.checkpoint, build_model(name, weights=False))
     acc = evaluate(model.to(device), ds, device=device)

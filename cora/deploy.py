@@ -109,7 +109,7 @@ def _deployed_downsample(ds) -> nn.Module | None:
 
 def _deploy_block(block: nn.Module, stats: dict) -> nn.Module | None:
     """The deployed form of a known residual block, or None when it does not fit the pattern."""
-    from .experiments.cifar_resnet import CifarBasicBlock
+    from .zoo.cifar_resnet import CifarBasicBlock
 
     basic, bottleneck, _ = _torchvision_blocks()
     # exact types: a subclass (or another library's block of the same name) may have its own forward
@@ -135,7 +135,7 @@ def _deploy_block(block: nn.Module, stats: dict) -> nn.Module | None:
 
 def _deploy_stem(model: nn.Module, stats: dict) -> None:
     """``conv1``/``bn1`` (+ReLU) at the top of CifarResNet and torchvision ResNet."""
-    from .experiments.cifar_resnet import CifarResNet
+    from .zoo.cifar_resnet import CifarResNet
 
     _, _, resnet = _torchvision_blocks()
     if type(model) not in (CifarResNet, *resnet):  # exact: the stem rewrite relies on their forward

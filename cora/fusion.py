@@ -220,11 +220,6 @@ def _module_calls(gm: fx.GraphModule) -> collections.Counter:
     return collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 def _trace(model: nn.Module) -> fx.GraphModule | None:
     try:
         return fx.GraphModule(model, _Tracer().trace(model), class_name=type(model).__name__)
@@ -260,9 +255,9 @@ def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
     for plan in [p for p in plans if _in_place(p, calls)]:
         bn = model.get_submodule(plan.bn.target) if plan.bn is not None else None
         conv = model.get_submodule(plan.conv.target)
-        _set_submodule(model, plan.conv.target, DeployedConv(conv, bn, activation=plan.activation))
+        model.set_submodule(plan.conv.target, DeployedConv(conv, bn, activation=plan.activation))
         for n in plan.chain:
-            _set_submodule(model, n.target, nn.Identity())
+            model.set_submodule(n.target, nn.Identity())
         stats["folded_bn"] += int(bn is not None)
         stats["traced_fusions"] += 1
     if all(_in_place(p, calls) for p in plans):
@@ -272,8 +267,8 @@ def fuse_traced(model: nn.Module, stats: dict) -> nn.Module:
     for plan in plan_fusions(gm):
         conv = gm.get_submodule(plan.conv.target)
         bn = gm.get_submodule(plan.bn.target) if plan.bn is not None else None
-        _set_submodule(gm, plan.conv.target, DeployedConv(conv, bn, activation=plan.activation,
-                                                          check_residual=plan.residual is not None))
+        deployed = DeployedConv(conv, bn, activation=plan.activation, check_residual=plan.residual is not None)
+        gm.set_submodule(plan.conv.target, deployed)
         if plan.residual is not None:
             plan.conv.kwargs = {"residual": fused_into.get(plan.residual, plan.residual)}
         plan.tail.replace_all_uses_with(plan.conv)

@@ -141,8 +141,7 @@ class InferenceEngine:
     @classmethod
     def from_float(cls, name: str, weights=None, shared=None, **kwargs) -> InferenceEngine:
         """The float model ``name`` (what one would serve without cora), with its own preprocessing."""
-        from .experiments.models import preprocessing_for
-        from .experiments.pipeline import load_float_model
+        from .zoo import load_float_model, preprocessing_for
 
         model = load_float_model(name, weights, shared)
         info = {"architecture": name, "float": True, "bits": None, "adapter_fraction": None, "equiv_bits": None,

@@ -216,7 +216,7 @@ def preprocess(img, pre: dict) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _cached_transform(image_size: int, resize_size: int, mean: tuple, std: tuple):
-    from .experiments.data import model_transform
+    from .preprocessing import model_transform
 
     return model_transform(image_size, resize_size, mean, std)
 

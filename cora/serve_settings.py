@@ -181,8 +181,7 @@ def check_port_free(host: str, port: int, what: str) -> None:
 def _source_and_preprocessing(args) -> tuple[ModelSource, dict]:
     """The model the replicas load and its preprocessing record, read and checked here, before Ray starts."""
     if args.checkpoint is None and args.float_model is not None:
-        from .experiments.models import preprocessing_for
-        from .experiments.pipeline import load_float_model
+        from .zoo import load_float_model, preprocessing_for
 
         source = ModelSource(float_model=args.float_model,
                              weights=str(Path(args.weights).resolve()) if args.weights else None,

@@ -1,10 +1,10 @@
 """The experiment harness behind the command line and the benchmarks (not needed to quantize a model).
 
-* :mod:`~cora.experiments.paths` -- finds the read-only shared folder (data and pretrained weights);
 * :mod:`~cora.experiments.data` -- the CIFAR-10 arrays, ImageNet-style image folders, top-1 evaluation;
-* :mod:`~cora.experiments.cifar_resnet` -- the CIFAR ResNet family (depth 6n+2, option-A shortcuts);
-* :mod:`~cora.experiments.models` -- the model zoo by name (CIFAR ResNets, torchvision classifiers);
 * :mod:`~cora.experiments.pipeline` -- load -> calibrate -> convert -> evaluate, as the CLI runs it.
+
+The model registry, the CIFAR ResNets and the shared-folder lookup are core (:mod:`cora.zoo`); the
+old names ``cora.experiments.models`` / ``.cifar_resnet`` / ``.paths`` are those same modules.
 
 Submodules are imported on use (torchvision and numpy are only needed here).
 """

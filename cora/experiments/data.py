@@ -1,7 +1,7 @@
 """Data loading: the shared CIFAR-10 arrays, ImageNet-style image folders, and top-1 evaluation.
 
 Images on disk are uint8 RGB, HWC. Everything handed to a model is float32 NCHW, scaled to
-[0, 1] and normalised with a per-channel mean/std (see :func:`cora.experiments.models.model_input_spec`).
+[0, 1] and normalised with a per-channel mean/std (see :func:`cora.zoo.model_input_spec`).
 
 Calibration split (``cifar10_calib.npz``: 5,000 images, 500 per class, stored sorted by
 class): ``split="search"`` takes, for each class in order, the first ``n/10`` images of that
@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, transforms
+from torchvision import datasets
 
-from cora.experiments import paths
-# one definition of the input normalisation and the class names
-from cora.experiments.models import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD
+# one definition of the input normalisation, the class names and the image transform
+from cora.preprocessing import model_transform
+from cora.zoo import paths
+from cora.zoo.registry import CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -230,18 +231,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
         else:
             gen.seed()
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
-
-
-def model_transform(image_size: int, resize_size: int, mean: Sequence[float], std: Sequence[float]):
-    """PIL RGB image -> float32 ``[3, image_size, image_size]``: the short side resized to
-    ``resize_size`` (bilinear, antialiased), centre-cropped, scaled to [0, 1], normalised. The one
-    definition, used by image folders and by ``cora serve`` (:mod:`cora.payloads`)."""
-    return transforms.Compose([
-        transforms.Resize(resize_size),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
 
 
 class ImageFolderDataset(datasets.ImageFolder):

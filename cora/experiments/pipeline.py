@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..config import CoRaConfig
 from ..convert import convert
+from ..zoo.registry import load_float_model  # re-exported: the harness's runs start from it
 
 __all__ = [
     "load_float_model",
@@ -19,23 +20,13 @@ __all__ = [
 ]
 
 
-def load_float_model(name: str, weights=None, shared=None) -> nn.Module:
-    """The float model by name (``cifar_resnet{6n+2}`` or ``cifar_shufflenetv2_x0_5`` from the shared
-    checkpoints, or torchvision)."""
-    from .models import build_model
-
-    model = build_model(name, weights=weights, shared=shared)
-    model.cora_architecture = {"name": name}
-    return model.eval()
-
-
 def _is_cifar(name: str) -> bool:
     return name.startswith("cifar_")
 
 
 def _normalisation(name: str) -> dict:
     """The model's input mean and std, for the CIFAR-10 arrays."""
-    from .models import model_input_spec
+    from ..zoo.registry import model_input_spec
 
     spec = model_input_spec(name)
     return {"mean": spec["mean"], "std": spec["std"]}
@@ -43,7 +34,7 @@ def _normalisation(name: str) -> dict:
 
 def _image_folder(name: str, data_dir, what: str):
     from .data import image_folder
-    from .models import model_input_spec
+    from ..zoo.registry import model_input_spec
 
     if data_dir is None:
         raise ValueError(f"{name} needs an ImageNet-style image folder for {what}: pass --data DIR")

@@ -509,7 +509,7 @@ def test_tuning_options_reach_the_config():
 
     parse = lambda *extra: _config(build_parser().parse_args(["quantize", "cifar_resnet20", *extra]))  # noqa: E731
     default = parse()
-    assert default.tune.norms is True and default.tune.lr == 1e-3
+    assert default.tune.norms is True and default.tune.lr is None  # None: the tuning loss's own rate
     changed = parse("--tune-lr", "0.004", "--no-tune-norms")
     assert changed.tune.norms is False and changed.tune.lr == 0.004
     assert default.grouped_bits is None and parse("--grouped-bits", "8").grouped_bits == 8
@@ -541,14 +541,14 @@ def test_device_auto_resolves_to_what_is_available(monkeypatch):
 
 
 def test_no_labels_calibrates_without_them(res, capsys):
-    """--no-labels: the conversion sees images only, so auto means uniform ranks and no tuning; with labels the
-    same run searches and tunes by cross-entropy."""
+    """--no-labels: the conversion sees images only, so auto means uniform ranks and, for the explicit --tune-iters
+    (kept, not turned off), block reconstruction; with labels the same run searches and tunes by cross-entropy."""
     runs = {}
     for flag in ([], ["--no-labels"]):
         assert main(["quantize", "cifar_resnet8", "--weights", str(res.r8_weights), *FAST, "--json", *flag]) == 0
         runs[bool(flag)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert runs[True]["labels"] is False and runs[True]["method"] == "uniform" and runs[True]["loss"] == "kl"
-    assert runs[True]["tune_loss"] is None and runs[True]["tune_iterations"] == 0
+    assert runs[True]["tune_loss"] == "blocks" and runs[True]["tune_iterations"] > 0
     assert runs[False]["labels"] is True and runs[False]["method"] == "search" and runs[False]["tune_loss"] == "ce"
 
 

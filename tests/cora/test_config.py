@@ -142,8 +142,8 @@ def test_resolved_choices_and_label_checks():
         r = CoRaConfig(bits=bits).resolved(False)
         want = ("blocks", 100, 3e-3) if bits <= LABEL_FREE_BLOCKS_MAX_BITS else ("kl", 0, 1e-3)
         assert (r.tune.loss, r.tune.iterations, r.tune.lr) == want, bits
-    explicit = CoRaConfig(bits=2, tune_iterations=7).resolved(False)  # a user's own steps stay
-    assert (explicit.tune.loss, explicit.tune.iterations, explicit.tune.lr) == ("blocks", 7, 1e-3)
+    explicit = CoRaConfig(bits=2, tune_iterations=7).resolved(False)  # a user's own steps stay; the rate is the loss's
+    assert (explicit.tune.loss, explicit.tune.iterations, explicit.tune.lr) == ("blocks", 7, 3e-3)
     with pytest.raises(ValueError, match="loss='ce' needs labelled"):
         CoRaConfig(method="search", loss="ce").resolved(False)
     with pytest.raises(ValueError, match="tune_loss='ce' needs labelled"):
@@ -200,7 +200,8 @@ def test_from_dict_reads_version_1_flat_dicts():
         warnings.simplefilter("error")  # old files load without a warning
         c = CoRaConfig.from_dict(old)
     assert c == CoRaConfig(bits=3, method="uniform", loss="kl", tune_iterations=0, tune_loss="kl", layer_bits=(("fc", 8),),
-                           range_method="mse")  # what old files recorded stays (the default is now auto)
+                           range_method="mse", refine=True,
+                           tune_lr=1e-3)  # what old files recorded stays (the default is now auto)
 
 
 def test_from_dict_of_a_config_written_before_norms_were_tuned_says_they_were_not():

@@ -26,7 +26,7 @@ def _no_unpacking(monkeypatch):
         raise AssertionError("a dense deployed model must not unpack codes or call the op per call")
 
     monkeypatch.setattr(cora_kernels, "cora_conv2d", refuse)
-    monkeypatch.setattr(cora.modules, "unpack_codes", refuse)
+    monkeypatch.setattr(cora.layer_storage, "unpack_codes", refuse)
     monkeypatch.setattr(cora_kernels.reference, "unpack_codes", refuse)
 
 

@@ -89,13 +89,17 @@ def test_auto_choices_follow_the_labels(model, data):
     rep = convert(model, x, cfg).cora_report  # no labels, 3 bits: uniform ranks, block reconstruction
     got = (rep.method, rep.config["search"]["loss"], rep.tune_loss, rep.iterations)
     assert got == ("uniform", "kl", "blocks", 0) and rep.tune_iterations > 0 and rep.tune_iterations % 2 == 0
-    rep = convert(model, x, cfg.replace(bits=4)).cora_report  # 4 bits: no tuning (none showed a reliable gain)
+    # 4 bits, steps left to auto: no tuning (none showed a reliable gain)
+    rep = convert(model, x, cfg.replace(bits=4, tune_iterations=None)).cora_report
     got = (rep.method, rep.config["search"]["loss"], rep.tune_loss, rep.iterations, rep.tune_iterations)
     assert got == ("uniform", "kl", None, 0, 0)
     assert rep.config["method"] == "uniform" and rep.config["tune"]["iterations"] == 0
+    rep = convert(model, x, cfg.replace(bits=4)).cora_report  # explicit steps are kept: block reconstruction
+    assert rep.tune_loss == "blocks" and rep.config["tune"]["iterations"] == 2 and rep.tune_iterations > 0
     # explicit choices are kept whatever the data
     explicit = CoRaConfig(method="search", loss="kl", tune_loss="kl")
-    assert explicit.resolved(True) == explicit
+    r = explicit.resolved(True)
+    assert (r.method, r.search.loss, r.tune.loss) == ("search", "kl", "kl")
 
 
 def test_off_without_adapters_paper_and_zero(model, data):

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cora.experiments import paths
-from cora.experiments.models import (
+from cora.zoo import paths
+from cora.zoo.registry import (
     CifarBasicBlock,
     OptionAShortcut,
     build_model,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cora.experiments import paths
+from cora.zoo import paths
 
 
 def test_default_resolution_finds_shared_data():
@@ -66,3 +66,17 @@ def test_default_locations_listed_without_env(monkeypatch):
 def test_missing_glob_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="resnet44-"):
         paths.find_glob("models/resnet44-*.th", root=tmp_path)
+
+
+def test_old_harness_names_are_the_core_modules():
+    """``cora.experiments.models`` / ``.cifar_resnet`` / ``.paths`` (before the registry became core) are the
+    very modules of :mod:`cora.zoo`, so old imports and monkeypatches reach the code that runs."""
+    import cora.experiments.cifar_resnet
+    import cora.experiments.models
+    import cora.experiments.paths
+    import cora.zoo.cifar_resnet
+    import cora.zoo.registry
+
+    assert cora.experiments.models is cora.zoo.registry
+    assert cora.experiments.cifar_resnet is cora.zoo.cifar_resnet
+    assert cora.experiments.paths is paths
