@@ -350,6 +350,14 @@ def _config(args):
 
 
 # ------------------------------------------------------------------------------------ output
+def _breakdown_row(parts: dict | None) -> list[tuple[str, str]]:
+    """The equivalent bits by part (cora.budget.bits_breakdown) as one table row; none without a breakdown."""
+    if not parts:
+        return []
+    names = {"codes": "codes", "wide": "wider layers", "scales": "scales/zeros", "adapters": "adapters"}
+    return [("  of which", ", ".join(f"{names[k]} {v:.3f}" for k, v in parts.items() if k in names))]
+
+
 def _table(res: dict) -> str:
     rows = [("float accuracy", f"{res['float_acc']:.2f} %")]
     if "rtn_acc" in res:
@@ -358,6 +366,7 @@ def _table(res: dict) -> str:
         (f"{res['method']} W{res['bits']} accuracy", f"{res['acc']:.2f} %"),
         ("adapter fraction", f"{res['adapter_fraction']:.4f} (budget {res['budget']:.4f})"),
         ("equivalent bits", f"{res['equiv_bits']:.3f}"),
+        *_breakdown_row(res.get("bits_breakdown")),
         ("search iterations", str(res["iterations"])),
         ("calibration images", str(res["calib_images"])),
         ("evaluation images", f"{res['eval_images']} ({res['eval_split']})"),
