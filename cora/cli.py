@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     q.add_argument("--grouped-bits", type=int, choices=SUPPORTED_BITS, default=None,
-                   help="width of the grouped and depthwise convs, which get no adapter (default: --bits); e.g. 8 keeps "
-                        "a MobileNet's depthwise convs near float for 0.03-0.16 more bits per weight (bench/README.md)")
+                   help="width of the grouped and depthwise convs, which get no adapter (default 8, --paper: --bits): "
+                        "near float for 0.03-0.16 more bits per weight on the depthwise models (bench/README.md)")
     q.add_argument("--target-bits", type=_positive_float, default=None, metavar="B",
                    help="mixed precision: each layer gets one of the two widths around what B leaves for the codes (at "
                         "most --bits), chosen so that the equivalent bits per weight, adapters included, are at most B "
