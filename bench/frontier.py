@@ -37,8 +37,8 @@ of the tag the arguments give, so quick checks never mix with full rows.
 ".[bench]"``): one column per model, its lower panel the same points zoomed on the region within
 ``ZOOM_POINTS`` of the float model (where the points of interest are), x = equivalent bits per weight
 (``report.equiv_bits``: codes, scales, zero points and fp16 adapters), y = top-1 %. Ours in colour (one
-colour per bit width; circles and solid lines with labels, triangles and dotted lines without; each line joins the budgets of one bit
-width and label mode, each point is marked with its budget); the peers of ``bench/results/peers.csv``
+colour per bit width; circles and solid lines with labels, triangles and dotted lines without; each line
+joins the budgets of one bit width and label mode, each point is marked with its budget); the peers of ``bench/results/peers.csv``
 (Brevitas, no labels, full test set) in grey, one marker per method (nudged sideways by 0.02 bits per
 method so that they do not hide each other); the float model as a dashed black
 line and the W8 controls as dash-dotted purple lines (horizontal: they sit at ~8.9 bits).
