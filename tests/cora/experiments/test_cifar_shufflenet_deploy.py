@@ -32,7 +32,9 @@ def test_every_conv_on_a_kernel_and_exact(monkeypatch):
     cfg = cora.CoRaConfig(bits=4, method="uniform", calib_images=8, rounding="nearest", tune_iterations=0,
                           progress=False)
     q = cora.convert(model, calib, cfg)
-    assert sum(m.rank > 0 for m in q.modules() if isinstance(m, cora.CoRaConv2d)) == 37  # groups == 1 convs
+    convs = [m for m in q.modules() if isinstance(m, cora.CoRaConv2d)]
+    assert sum(m.rank > 0 for m in convs) == 37  # the groups == 1 convs
+    assert {m.bits for m in convs if m.groups > 1} == {8}  # the depthwise convs at grouped_bits' default
     dep = cora.deploy(q, weights="packed")
     deployed = [m for m in dep.modules() if isinstance(m, DeployedConv)]
     assert len(deployed) == 56 and sum(m.conv.groups > 1 for m in deployed) == 19
