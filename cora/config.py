@@ -85,8 +85,9 @@ LABELLED_BLOCKS_MAX_BITS = 2
 BLOCKS_ITERATIONS, BLOCKS_LR = 100, 3e-3
 # The width of grouped / depthwise convs (no adapter there) by default. The pretrained CIFAR ShuffleNetV2 x0.5
 # (19 depthwise convs, 2.7 % of its weights), label-free defaults, the 3,400 held-back calibration images (float
-# 89.91): W4 88.97 -> 89.38 (5.030 -> 5.150 equivalent bits), W3 87.47 -> 88.12 (4.018 -> 4.168); W2 69.32 with
-# them at 2 bits. Its depthwise convs alone at 2 bits (every other layer float) cost 4.6-5.9 points. bench/README.md,
+# 89.91): W4 88.97 -> 89.38 (5.030 -> 5.150 equivalent bits), W3 87.47 -> 88.12 (4.018 -> 4.168), W2 69.32 -> 77.59
+# (3.007 -> 3.187). At equal bits the width beats adapters: W3 depthwise at 3 bits, budget 6 % (4.180 bits) 87.32.
+# Its depthwise convs alone at 2 bits (every other layer float) cost 4.6-5.9 points. bench/README.md,
 # "Depthwise quantization decided on a trained model".
 GROUPED_BITS = 8
 GRANULARITIES = ("channel", "tensor")
