@@ -39,10 +39,18 @@ import cora  # noqa: E402
 # this checkout's package holds: an import attempt could pick up another checkout's editable install.
 if (Path(cora.__file__).parent / "experiments").is_dir():
     from cora.experiments.data import cifar10_calibration
-    from cora.experiments.models import load_cifar_resnet
-else:
+    from cora.experiments.models import load_cifar_resnet, model_input_spec
+
+    def _normalisation(name: str) -> dict:
+        """The model's own input mean / std for the CIFAR arrays (as python -m cora uses them)."""
+        spec = model_input_spec(name)
+        return {"mean": spec["mean"], "std": spec["std"]}
+else:  # the flat layout knew the ResNets only, trained with ImageNet's mean / std (its default)
     from cora.data import cifar10_calibration
     from cora.models import load_cifar_resnet
+
+    def _normalisation(name: str) -> dict:
+        return {}
 
 
 def tensor_digest(tensors: dict) -> str:
@@ -75,8 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", default=["r20_w4_labels", "r20_w3_labels", "r20_w4_nolabels", "r20_w3_nolabels"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    calib = cifar10_calibration(1600, shared=args.shared)
-    probe = cifar10_calibration(1600, shared=args.shared, split="holdout").images[:500]
+    norm = _normalisation("cifar_resnet20")
+    calib = cifar10_calibration(1600, shared=args.shared, **norm)
+    probe = cifar10_calibration(1600, shared=args.shared, split="holdout", **norm).images[:500]
     float_model = load_cifar_resnet(20, shared=args.shared)
     result = {"commit": git_commit(), "cora": str(Path(cora.__file__).parent), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "runs": {}}

@@ -10,10 +10,10 @@ included, no tuning above); yes: ranks searched by CE and adapters tuned by CE o
 both are the base plus the BatchNorms' block reconstruction up to the width where each mode runs it
 (labelled: 2 bits, the first phase of ``blocks+ce``; label-free: 3 bits), the base alone above.
 
-Grid (default): cifar_resnet20 and cifar_resnet32, bits {2, 3, 4} x budget {0, 0.025, 0.05, 0.10} x
-labels {yes, no} = 48 points, plus one W8 control per model and label mode (our defaults at bits 8,
+Grid (default): cifar_resnet20, cifar_resnet32 and cifar_shufflenetv2_x0_5, bits {2, 3, 4} x budget
+{0, 0.025, 0.05, 0.10} x labels {yes, no} = 72 points, plus one W8 control per model and label mode (our defaults at bits 8,
 budget 0.05: almost no quantization error to reclaim, so it shows what the labelled search and tuning
-add by fitting the calibration images' domain; ``--no-control`` leaves them out): 52 runs.
+add by fitting the calibration images' domain; ``--no-control`` leaves them out): 78 runs.
 
     python bench/frontier.py                                    # the whole sweep (hours on 2 cores), then the plot
     python bench/frontier.py --models cifar_resnet20 --bits 4 --budgets 0 0.05 --labels no \\
@@ -34,10 +34,11 @@ settings that change the numbers: ``c<calib>`` plus ``-e<eval limit>`` with ``--
 of the tag the arguments give, so quick checks never mix with full rows.
 
 **The plot** (``--png``, default ``bench/results/frontier.png``; needs matplotlib: ``pip install -e
-".[bench]"``): one panel per model, x = equivalent bits per weight (``report.equiv_bits``: codes,
-scales, zero points and fp16 adapters), y = top-1 %. Ours in colour (one colour per bit width; circles
-and solid lines with labels, triangles and dotted lines without; each line joins the budgets of one bit
-width and label mode, each point is marked with its budget); the peers of ``bench/results/peers.csv``
+".[bench]"``): one column per model, its lower panel the same points zoomed on the region within
+``ZOOM_POINTS`` of the float model (where the points of interest are), x = equivalent bits per weight
+(``report.equiv_bits``: codes, scales, zero points and fp16 adapters), y = top-1 %. Ours in colour (one
+colour per bit width; circles and solid lines with labels, triangles and dotted lines without; each line
+joins the budgets of one bit width and label mode, each point is marked with its budget); the peers of ``bench/results/peers.csv``
 (Brevitas, no labels, full test set) in grey, one marker per method (nudged sideways by 0.02 bits per
 method so that they do not hide each other); the float model as a dashed black
 line and the W8 controls as dash-dotted purple lines (horizontal: they sit at ~8.9 bits).
@@ -54,6 +55,12 @@ run_seconds, device, threads, torch_version, machine, commit``.
   point (loading, conversion, evaluation, the float model's evaluation on the first point of a model in
   a process). The sweep's run time is the sum of ``run_seconds``, printed at the end.
 - ``commit``: ``bench/_harness.git_commit()`` when the row ran (a resumed sweep can span commits).
+- ``codes_bits, wide_bits, scale_bits, adapter_bits``: ``equiv_bits`` by part (``report.bits_breakdown``:
+  codes at the base width, what layers left wider add, scales and zero points, adapters); empty in rows
+  written before these columns existed.
+
+The table puts each point beside the best peer of ``--peers`` at no more equivalent bits (the comparison
+at equal equivalent bits; a peer's bits count its fp16 scales and zero points, no adapters).
 """
 from __future__ import annotations
 
@@ -69,11 +76,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import ROOT, append_csv, git_commit, machine  # noqa: E402
+from frontier_plot import (  # noqa: E402  (the plot lives in its own module; these names stay reachable here)
+    PEER_FAMILIES, ZOOM_POINTS, PlotError, peer_label, read_peers, zoom_range,
+)
+from frontier_plot import _pyplot, plot as _plot  # noqa: E402
 
 __all__ = ["COLUMNS", "config_tag", "target_tag", "target_of", "row_key", "read_rows", "store_row", "plan", "pending",
-           "plot", "main"]
+           "best_peer_at", "plot", "main", "PEER_FAMILIES", "ZOOM_POINTS", "peer_label", "read_peers", "zoom_range"]
 
-MODELS = ("cifar_resnet20", "cifar_resnet32")
+MODELS = ("cifar_resnet20", "cifar_resnet32", "cifar_shufflenetv2_x0_5")
 BITS = (2, 3, 4)
 BUDGETS = (0.0, 0.025, 0.05, 0.10)
 CONTROL_BITS, CONTROL_BUDGET = 8, 0.05  # the W8 control of bench/accuracy.py
@@ -83,7 +94,9 @@ DEFAULT_PNG = ROOT / "bench" / "results" / "frontier.png"
 PEERS_CSV = ROOT / "bench" / "results" / "peers.csv"
 COLUMNS = ["model", "bits", "budget", "labels", "tag", "acc", "float_acc", "equiv_bits", "adapter_fraction",
            "method", "loss", "tune_loss", "iterations", "tune_iterations", "calib_images", "eval_images", "seed",
-           "quantize_seconds", "run_seconds", "device", "threads", "torch_version", "machine", "commit"]
+           "quantize_seconds", "run_seconds", "device", "threads", "torch_version", "machine", "commit",
+           "codes_bits", "wide_bits", "scale_bits", "adapter_bits"]
+BREAKDOWN_COLUMNS = {"codes": "codes_bits", "wide": "wide_bits", "scales": "scale_bits", "adapters": "adapter_bits"}
 LABEL_MODES = {"yes": (True,), "no": (False,), "both": (True, False)}
 
 
@@ -216,7 +229,8 @@ def run_point(point: dict, args, env: dict, float_cache: dict) -> dict:
         calib_images=res["calib_images"], eval_images=res["eval_images"], seed=args.seed,
         quantize_seconds=round(res["quantize_seconds"], 1), run_seconds=round(time.perf_counter() - t, 1),
         device=env["device"], threads=env["threads"], torch_version=env["torch_version"],
-        machine=env["machine"], commit=env["commit"])
+        machine=env["machine"], commit=env["commit"],
+        **{col: round(res.get("bits_breakdown", {}).get(part, 0.0), 4) for part, col in BREAKDOWN_COLUMNS.items()})
     return {k: row[k] for k in COLUMNS}  # the CSV's column order
 
 
@@ -272,153 +286,44 @@ def selected(rows: list[dict], models, tag: str) -> list[dict]:
                                       float(r["budget"]), target_of(r) or 0.0))
 
 
-def print_table(rows: list[dict]) -> float:
-    """Print the points as a Markdown table; returns the sum of their ``run_seconds``."""
-    print("| model | bits | budget | labels | top-1 % | float % | equiv. bits | adapter fraction | method | "
-          "quantize s | run s | commit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+def best_peer_at(bits: float, peers: list[dict]) -> dict | None:
+    """The most accurate peer row storing at most ``bits`` equivalent bits per weight (None: none that small):
+    the comparison at equal equivalent bits."""
+    fits = [p for p in peers if float(p["bits_per_weight"]) <= bits + 1e-9]
+    return max(fits, key=lambda p: float(p["acc"]), default=None)
+
+
+def _breakdown_text(r: dict) -> str:
+    """``codes + wide + scales + adapters`` of a row, or '-' for a row written before the columns existed."""
+    vals = [r.get(col) for col in BREAKDOWN_COLUMNS.values()]
+    return "-" if any(v in (None, "") for v in vals) else " + ".join(f"{float(v):.2f}" for v in vals)
+
+
+def print_table(rows: list[dict], peers_path=PEERS_CSV) -> float:
+    """Print the points as a Markdown table, each beside the best peer of ``peers_path`` at no more equivalent
+    bits; returns the sum of their ``run_seconds``."""
+    print("| model | bits | budget | labels | top-1 % | float % | equiv. bits | codes + wider + scales + adapters | "
+          "best peer at <= these bits | adapter fraction | method | quantize s | run s | commit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    peers = {m: read_peers(peers_path, m) for m in {r["model"] for r in rows}}
     for r in rows:
+        best = best_peer_at(float(r["equiv_bits"]), peers[r["model"]])
+        peer = "-" if best is None else f"{float(best['acc']):.2f} ({peer_label(best['method'])[0]} W{best['bits']})"
         print(f"| {r['model']} | {_width_text(r)} | {r['budget']} | {'yes' if _as_bool(r['labels']) else 'no'} | "
               f"{float(r['acc']):.2f} | {float(r['float_acc']):.2f} | {float(r['equiv_bits']):.3f} | "
-              f"{float(r['adapter_fraction']):.4f} | {r['method']} | {r['quantize_seconds']} | {r['run_seconds']} | "
-              f"{r['commit']} |")
+              f"{_breakdown_text(r)} | {peer} | {float(r['adapter_fraction']):.4f} | {r['method']} | "
+              f"{r['quantize_seconds']} | {r['run_seconds']} | {r['commit']} |")
     total = sum(float(r["run_seconds"] or 0) for r in rows)
     print(f"\n{len(rows)} points; sweep run time (sum of run_seconds): {total:.0f} s = {total / 3600:.2f} h")
     return total
 
 
-# ----------------------------------------------------------------------------- the plot
-PEER_FAMILIES = [  # (prefix of the method column of peers.csv, label, marker)
-    ("rtn_minmax", "RTN", "x"),
-    ("mse_ranges", "MSE ranges", "+"),
-    ("gptq_actorder_minmax", "GPTQ", "D"),
-    ("gptq_actorder_mse", "GPTQ-MSE", "d"),
-    ("adaround_like", "AdaRound-like", "v"),
-    ("brecq_like", "BRECQ-like", "P"),
-]
-BIT_COLOURS = {2: "tab:red", 3: "tab:green", 4: "tab:blue"}
-MIXED_COLOUR = "tab:orange"
-PEER_JITTER = 0.02  # bits between two peer families drawn at the same width (display only)
-
-
-def peer_label(method: str) -> tuple[str, str]:
-    """The short legend label and the marker of a peers.csv method (a learning-rate suffix is kept)."""
-    for prefix, label, marker in PEER_FAMILIES:
-        if method.startswith(prefix):
-            if "_lr" in method:
-                label += f" (lr {method.rsplit('_lr', 1)[1]})"
-            return label, marker
-    return method, "*"
-
-
-def read_peers(path, model: str) -> list[dict]:
-    """The peers' rows of ``model`` (empty when the file is missing)."""
-    return [r for r in read_rows(path) if r.get("model") == model]
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise FrontierError('plotting needs matplotlib: pip install -e ".[bench]" (or pass --no-plot)') from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _draw_ours(ax, rows: list[dict]) -> None:
-    """Our points: one line per (bits, label mode) joining its budgets, each point marked with its budget."""
-    groups: dict = {}
-    for r in rows:
-        if target_of(r) is not None:
-            continue
-        if int(r["bits"]) != CONTROL_BITS:
-            groups.setdefault((int(r["bits"]), _as_bool(r["labels"])), []).append(r)
-    for (bits, labels), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
-        rs.sort(key=lambda r: float(r["budget"]))
-        xs, ys = [float(r["equiv_bits"]) for r in rs], [float(r["acc"]) for r in rs]
-        ax.plot(xs, ys, color=BIT_COLOURS.get(bits, "black"), marker="o" if labels else "^",
-                linestyle="-" if labels else ":", markersize=6, linewidth=1.5,
-                label=f"CoRa W{bits}, {'labels' if labels else 'no labels'}")
-        for x, y, r in zip(xs, ys, rs):
-            ax.annotate(f"{100 * float(r['budget']):g}%", (x, y), textcoords="offset points", xytext=(4, -9 if labels else 4),
-                        fontsize=6, color=BIT_COLOURS.get(bits, "black"))
-
-
-def _draw_mixed(ax, rows: list[dict]) -> None:
-    """Mixed-precision points: one line per (budget, label mode) joining the targets, each marked with its target."""
-    groups: dict = {}
-    for r in rows:
-        if target_of(r) is not None:
-            groups.setdefault((float(r["budget"]), _as_bool(r["labels"])), []).append(r)
-    for (budget, labels), rs in sorted(groups.items()):
-        rs.sort(key=target_of)
-        xs, ys = [float(r["equiv_bits"]) for r in rs], [float(r["acc"]) for r in rs]
-        ax.plot(xs, ys, color=MIXED_COLOUR, marker="s", linestyle="-" if labels else ":", markersize=6, linewidth=1.5,
-                label=f"CoRa mixed widths, adapters {100 * budget:g}%, {'labels' if labels else 'no labels'}")
-        for x, y, r in zip(xs, ys, rs):
-            ax.annotate(f"T {target_of(r):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
-                        color=MIXED_COLOUR)
-
-
-def _draw_peers(ax, peers: list[dict]) -> None:
-    """The peers in grey, one marker per method, each family nudged sideways by a few hundredths of a bit
-    (``PEER_JITTER``) so that the methods at the same width do not hide each other."""
-    for r in peers:
-        label, marker = peer_label(r["method"])
-        family = next((i for i, (prefix, _, _) in enumerate(PEER_FAMILIES) if r["method"].startswith(prefix)), 0)
-        x = float(r["bits_per_weight"]) + PEER_JITTER * (family - (len(PEER_FAMILIES) - 1) / 2)
-        tone = "0.65" if "(lr" in label else "0.35"
-        ax.scatter(x, float(r["acc"]), marker=marker, color=tone, s=40, zorder=3, label=f"Brevitas {label} (no labels)")
-
-
-def _draw_lines(ax, rows: list[dict], peers: list[dict]) -> None:
-    """Horizontal lines: the float model and the W8 controls."""
-    floats = [float(r["float_acc"]) for r in rows] or [float(r["float_acc"]) for r in peers]
-    if floats:
-        ax.axhline(floats[0], color="black", linestyle="--", linewidth=1, label="float model")
-    for r in rows:
-        if int(r["bits"]) == CONTROL_BITS:
-            labels = _as_bool(r["labels"])
-            ax.axhline(float(r["acc"]), color="purple", linestyle="-." if labels else (0, (1, 3)), linewidth=1,
-                       label=f"W8 control, {'labels' if labels else 'no labels'} "
-                             f"({float(r['equiv_bits']):.2f} bits, budget {r['budget']})")
-
-
 def plot(rows: list[dict], peers_path, png, models, tag: str) -> Path:
-    """Draw the frontier of ``rows`` (one tag) and the peers to ``png``; returns its path."""
-    plt = _pyplot()
-    models = [m for m in models if any(r["model"] == m for r in rows) or read_peers(peers_path, m)]
-    if not models:
-        raise FrontierError(f"nothing to plot: no rows of tag {tag} and no peers for the selected models")
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models) + 3.6, 7), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mine, peers = [r for r in rows if r["model"] == model], read_peers(peers_path, model)
-        _draw_lines(ax, mine, peers)
-        _draw_peers(ax, peers)
-        _draw_ours(ax, mine)
-        _draw_mixed(ax, mine)
-        n_eval = sorted({r["eval_images"] for r in mine})
-        ax.set_title(f"{model}  (ours: {'/'.join(n_eval) or '-'} test images; peers: 10000)", fontsize=10)
-        ax.set_xlabel("equivalent bits per weight (adapters included)")
-        ax.set_ylabel("CIFAR-10 top-1 %")
-        ax.grid(True, alpha=0.3)
-    handles = {}
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
-    where = sorted({r["machine"] for r in rows}) or [machine()]
-    commits = sorted({r["commit"] for r in rows})
-    fig.suptitle(f"Accuracy vs equivalent bits (tag {tag}; commit {', '.join(commits) or '-'})\n{'; '.join(where)}",
-                 fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 3.6 / fig.get_figwidth(), 1))  # the legend's column on the right
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=130)
-    plt.close(fig)
-    return png
+    """Draw the frontier of ``rows`` (one tag) and the peers to ``png`` (:mod:`frontier_plot`); returns its path."""
+    try:
+        return _plot(rows, peers_path, png, models, tag)
+    except PlotError as e:
+        raise FrontierError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- main
@@ -457,7 +362,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> int:
     tag = config_tag(args.calib, args.eval_limit, args.seed)
     if not args.no_plot:
-        _pyplot()  # a missing matplotlib fails now, not after hours of runs
+        try:
+            _pyplot()  # a missing matplotlib fails now, not after hours of runs
+        except PlotError as e:
+            raise FrontierError(str(e)) from None
     if not args.plot_only:
         points = plan(args.models, args.bits, args.budgets, LABEL_MODES[args.labels], not args.no_control, tag,
                       args.target_bits)
@@ -468,7 +376,7 @@ def run(args) -> int:
             print(f"# this invocation: {wall:.0f} s for {len(todo)} runs")
     rows = selected(read_rows(args.out), args.models, tag)
     print()
-    print_table(rows)
+    print_table(rows, args.peers)
     if not args.no_plot:
         print(f"wrote {plot(rows, args.peers, args.png, args.models, tag)}")
     return 0

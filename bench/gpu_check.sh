@@ -12,7 +12,8 @@
 #   2. conv_fused.py, batch 1: every groups == 1 conv of ResNet-18/50 and MobileNetV2, cuDNN fp16
 #      against CoRa chosen / fused / dequant / unfused / fp16w, eager and CUDA graphs               cap CONV1_CAP 75, +45
 #   3. conv_fused.py, batch 64 (appended to the same CSV)                                           cap CONV64_CAP 60, +45
-#   4. model_e2e.py: whole ResNet-18, ResNet-50, MobileNetV2 in CUDA graphs, batches 1, 64, 8, 256 in that order,
+#   4. model_e2e.py: whole ResNet-18, ResNet-50, MobileNetV2 (224x224) and the CIFAR ShuffleNetV2 x0.5 (32x32: 37
+#      convs on the fused kernel, 19 depthwise on the grouped one) in CUDA graphs, batches 1, 64, 8, 256 in that order,
 #      cuDNN fp16 against CoRa chosen and fused-only, tuning budget E2E_TUNE s per model, memory   cap E2E_CAP 120, +60
 #   5. the tests on the GPU (not slow; tests/cora/test_cuda.py first), SIGINT at the limit so the summary and
 #      the failing names print

@@ -1,10 +1,12 @@
 """End-to-end benchmark: whole torchvision models, cuDNN fp16 against deployed CoRa, CUDA graphs, by strategy.
 
-    python bench/model_e2e.py [--models resnet18 resnet50 mobilenet_v2] [--batches 1 8 64 256] [--bits 4]
-                              [--strategies chosen fused] [--tune-seconds S] [--time-cap SECONDS]
+    python bench/model_e2e.py [--models resnet18 resnet50 mobilenet_v2 cifar_shufflenetv2_x0_5] [--batches 1 8 64 256]
+                              [--bits 4] [--strategies chosen fused] [--tune-seconds S] [--time-cap SECONDS]
                               [--out bench/results/model_e2e_<device>.csv] [--tuning FILE] [--dry-run]
 
-Models have random weights (speed does not depend on them).  Providers, in one process on one GPU,
+Models have random weights (speed does not depend on them); ``cifar_*`` models (the CIFAR ShuffleNetV2 x0.5 by
+default: 37 pointwise / dense convs on the fused kernel, 19 depthwise on the grouped one; channel shuffle, split
+and concat in PyTorch) run at 32x32, the others at 224x224 (``--image`` sets both).  Providers, in one process on one GPU,
 fp16 activations in channels_last, each captured in a CUDA graph after a warm-up outside capture:
   cudnn             the float model in fp16, ``cudnn.benchmark = True``
   cora_wB_chosen    ``cora.convert`` (B bits, 5% adapter budget, uniform ranks, round to nearest, min-max
@@ -56,7 +58,8 @@ from _harness import (add_tuning_option, dry_run_header, gpu_run_header, interpr
 
 IMAGE = (3, 224, 224)
 DEVICE = "cuda"  # the timed path always runs on CUDA (a module constant only so its bookkeeping can be dry-run)
-MODELS = ("resnet18", "resnet50", "mobilenet_v2")
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "cifar_shufflenetv2_x0_5")
+CIFAR_IMAGE = 32  # cifar_* models run at their own resolution unless --image says otherwise
 STRATEGIES = ("chosen", "fused", "dequant")
 _ENV = {"chosen": "auto", "fused": "fused", "dequant": "dequant"}  # CORA_STRATEGY per provider
 MEM_TARGET = 0.35
@@ -219,10 +222,15 @@ def bench(args) -> int:
 
     dry = args.dry_run
     cl = torch.channels_last
-    image = (3, args.image, args.image)
+
+    def image_of(name: str) -> tuple[int, int, int]:
+        """The input of ``name``: ``--image`` when given, else 32x32 for a CIFAR model and the default size otherwise."""
+        side = args.image or (CIFAR_IMAGE if name.startswith("cifar_") and not dry else args.default_image)
+        return (3, side, side)
+
     if dry:
         dev, dtype = torch.device("cpu"), torch.float32
-        meta, out_csv = dry_run_header("model_e2e", args.out, f"fp32, {args.image}x{args.image}, no graphs")
+        meta, out_csv = dry_run_header("model_e2e", args.out, f"fp32, {image_of(DRY_MODELS[0])[-1]}px, no graphs")
     else:
         from triton.testing import do_bench
 
@@ -263,6 +271,7 @@ def bench(args) -> int:
         if kwargs:
             print(f"# {name}: {kwargs} (dry run: a narrow model the interpreter runs in seconds)")
         fm = float_model(name, **kwargs)
+        image = image_of(name)
         fp16_bytes = weight_bytes(copy.deepcopy(fm).half())["total"]
         one_buffer = largest_dense_bytes(fm, torch.empty((), dtype=dtype).element_size())
         m16 = copy.deepcopy(fm).to(dtype).to(dev).to(memory_format=cl)
@@ -285,12 +294,12 @@ def bench(args) -> int:
             for strat in args.strategies:
                 providers[f"cora_w{bits}_{strat}"] = (dep, weight_bytes(dep), err, strat)
         fm.cpu()
-        built[name] = (providers, fp16_bytes, one_buffer)
+        built[name] = (providers, fp16_bytes, one_buffer, image)
 
     print(f"{'model':<15}{'provider':<17}{'batch':>6}{'median ms':>11}{'p20':>9}{'p80':>9}{'img/s':>9}"
           f"{'weights MiB':>12}{'scratch':>8}{'mem x':>7}{'peak MiB':>9}{'tune s':>7}{'fused/deq':>10}{'rel err':>9}")
     for batch in args.batches:
-        for name, (providers, fp16_bytes, one_buffer) in built.items():
+        for name, (providers, fp16_bytes, one_buffer, image) in built.items():
             for prov, (model, wb, err, strat) in providers.items():
                 if over():
                     capped = True
@@ -326,7 +335,7 @@ def bench(args) -> int:
                     peak = 0
                 scratch = scratch_bytes(dev) if strat is not None else 0
                 total = wb["total"] + scratch
-                row = dict(model=name, provider=prov, strategy=strat or "", batch=batch, image=args.image,
+                row = dict(model=name, provider=prov, strategy=strat or "", batch=batch, image=image[-1],
                            median_ms=med, p20_ms=p20, p80_ms=p80, images_per_s=batch / (med * 1e-3),
                            weight_bytes=wb["total"], scratch_bytes=scratch, fp16_bytes=fp16_bytes,
                            mem_ratio=total / fp16_bytes,
@@ -399,7 +408,7 @@ def main(argv=None) -> int:
                     help="tuning budget per model (default: CORA_TUNE_SECONDS, else 60)")
     ap.add_argument("--time-cap", type=float, default=None, help="stop starting new rows after this many seconds")
     ap.add_argument("--graph-rep-ms", type=float, default=100.0, help="at least this many ms of graph replays")
-    ap.add_argument("--image", type=int, default=None, help="input size (default 224; --dry-run: 16)")
+    ap.add_argument("--image", type=int, default=None, help="input size (default 224, cifar_* models 32; --dry-run: 16)")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/model_e2e_<device>.csv; "
                                                 "--dry-run: model_e2e_dryrun.csv in the temp folder)")
     add_tuning_option(ap)
@@ -409,7 +418,7 @@ def main(argv=None) -> int:
     args.batches = args.batches or ([1] if args.dry_run else [1, 8, 64, 256])
     args.models = args.models or list(DRY_MODELS if args.dry_run else MODELS)
     args.strategies = args.strategies or (list(STRATEGIES) if args.dry_run else ["chosen", "fused"])
-    args.image = args.image or (16 if args.dry_run else IMAGE[-1])
+    args.default_image = 16 if args.dry_run else IMAGE[-1]
     interpret_if(args.dry_run)
     import torch
 

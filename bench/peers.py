@@ -1,4 +1,8 @@
-"""Peer baselines through Brevitas: the same CIFAR ResNets, calibration images and test set as CoRa.
+"""Peer baselines through Brevitas: the same CIFAR models, calibration images and test set as CoRa.
+
+Models: the CIFAR ResNets and ``cifar_shufflenetv2_x0_5`` (any name of ``cora.experiments.models``
+with a CIFAR input spec); the arrays are normalised with the model's own mean / std
+(``model_input_spec``), as ``python -m cora`` does.
 
 Every Conv2d and the final Linear (first and last layers included) get a b-bit weight-only,
 per-output-channel *asymmetric* (scale + integer zero point) Brevitas quantizer; activations
@@ -16,7 +20,7 @@ stay float; BatchNorm is not merged. Methods (``--methods``):
                loss = MSE to the float layer output (quantized inputs) + AdaRound's annealed
                rounding regulariser; ranges from the MSE quantizer (kept fixed).
 ``brecq``      the same learned rounding block by block (BRECQ-like): blocks are the stem conv,
-               each residual BasicBlock and the final linear; loss = MSE to the float block
+               each residual BasicBlock (ShuffleNet: each InvertedResidual) and the final linear; loss = MSE to the float block
                output + the rounding regulariser summed over the block's layers (a small
                ``BlockLoss`` registered here, since Brevitas's ``round_reg`` only takes one layer).
                No Fisher weighting (plain MSE), so "BRECQ-like", not BRECQ.
@@ -71,7 +75,7 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from cora.experiments.data import cifar10_calibration, cifar10_test, evaluate, make_loader  # noqa: E402
-from cora.experiments.models import build_model  # noqa: E402
+from cora.experiments.models import build_model, model_input_spec  # noqa: E402
 
 __all__ = ["METHODS", "quantize_with", "main"]
 
@@ -108,6 +112,13 @@ def _machine() -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cores, CPU only)"
+
+
+def _normalisation(name: str) -> dict:
+    """The model's own input mean and std for the CIFAR arrays (ImageNet's for the ResNets, CIFAR-10's
+    for the ShuffleNet): the same preprocessing as ``python -m cora``."""
+    spec = model_input_spec(name)
+    return {"mean": spec["mean"], "std": spec["std"]}
 
 
 def _quant_layer_map(bits: int, weight_quant) -> dict:
@@ -232,6 +243,8 @@ def _learned_round(model: nn.Module, loader, iters: int, mode: str, lr: float = 
     from brevitas_examples.imagenet_classification.ptq.learned_round_utils import (
         CacheVision, vision_block_forward, vision_forward)
 
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
     from cora.experiments.models import CifarBasicBlock
 
     _register_block_round_loss()
@@ -246,7 +259,7 @@ def _learned_round(model: nn.Module, loader, iters: int, mode: str, lr: float = 
         reg = LossArgs(cls="round_reg", kwargs={"max_count": iters})
     else:
         def is_block(m, name):
-            return isinstance(m, (CifarBasicBlock, QuantWBIOL))
+            return isinstance(m, (CifarBasicBlock, InvertedResidual, QuantWBIOL))
         reg = LossArgs(cls="round_reg_block", kwargs={"max_count": iters})
     cfg = TrainerConfig(
         training_args=TrainingArgs(
@@ -324,11 +337,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench/peers.py",
         description="Brevitas peer baselines (RTN, MSE ranges, GPTQ, AdaRound-like, BRECQ-like) on "
-                    "the pretrained CIFAR-10 ResNets: weight-only, per-channel asymmetric, every "
+                    "the pretrained CIFAR-10 models: weight-only, per-channel asymmetric, every "
                     "conv and the final linear at b bits, activations float, BN not merged.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet32"],
-                   help="model names (cifar_resnet<6n+2>)")
+                   help="model names (cifar_resnet<6n+2>, cifar_shufflenetv2_x0_5)")
     p.add_argument("--bits", nargs="+", type=int, default=[4, 3], help="weight bit widths")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
                    help="peer methods, run in this order for each model and bit width")
@@ -369,11 +382,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
              args.lr)
     log.info("brevitas %s, torch %s, %d thread(s), %s", meta["brevitas_version"],
              meta["torch_version"], meta["threads"], meta["machine"])
-    test = cifar10_test(shared=args.shared)
-    calib = cifar10_calibration(n=args.calib, shared=args.shared, split="search")
     rows = []
     t_all = time.perf_counter()
     for name in args.models:
+        norm = _normalisation(name)
+        test = cifar10_test(shared=args.shared, **norm)
+        calib = cifar10_calibration(n=args.calib, shared=args.shared, split="search", **norm)
         float_acc = evaluate(build_model(name, shared=args.shared), test)
         log.info("%s float: %.2f", name, float_acc)
         for bits in args.bits:

@@ -18,6 +18,9 @@ depthwise convs): the same model and budget always allow the same number of adap
 same fraction of the full rank at every layer. No layer can ever get more than
 ``floor(budget·P / cost)`` (:func:`affordable_rank`), so only that many singular triplets of its
 residual need to be computed and stored. :func:`budget_shares` says which layers carry how much.
+
+:func:`bits_breakdown` splits a converted model's equivalent bits per weight into what stores them
+(codes at the base width, the extra code bits of layers left wider, scales and zero points, adapters).
 """
 from __future__ import annotations
 
@@ -39,7 +42,12 @@ __all__ = [
     "uniform_ranks",
     "adapter_fraction",
     "budget_shares",
+    "BITS_PARTS",
+    "bits_breakdown",
 ]
+
+# The parts of the equivalent bits per weight, in the order reports print them (see bits_breakdown)
+BITS_PARTS = ("codes", "wide", "scales", "adapters")
 
 
 @dataclass
@@ -161,3 +169,31 @@ def budget_shares(ranks: dict[str, int], layers: list[AdaptedLayer], weight_para
     """Each adapted layer's adapter parameters ``r_l·cost_l`` as a fraction of ``P`` (``layers``' order;
     0.0 at rank 0); they add up to :func:`adapter_fraction`."""
     return {l.name: ranks[l.name] * l.cost_per_rank / weight_params for l in layers}
+
+
+def bits_breakdown(layers, bits: int) -> dict[str, float]:
+    """The equivalent bits per weight of quantized ``layers``, split by what stores them (:data:`BITS_PARTS`).
+
+    ``layers``: the converted ``CoRaConv2d`` / ``QuantLinear`` modules (anything with ``bits``,
+    ``weight_shape``, ``storage_bits()`` and ``adapter_bits()``); ``bits``: the conversion's base width.
+    Per weight of all of them (``N``):
+
+    * ``codes``: ``Σ min(b_l, bits)·n_l / N``, the codes at the base width (``bits`` when no layer is narrower);
+    * ``wide``: ``Σ max(b_l - bits, 0)·n_l / N``, what layers left wider than ``bits`` (``grouped_bits``,
+      ``layer_bits``, mixed precision) add;
+    * ``scales``: the scales and zero points (an fp16 scale and a b-bit zero per range);
+    * ``adapters``: the adapter parameters at their storage width (with int8's scales).
+
+    The parts add up to ``Σ storage_bits() / N``, the report's ``equiv_bits``. All zeros for no layers.
+    """
+    parts = dict.fromkeys(BITS_PARTS, 0)
+    weights = 0
+    for layer in layers:
+        n = math.prod(layer.weight_shape)
+        stored, adapter = layer.storage_bits(), layer.adapter_bits()
+        parts["codes"] += min(layer.bits, bits) * n
+        parts["wide"] += max(layer.bits - bits, 0) * n
+        parts["adapters"] += adapter
+        parts["scales"] += stored - adapter - layer.bits * n
+        weights += n
+    return {k: v / weights if weights else 0.0 for k, v in parts.items()}

@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", default=None, help="checkpoint of the float model (default: the shared one)")
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     q.add_argument("--grouped-bits", type=int, choices=SUPPORTED_BITS, default=None,
-                   help="width of the grouped and depthwise convs, which get no adapter (default: --bits); e.g. 8 keeps "
-                        "a MobileNet's depthwise convs near float for 0.03-0.16 more bits per weight (bench/README.md)")
+                   help="width of the grouped and depthwise convs, which get no adapter (default 8, --paper: --bits): "
+                        "near float for 0.03-0.16 more bits per weight on the depthwise models (bench/README.md)")
     q.add_argument("--target-bits", type=_positive_float, default=None, metavar="B",
                    help="mixed precision: each layer gets one of the two widths around what B leaves for the codes (at "
                         "most --bits), chosen so that the equivalent bits per weight, adapters included, are at most B "
@@ -362,6 +362,14 @@ def _config(args):
 
 
 # ------------------------------------------------------------------------------------ output
+def _breakdown_row(parts: dict | None) -> list[tuple[str, str]]:
+    """The equivalent bits by part (cora.budget.bits_breakdown) as one table row; none without a breakdown."""
+    if not parts:
+        return []
+    names = {"codes": "codes", "wide": "wider layers", "scales": "scales/zeros", "adapters": "adapters"}
+    return [("  of which", ", ".join(f"{names[k]} {v:.3f}" for k, v in parts.items() if k in names))]
+
+
 def _table(res: dict) -> str:
     rows = [("float accuracy", f"{res['float_acc']:.2f} %")]
     if "rtn_acc" in res:
@@ -370,6 +378,7 @@ def _table(res: dict) -> str:
         (f"{res['method']} W{res['bits']} accuracy", f"{res['acc']:.2f} %"),
         ("adapter fraction", f"{res['adapter_fraction']:.4f} (budget {res['budget']:.4f})"),
         ("equivalent bits", f"{res['equiv_bits']:.3f}"),
+        *_breakdown_row(res.get("bits_breakdown")),
         ("search iterations", str(res["iterations"])),
         ("calibration images", str(res["calib_images"])),
         ("evaluation images", f"{res['eval_images']} ({res['eval_split']})"),

@@ -82,6 +82,7 @@ __all__ = [
     "TUNE_LOSSES",
     "LABEL_FREE_BLOCKS_MAX_BITS",
     "LABELLED_BLOCKS_MAX_BITS",
+    "GROUPED_BITS",
     "FLAT_FIELDS",
     "GRANULARITIES",
     "RANGES",
@@ -90,6 +91,13 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 2  # 1: the flat dict of cora 0.1.0 (still read by from_dict)
+# The width of grouped / depthwise convs (no adapter there) by default. The pretrained CIFAR ShuffleNetV2 x0.5
+# (19 depthwise convs, 2.7 % of its weights), label-free defaults, the 3,400 held-back calibration images (float
+# 89.91): W4 88.97 -> 89.38 (5.030 -> 5.150 equivalent bits), W3 87.47 -> 88.12 (4.018 -> 4.168), W2 69.32 -> 77.59
+# (3.007 -> 3.187). At equal bits the width beats adapters: W3 depthwise at 3 bits, budget 6 % (4.180 bits) 87.32.
+# Its depthwise convs alone at 2 bits (every other layer float) cost 4.6-5.9 points. bench/README.md,
+# "Depthwise quantization decided on a trained model".
+GROUPED_BITS = 8
 _SECTIONS = {"quantizer": QuantizerConfig, "adapter": AdapterConfig, "search": SearchConfig, "tune": TuneConfig}
 
 # Flat keyword -> (section, field). The flat names are those of cora 0.1.0's flat config.
@@ -162,10 +170,10 @@ class CoRaConfig:
     pattern), ``layer_bits`` (``(pattern, bits)`` pairs or a ``{pattern: bits}`` dict; a pattern
     that matches no layer is an error at conversion), ``grouped_bits`` (the width of convs with
     ``groups > 1``, depthwise ones included, which get no adapter; a ``layer_bits`` pattern still wins;
-    None: ``bits``), ``target_bits`` (mixed precision, :mod:`cora.precision`: every other layer gets one of
-    the two widths around the bits left for the codes, at most ``bits``, so that ``equiv_bits``, adapters
-    included, is at most this; the "auto" choices then follow ``floor(target_bits)``; None: every layer at
-    ``bits``), ``quantize_linear`` (Linear layers quantized, with
+    None: ``bits``; default 8, :data:`GROUPED_BITS` says why), ``target_bits`` (mixed precision,
+    :mod:`cora.precision`: every other layer gets one of the two widths around the bits left for the
+    codes, at most ``bits``, so that ``equiv_bits``, adapters included, is at most this; the "auto"
+    choices then follow ``floor(target_bits)``; None: every layer at ``bits``), ``quantize_linear`` (Linear layers quantized, with
     adapters, and counted in the budget; False: left float, not counted), ``bn_reestimate``
     (re-estimate BatchNorm statistics on the calibration images after building; off: the float
     statistics are kept), ``output`` (for a model that returns a tuple or dict: the index or key of
@@ -180,7 +188,7 @@ class CoRaConfig:
     seed: int = 0
     skip: tuple[str, ...] = ()
     layer_bits: tuple[tuple[str, int], ...] = ()
-    grouped_bits: int | None = None
+    grouped_bits: int | None = GROUPED_BITS
     target_bits: float | None = None
     quantize_linear: bool = True
     bn_reestimate: bool = False
@@ -273,6 +281,7 @@ class CoRaConfig:
             optimizer="adam",
             search_bn="train",
             tune_iterations=0,
+            grouped_bits=None,  # every conv at ``bits``
         )
         base.update(overrides)
         return cls(**base)

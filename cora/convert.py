@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 
 from ._modules_util import kept_modes, module_modes, set_submodule
-from .budget import AdaptedLayer, adapter_fraction, affordable_rank, budget_shares, budget_weight_count, uniform_ranks
+from .budget import (
+    AdaptedLayer, adapter_fraction, affordable_rank, bits_breakdown, budget_shares, budget_weight_count, uniform_ranks,
+)
 from .calibration import CalibrationSet, Objective, model_logits
 from .config import BLOCKS_ITERATIONS, BLOCKS_LR, CoRaConfig
 from .modules import CoRaConv2d, QuantLinear
@@ -95,6 +97,8 @@ class ConversionReport:
     budget_share: dict[str, float] = field(default_factory=dict)  # adapted layer -> its adapter parameters / P
     tune_norms: int = 0  # BatchNorm layers whose scale and shift the block reconstruction fitted and kept
     widths: dict[str, int] = field(default_factory=dict)  # quantized layer -> its width in bits
+    # equiv_bits by what stores them: codes, wide (layers above ``bits``), scales, adapters (cora.budget.bits_breakdown)
+    bits_breakdown: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -610,6 +614,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         base = quantize_base(float_model, output, layers, data, config, weight_params, widths)
         ranks = choose_ranks(float_model, base, data, config, float_logits, weight_params)
         storage = build_layers(float_model, output, layers, base, ranks, data, config)
+        breakdown = bits_breakdown([output.get_submodule(n) for n in base.weights], config.bits)
         tuning = tune_layers(reference, output, base, ranks, data, config, float_logits)
     for name, p in model.named_parameters():
         p.requires_grad_(grads[name])
@@ -623,6 +628,7 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
     output.cora_report = make_report(
         config, skipped, base, ranks, storage, tuning, weight_params, len(data), time.perf_counter() - t0
     )
+    output.cora_report.bits_breakdown = breakdown
     return output
 
 

@@ -52,7 +52,7 @@ def test_key_is_the_same_for_a_planned_point_and_its_csv_row(tmp_path):
 
 def test_plan_covers_the_grid_and_one_control_per_model_and_label_mode():
     points = fr.plan(fr.MODELS, fr.BITS, fr.BUDGETS, (True, False))
-    assert len(points) == 2 * (3 * 4 * 2 + 2)
+    assert len(points) == 3 * (3 * 4 * 2 + 2)  # ResNet-20, ResNet-32, ShuffleNetV2
     keys = [fr.row_key(p) for p in points]
     assert len(set(keys)) == len(keys)
     controls = [p for p in points if p["bits"] == fr.CONTROL_BITS]
@@ -158,3 +158,28 @@ def test_missing_matplotlib_is_one_clear_line(monkeypatch, capsys, tmp_path):
     assert fr.main(["--plot-only", "--out", str(tmp_path / "none.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("frontier: error: plotting needs matplotlib")
+
+
+def test_best_peer_at_equal_bits_and_the_breakdown_in_the_table(tmp_path, capsys):
+    """Each point sits beside the best peer storing no more bits; rows with the breakdown columns show them."""
+    peers = [dict(model="m", bits=b, method=m, acc=a, float_acc=83.0, bits_per_weight=bpw)
+             for b, m, a, bpw in ((4, "rtn_minmax", 79.7, 4.232), (4, "gptq_actorder_minmax", 81.9, 4.232),
+                                  (3, "gptq_actorder_minmax", 77.0, 3.22))]
+    assert fr.best_peer_at(4.1, peers)["acc"] == 77.0  # the W4 peers store more than 4.1 bits
+    assert fr.best_peer_at(4.232, peers)["method"] == "gptq_actorder_minmax" and fr.best_peer_at(3.0, peers) is None
+    path = tmp_path / "peers.csv"
+    path.write_text("model,bits,method,acc,float_acc,bits_per_weight\n"
+                    "cifar_resnet20,3,gptq_actorder_minmax,80.34,81.03,3.0494\n")
+    parts = dict(codes_bits=3.0, wide_bits=0.25, scale_bits=0.05, adapter_bits=0.8)
+    fr.print_table([_row(bits=3, **parts), _row(bits=2, budget=0.0)], path)
+    out = capsys.readouterr().out
+    assert "| 3.00 + 0.25 + 0.05 + 0.80 | 80.34 (GPTQ W3) |" in out
+    assert "| - | - |" in out  # W2 without adapters: no breakdown columns, no peer that small
+
+
+def test_zoom_range_holds_the_points_near_the_float_model():
+    rows = [_row(acc=80.5), _row(bits=2, acc=40.0), _row(bits=3, acc=78.0)]
+    peers = [dict(acc="79.0", float_acc="81.03"), dict(acc="12.0", float_acc="81.03")]
+    lo, hi = fr.zoom_range(rows, peers)
+    assert lo == pytest.approx(77.5) and hi == pytest.approx(81.53)  # 78.0 - 0.5 and the float model + 0.5
+    assert fr.zoom_range([], []) == (0.0, 100.0)

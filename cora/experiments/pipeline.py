@@ -176,6 +176,7 @@ def quantize_and_evaluate(
         loss=rep.config["search"]["loss"],
         adapter_fraction=rep.adapter_fraction,
         equiv_bits=rep.equiv_bits,
+        bits_breakdown=rep.bits_breakdown,
         iterations=rep.iterations,
         calib_images=rep.calib_images,
         search_seconds=rep.search_seconds,

@@ -512,7 +512,8 @@ def test_tuning_options_reach_the_config():
     assert default.tune.norms is True and default.tune.lr is None  # None: the tuning loss's own rate
     changed = parse("--tune-lr", "0.004", "--no-tune-norms")
     assert changed.tune.norms is False and changed.tune.lr == 0.004
-    assert default.grouped_bits is None and parse("--grouped-bits", "8").grouped_bits == 8
+    assert default.grouped_bits == 8 and parse("--grouped-bits", "3").grouped_bits == 3
+    assert parse("--paper").grouped_bits is None
     assert default.target_bits is None and parse("--target-bits", "2.85").target_bits == 2.85
 
 

@@ -181,7 +181,7 @@ def test_grouped_bits_widen_the_grouped_convs_only():
     q = convert(model, x, CoRaConfig(bits=4, grouped_bits=8, **base))
     assert [q.get_submodule(n).bits for n in ("0", "2", "4", "6")] == [4, 8, 8, 4]
     assert q.get_submodule("2").rank == 0 and q.get_submodule("6").rank > 0
-    same = convert(model, x, CoRaConfig(bits=4, **base))
+    same = convert(model, x, CoRaConfig(bits=4, grouped_bits=None, **base))
     assert q.cora_report.equiv_bits > same.cora_report.equiv_bits  # counted at their real width
     with torch.no_grad():
         ref = model(x)
