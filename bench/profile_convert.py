@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-labels", action="store_true", help="the label-free default (uniform ranks)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="search iterations (default: the config's)")
+    p.add_argument("--tune-iters", type=int, default=None, help="tuning iterations (default: the config's)")
     p.add_argument("--no-rtn", action="store_true")
     p.add_argument("--top", type=int, default=0, help="print the N functions with the most own time (cProfile)")
     p.add_argument("--json", default=None, help="append one JSON line with the numbers to this file")
@@ -110,7 +112,8 @@ def main(argv=None) -> int:
     _instrument(clock)
     if args.weights == "random":
         pipeline.load_float_model = lambda name, weights=None, shared=None: _random_weights(name)
-    config = CoRaConfig(bits=args.bits)
+    counts = {k: v for k, v in (("iterations", args.iters), ("tune_iterations", args.tune_iters)) if v is not None}
+    config = CoRaConfig(bits=args.bits, **counts)
     profiler = cProfile.Profile() if args.top else None
     wall, cpu = time.perf_counter(), time.process_time()
     if profiler:
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     if args.json:
         row = dict(model=args.model, bits=args.bits, labels=not args.no_labels, threads=torch.get_num_threads(),
                    weights=args.weights or "pretrained", load=load[0], wall=wall, cpu=cpu, acc=res["acc"],
-                   phases_wall=clock.wall, phases_cpu=clock.cpu, eval_images=res["eval_images"])
+                   phases_wall=clock.wall, phases_cpu=clock.cpu, eval_images=res["eval_images"], **counts)
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
     return 0

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._modules_util import kept_modes, set_submodule
-from .layout import first_tensor, preferred_layout
+from .layout import preferred_layout
 from .graph import StageChain, batch_len, cat_values, map_tensors, tensors_of
 from .progress import progress_bar
 from .modules import CoRaConv2d, QuantLinear
