@@ -66,8 +66,9 @@ def plot(csv_path: Path, png: Path) -> None:
             ax.plot(*zip(*pts), marker="o", label=f"{default} (CPU s)")
     ax.set_xlabel("ResNet depth (CIFAR, 3 stages of (depth-2)/6 blocks)")
     ax.set_ylabel("convert CPU seconds (1 thread)")
-    its = {(r["search_iters"], r["tune_iters"]) for r in rows}
-    ax.set_title(f"conversion cost against depth (search / tune steps: {sorted(its)})", fontsize=8)
+    search = sorted({r["search_iters"] for r in rows if r["default"] == "labelled"})
+    ax.set_title(f"convert against depth, random weights; labelled: {'/'.join(search)} search steps and as many "
+                 f"CE steps; label-free: block reconstruction (steps in the CSV)", fontsize=7)
     ax.set_xticks([20, 32, 44, 56])
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

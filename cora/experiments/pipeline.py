@@ -124,10 +124,11 @@ def check_conversion(model: nn.Module, config: CoRaConfig, *, labels: bool = Tru
 
 
 def baseline_config(config: CoRaConfig) -> CoRaConfig:
-    """The plain RTN baseline next to a config: round to nearest, min-max ranges, same granularity, no adapters."""
+    """The plain RTN baseline next to a config: round to nearest, min-max ranges, same granularity, no adapters
+    and no tuning (without it, a label-free config at 3 bits or less would fit the BatchNorms block by block)."""
     if config.quantizer.range_method == "std":  # the paper's quantizer keeps its own ranges
-        return config.replace(method="none", rounding="nearest")
-    return config.replace(method="none", rounding="nearest", range_method="minmax")
+        return config.replace(method="none", rounding="nearest", tune_iterations=0)
+    return config.replace(method="none", rounding="nearest", range_method="minmax", tune_iterations=0)
 
 
 def evaluate_model(model: nn.Module, evalset, device: torch.device) -> float:

@@ -82,3 +82,9 @@ def test_the_thread_count_changes_a_conversion_only_by_summation_order():
     (ranks1, y1), (ranks2, y2) = results
     assert ranks1 == ranks2
     assert float((y1 - y2).norm() / y1.norm()) < THREAD_COUNT_RTOL
+
+
+def test_the_rtn_baseline_is_plain_rounding_without_tuning():
+    for config in (CoRaConfig(bits=3), CoRaConfig.paper(4), CoRaConfig(bits=2, tune_iterations=40)):
+        rtn = pipeline.baseline_config(config).resolved(has_labels=False)
+        assert rtn.method == "none" and rtn.quantizer.rounding == "nearest" and rtn.tune.iterations == 0
