@@ -172,6 +172,34 @@ def _cached(kind: str, model: nn.Module, evalset, extra: dict, use_cache: bool, 
     return value, False
 
 
+def _baselines(out: dict, clock: dict, model: nn.Module, calib, images: torch.Tensor, config: CoRaConfig, evalset,
+               device: torch.device, with_float: bool, with_rtn: bool, eval_cache: bool) -> None:
+    """The float and RTN accuracies (cached or measured) into ``out``, their wall seconds into ``clock``."""
+    if with_float:
+        t = time.perf_counter()
+        value, hit = _cached("float", model, evalset, {}, eval_cache,
+                             lambda: {"float_acc": evaluate_model(model, evalset, device)})
+        out.update(value)
+        out["cached"] += ["float"] if hit else []
+        clock["float"] = time.perf_counter() - t
+    if with_rtn:
+        t = time.perf_counter()
+        rtn_config = baseline_config(config).replace(progress=False)
+
+        def rtn_result() -> dict:
+            start = time.perf_counter()
+            rtn = convert(model, calib, rtn_config)
+            seconds = time.perf_counter() - start
+            return {"rtn_seconds": seconds, "rtn_acc": evaluate_model(rtn, evalset, device),
+                    "rtn_equiv_bits": rtn.cora_report.equiv_bits}
+
+        kind = "rtn " + json.dumps(rtn_config.replace(progress=True).to_dict(), sort_keys=True, default=str)
+        value, hit = _cached(kind, model, evalset, {"calib_images": images}, eval_cache, rtn_result)
+        out.update(value)
+        out["cached"] += ["rtn"] if hit else []
+        clock["rtn"] = time.perf_counter() - t
+
+
 def quantize_and_evaluate(
     name: str,
     config: CoRaConfig,
@@ -212,29 +240,7 @@ def quantize_and_evaluate(
     out: dict = {"model": name, "bits": config.bits, "method": config.method, "budget": config.budget, "eval_split": eval_split,
                  "device": device.type, "labels": labels, "cached": []}
     out["eval_images"] = len(evalset)
-    if with_float:
-        t = time.perf_counter()
-        value, hit = _cached("float", model, evalset, {}, eval_cache,
-                             lambda: {"float_acc": evaluate_model(model, evalset, device)})
-        out.update(value)
-        out["cached"] += ["float"] if hit else []
-        clock["float"] = time.perf_counter() - t
-    if with_rtn:
-        t = time.perf_counter()
-        rtn_config = baseline_config(config).replace(progress=False)
-
-        def rtn_result() -> dict:
-            start = time.perf_counter()
-            rtn = convert(model, calib, rtn_config)
-            seconds = time.perf_counter() - start
-            return {"rtn_seconds": seconds, "rtn_acc": evaluate_model(rtn, evalset, device),
-                    "rtn_equiv_bits": rtn.cora_report.equiv_bits}
-
-        kind = "rtn " + json.dumps(rtn_config.replace(progress=True).to_dict(), sort_keys=True, default=str)
-        value, hit = _cached(kind, model, evalset, {"calib_images": images}, eval_cache, rtn_result)
-        out.update(value)
-        out["cached"] += ["rtn"] if hit else []
-        clock["rtn"] = time.perf_counter() - t
+    _baselines(out, clock, model, calib, images, config, evalset, device, with_float, with_rtn, eval_cache)
     t = time.perf_counter()
     qmodel = convert(model, calib, config)
     out["quantize_seconds"] = clock["convert"] = time.perf_counter() - t
