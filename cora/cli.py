@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -160,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder with data/ and models/ (default: $CORA_SHARED or ../shared beside the checkout)")
     common.add_argument("--data", default=None,
                         help="ImageNet-style image folder (for non-CIFAR models; CIFAR models always use the shared arrays)")
-    common.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
+    common.add_argument("--threads", type=_threads, default=None,
+                        help="CPU threads for torch (default: every core this process may use); results do not depend "
+                             "on it beyond float summation order")
     common.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model runs: the whole conversion and the evaluation (auto, the default: cuda "
                              "when a GPU is available, else cpu). The checkpoint format does not depend on it")
@@ -226,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "all the same (with --json too) and the model is saved to a new file cora-<model>-*.safetensors "
                         "in the temp folder ($TMPDIR, else /tmp) instead; the error line says where, and the exit status is 2")
     q.add_argument("--no-rtn", action="store_true", help="skip the RTN baseline")
+    q.add_argument("--no-eval-cache", action="store_true",
+                   help="measure the float and RTN accuracies again even when the same model and data were measured "
+                        "before (default: taken from the cache, $CORA_CACHE_DIR or ~/.cache/cora, keyed by digests of "
+                        "the weights, the data and the RTN settings)")
     q.add_argument("--no-labels", action="store_true",
                    help="calibrate as a user without labels would: the conversion gets the calibration images only "
                         "(auto then means uniform ranks and no tuning; the labels still score the evaluation)")
@@ -388,6 +395,8 @@ def _table(res: dict) -> str:
          if res.get("tune_iterations") else "off"),
         ("quantize time (all)", f"{res['quantize_seconds']:.1f} s"),
     ]
+    if res.get("seconds"):
+        rows.append(("time", _time_summary(res)))
     width = max(len(k) for k, _ in rows)
     head = f"{res['model']}  ({res['eval_images']} {res['eval_split']} images)"
     lines = [head] + [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -396,6 +405,29 @@ def _table(res: dict) -> str:
         lines.append("  note: the calibration labels were used (CE), which also fits the model to the calibration images'\n"
                      "  domain: compare with the same run at --bits 8 rather than with the float model (README, Results)")
     return "\n".join(lines)
+
+
+def _time_summary(res: dict) -> str:
+    """Where the wall time went, on one line: loading, the baselines (cached or not), each phase of the
+    conversion, the evaluation, and the total."""
+    sec, cached = res["seconds"], set(res.get("cached", ()))
+    parts = [f"load {sec['load']:.1f}"]
+    for key in ("float", "rtn"):
+        if key in sec:
+            parts.append(f"{key} {sec[key]:.1f}" + (" (cached)" if key in cached else ""))
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in sec.get("phases", {}).items())
+    parts.append(f"convert {sec['convert']:.1f}" + (f" ({phases})" if phases else ""))
+    parts.append(f"eval {sec['eval']:.1f}")
+    total = f"; total {sec['total']:.1f} s" if "total" in sec else " s"
+    return ", ".join(parts) + total
+
+
+def default_threads() -> int:
+    """Every core this process may run on (its CPU affinity where the OS tells it, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -457,11 +489,13 @@ def _quantize(args) -> tuple[dict, str | None]:
     _check_data_option(args.model, args)
     device = resolve_device(args.device)
     config = _config(args)
+    start = time.perf_counter()
     qmodel, res = quantize_and_evaluate(
         args.model, config, weights=args.weights, shared=args.shared, data_dir=args.data,
         eval_split=args.eval_split, eval_limit=args.eval_limit, with_rtn=not args.no_rtn, device=device,
-        labels=not args.no_labels,
+        labels=not args.no_labels, eval_cache=not args.no_eval_cache,
     )
+    res["seconds"]["total"] = time.perf_counter() - start
     print(_table(res))
     error = _write_checkpoint(qmodel, out, args.model, res) if out is not None else None
     return res, error
@@ -540,6 +574,21 @@ def _serve(args) -> tuple[dict, None]:
 COMMANDS = {"quantize": _quantize, "eval": _eval, "serve": _serve}
 
 
+def _run_command(args) -> tuple[dict, str | None]:
+    """The command, on ``--threads`` torch threads (default every core; serve sets its replicas' own), the
+    caller's thread count given back afterwards (main() may run in a longer-lived process)."""
+    if args.command == "serve":
+        return COMMANDS[args.command](args)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads())
+    try:
+        return COMMANDS[args.command](args)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _classify(exc: BaseException) -> tuple[int, str]:
     """The exit status and the error line's message for an exception (see the module doc)."""
     if isinstance(exc, KeyboardInterrupt):
@@ -576,11 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                 return exc.code if isinstance(exc.code, int) else EXIT_OK
             for note in notes:
                 print(note, file=sys.stderr)
-            if args.threads:
-                import torch
-
-                torch.set_num_threads(args.threads)
-            res, error = COMMANDS[args.command](args)
+            res, error = _run_command(args)
     except BaseException as exc:  # every failure is one line (SystemExit of --help returned above)
         if isinstance(exc, SystemExit):
             raise

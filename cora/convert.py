@@ -99,6 +99,7 @@ class ConversionReport:
     widths: dict[str, int] = field(default_factory=dict)  # quantized layer -> its width in bits
     # equiv_bits by what stores them: codes, wide (layers above ``bits``), scales, adapters (cora.budget.bits_breakdown)
     bits_breakdown: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds of each phase that ran
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -610,12 +611,15 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         blocks = config.tune.loss in ("blocks", "blocks+ce") and config.tune.iterations > 0
         reference = copy.deepcopy(float_model) if blocks and output is float_model else float_model
 
-        widths = choose_layer_widths(float_model, layers, data, config, weight_params) if config.target_bits else None
-        base = quantize_base(float_model, output, layers, data, config, weight_params, widths)
-        ranks = choose_ranks(float_model, base, data, config, float_logits, weight_params)
-        storage = build_layers(float_model, output, layers, base, ranks, data, config)
+        clock = _PhaseClock()
+        widths = None
+        if config.target_bits:
+            widths = clock.run("widths", choose_layer_widths, float_model, layers, data, config, weight_params)
+        base = clock.run("quantize", quantize_base, float_model, output, layers, data, config, weight_params, widths)
+        ranks = clock.run("search", choose_ranks, float_model, base, data, config, float_logits, weight_params)
+        storage = clock.run("build", build_layers, float_model, output, layers, base, ranks, data, config)
         breakdown = bits_breakdown([output.get_submodule(n) for n in base.weights], config.bits)
-        tuning = tune_layers(reference, output, base, ranks, data, config, float_logits)
+        tuning = clock.run("tune", tune_layers, reference, output, base, ranks, data, config, float_logits)
     for name, p in model.named_parameters():
         p.requires_grad_(grads[name])
     if dtype != torch.float32:
@@ -629,7 +633,22 @@ def convert(model: nn.Module, calib, config: CoRaConfig | None = None, *, inplac
         config, skipped, base, ranks, storage, tuning, weight_params, len(data), time.perf_counter() - t0
     )
     output.cora_report.bits_breakdown = breakdown
+    output.cora_report.phase_seconds = clock.seconds
     return output
+
+
+class _PhaseClock:
+    """Wall seconds of each phase of one conversion, by name (``ConversionReport.phase_seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, phase, *args):
+        start = time.perf_counter()
+        try:
+            return phase(*args)
+        finally:
+            self.seconds[name] = time.perf_counter() - start
 
 
 def _probe_outputs(float_model: nn.Module, data: CalibrationSet, config: CoRaConfig) -> None:

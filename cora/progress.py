@@ -1,7 +1,8 @@
 """Progress of the long steps (base quantization, rank search, building, tuning), through tqdm.
 
-On a terminal: a tqdm bar on stderr. Otherwise (a log file, CI): about ten plain lines per step,
-each ending in a newline, so logs stay readable. Disabled (``CoRaConfig.progress=False``,
+On a terminal: a tqdm bar on stderr, with the elapsed time and the ETA. Otherwise (a log file, CI):
+about ten plain lines per step, each ending in a newline and showing ``[elapsed<ETA]``, so logs stay
+readable. Disabled (``CoRaConfig.progress=False``,
 ``--quiet``): nothing at all.
 """
 from __future__ import annotations
@@ -42,5 +43,5 @@ def progress_bar(total: int, desc: str, enabled: bool = True, *, stream=None) ->
     # not a terminal: a line every tenth of the way (and the first and the last)
     return tqdm(
         total=total, desc=desc, file=_PlainLines(stream), miniters=max(1, total // 10), mininterval=0,
-        bar_format="{desc} {n_fmt}/{total_fmt}{postfix} [{elapsed}]",
+        bar_format="{desc} {n_fmt}/{total_fmt}{postfix} [{elapsed}<{remaining}]",
     )

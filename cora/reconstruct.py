@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._modules_util import kept_modes, set_submodule
+from .layout import preferred_layout
 from .graph import StageChain, batch_len, cat_values, map_tensors, tensors_of
 from .progress import progress_bar
 from .modules import CoRaConv2d, QuantLinear
@@ -105,7 +106,7 @@ def reconstruct_blocks(
     cut at every quantized layer. A block whose loss ends higher than it started keeps its adapters
     (and BatchNorms) as they were. ``model``'s BatchNorms must be its own, not ``float_model``'s.
     The blocks run on channels-last tensors where the float model computes the same on them
-    (:func:`_fitting_layout`: faster convs), so the result matches a contiguous run up to float rounding.
+    (:func:`preferred_layout`: faster convs), so the result matches a contiguous run up to float rounding.
     """
     adapted = set(adapted_layers(model))
     quantized = {n for n, m in model.named_modules() if isinstance(m, (CoRaConv2d, QuantLinear))}
@@ -115,7 +116,7 @@ def reconstruct_blocks(
     first, last, steps, fitted, fitted_norms = [], [], 0, 0, 0
     eval_batch = max(batch_size, 100)
     with kept_modes(model, float_model, train=False), progress_bar(len(blocks), "reconstruct", progress) as bar:
-        x_f = x_q = images.contiguous(memory_format=_fitting_layout(float_model, images))
+        x_f = x_q = images.contiguous(memory_format=preferred_layout(float_model, images))
         for stages, names in blocks:
             target = _run_all(chain, float_model, stages, x_f, eval_batch)
             names = [n for n in names if n in adapted]
@@ -135,36 +136,6 @@ def reconstruct_blocks(
             bar.update(1)
     mean = (lambda v: sum(v) / len(v)) if first else (lambda v: math.nan)
     return ReconstructReport(fitted, steps, mean(first), mean(last), time.perf_counter() - t0, fitted_norms)
-
-
-@torch.no_grad()
-def _fitting_layout(float_model: nn.Module, images: torch.Tensor) -> torch.memory_format:
-    """channels-last when ``float_model`` computes the same on it, else the contiguous layout.
-
-    On a CPU, channels-last convs of narrow layers (16-32 channels) run about 1.4x faster forward
-    and backward, which is most of a block fit's time. A model that reshapes with ``view`` (or is
-    otherwise layout-bound) raises on it or differs; it then keeps the contiguous layout.
-    """
-    if images.dim() != 4:
-        return torch.contiguous_format
-    probe = images[:2]
-    try:
-        y_cl = _first_tensor(float_model(probe.contiguous(memory_format=torch.channels_last)))
-    except RuntimeError:
-        return torch.contiguous_format
-    y = _first_tensor(float_model(probe.contiguous()))
-    if y is None or y_cl is None or y.shape != y_cl.shape:
-        return torch.contiguous_format
-    ok = torch.allclose(y_cl.float(), y.float(), rtol=1e-3, atol=1e-3 * float(y.float().abs().max().clamp_min(1e-12)))
-    return torch.channels_last if ok else torch.contiguous_format
-
-
-def _first_tensor(out):
-    """The first tensor of a model output (a tensor, or a tuple / list / dict holding tensors)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
 def _block_norms(chain: StageChain, model: nn.Module, stages: list[int]) -> dict[str, nn.Module]:

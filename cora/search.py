@@ -28,11 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._modules_util import set_submodule
+from ._modules_util import kept_modes, set_submodule
 from .budget import AdaptedLayer, adapter_fraction, allocate_ranks, cutoff_weights, project_onto_budget
 from .calibration import Objective
 from .config import SearchConfig
 from .progress import progress_bar
+from .layout import preferred_layout
 
 __all__ = ["butterworth_mask", "mask_margin", "SearchReport", "search_ranks"]
 
@@ -173,6 +174,10 @@ def search_ranks(
         opt = torch.optim.SGD(rhos, lr=settings.lr, momentum=0.9)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
+    # channels-last batches where the model computes the same on them (probed in eval mode: no BatchNorm
+    # statistics or RNG touched): faster CPU convs, the same result up to float summation order
+    with kept_modes(search_model, train=False):
+        inputs = inputs.contiguous(memory_format=preferred_layout(search_model, inputs))
     search_model.train(settings.bn_mode == "train")
     n = inputs.shape[0]
     bs = min(batch_size, n)

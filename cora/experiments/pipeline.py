@@ -1,6 +1,7 @@
 """End-to-end runs shared by the command line and ``bench/accuracy.py``: load, convert, evaluate."""
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "check_conversion",
     "baseline_config",
     "quantize_and_evaluate",
+    "evaluate_model",
 ]
 
 
@@ -113,10 +115,80 @@ def check_conversion(model: nn.Module, config: CoRaConfig, *, labels: bool = Tru
 
 
 def baseline_config(config: CoRaConfig) -> CoRaConfig:
-    """The plain RTN baseline next to a config: round to nearest, min-max ranges, same granularity, no adapters."""
+    """The plain RTN baseline next to a config: round to nearest, min-max ranges, same granularity, no adapters
+    and no tuning (without it, a label-free config at 3 bits or less would fit the BatchNorms block by block)."""
     if config.quantizer.range_method == "std":  # the paper's quantizer keeps its own ranges
-        return config.replace(method="none", rounding="nearest")
-    return config.replace(method="none", rounding="nearest", range_method="minmax")
+        return config.replace(method="none", rounding="nearest", tune_iterations=0)
+    return config.replace(method="none", rounding="nearest", range_method="minmax", tune_iterations=0)
+
+
+def evaluate_model(model: nn.Module, evalset, device: torch.device) -> float:
+    """Top-1 accuracy in percent of ``model`` on ``evalset``, the fast way, with the same result.
+
+    A converted model on the CPU runs as it serves there: deployed with dense weights (one ``F.conv2d``
+    per conv on its effective weight, BatchNorm folded, :func:`cora.deploy`) instead of unpacking its
+    codes on every call. Batches go in channels-last where the model computes the same on them
+    (:func:`cora.layout.preferred_layout`). Accuracies equal the reference forward's up to float
+    summation order (an image whose top two logits tie that closely can flip).
+    """
+    from ..deploy import deploy
+    from ..modules import CoRaConv2d
+    from ..layout import preferred_layout
+    from .data import evaluate
+
+    run = model
+    if device.type == "cpu" and any(isinstance(m, CoRaConv2d) for m in model.modules()):
+        run = deploy(model, weights="dense")
+    layout = torch.contiguous_format
+    images = getattr(evalset, "images", None)
+    if isinstance(images, torch.Tensor) and len(images) >= 2:
+        layout = preferred_layout(run.eval(), images[:2].to(device))
+    return evaluate(run, evalset, device=device, memory_format=layout)
+
+
+def _cached(kind: str, model: nn.Module, evalset, extra: dict, use_cache: bool, compute) -> tuple[dict, bool]:
+    """``compute()``'s dict, or the one stored for the same ``kind``, model and data (:mod:`.eval_cache`);
+    returns ``(value, from the cache)``. Data sets not held as tensors are never cached."""
+    from . import eval_cache
+
+    images, labels = getattr(evalset, "images", None), getattr(evalset, "labels", None)
+    if not (use_cache and isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        return compute(), False
+    key = eval_cache.cache_key(kind, model, {"eval_images": images, "eval_labels": labels, **extra})
+    hit = eval_cache.lookup(key)
+    if hit is not None:
+        return hit, True
+    value = compute()
+    eval_cache.store(key, value)
+    return value, False
+
+
+def _baselines(out: dict, clock: dict, model: nn.Module, calib, images: torch.Tensor, config: CoRaConfig, evalset,
+               device: torch.device, with_float: bool, with_rtn: bool, eval_cache: bool) -> None:
+    """The float and RTN accuracies (cached or measured) into ``out``, their wall seconds into ``clock``."""
+    if with_float:
+        t = time.perf_counter()
+        value, hit = _cached("float", model, evalset, {}, eval_cache,
+                             lambda: {"float_acc": evaluate_model(model, evalset, device)})
+        out.update(value)
+        out["cached"] += ["float"] if hit else []
+        clock["float"] = time.perf_counter() - t
+    if with_rtn:
+        t = time.perf_counter()
+        rtn_config = baseline_config(config).replace(progress=False)
+
+        def rtn_result() -> dict:
+            start = time.perf_counter()
+            rtn = convert(model, calib, rtn_config)
+            seconds = time.perf_counter() - start
+            return {"rtn_seconds": seconds, "rtn_acc": evaluate_model(rtn, evalset, device),
+                    "rtn_equiv_bits": rtn.cora_report.equiv_bits}
+
+        kind = "rtn " + json.dumps(rtn_config.replace(progress=True).to_dict(), sort_keys=True, default=str)
+        value, hit = _cached(kind, model, evalset, {"calib_images": images}, eval_cache, rtn_result)
+        out.update(value)
+        out["cached"] += ["rtn"] if hit else []
+        clock["rtn"] = time.perf_counter() - t
 
 
 def quantize_and_evaluate(
@@ -132,6 +204,7 @@ def quantize_and_evaluate(
     with_rtn: bool = True,
     device: str | torch.device = "cpu",
     labels: bool = True,
+    eval_cache: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Convert ``name`` with ``config`` and evaluate float, RTN and the result; returns (model, results).
 
@@ -141,34 +214,32 @@ def quantize_and_evaluate(
     checked (model, weights, data, config against the model) before the first evaluation or conversion.
     Everything runs on ``device`` (the conversion included); the returned model is on it.
     ``labels=False``: the conversion gets the calibration images only, as a user without labels
-    would calibrate (the labels still score the evaluation).
+    would calibrate (the labels still score the evaluation). ``eval_cache``: take the float and RTN
+    results from the cache of :mod:`cora.experiments.eval_cache` when the same model and data were
+    measured before (``results["cached"]`` lists them), and record new ones there.
+    ``results["seconds"]``: wall seconds of each part (load, float, rtn, convert and its phases, eval).
     """
-    from .data import evaluate
-
+    clock: dict[str, float] = {}
+    t = time.perf_counter()
     device = torch.device(device)
     model = load_float_model(name, weights, shared).to(device)
     check_conversion(model, config, labels=labels)
     images, calib_labels = calibration_data(name, config.calib_images, shared, data_dir)
     calib = (images.to(device), calib_labels.to(device)) if labels else images.to(device)
     evalset = evaluation_data(name, shared, data_dir, eval_split, calib_images=config.calib_images, limit=eval_limit)
+    clock["load"] = time.perf_counter() - t
     out: dict = {"model": name, "bits": config.bits, "method": config.method, "budget": config.budget, "eval_split": eval_split,
-                 "device": device.type, "labels": labels}
+                 "device": device.type, "labels": labels, "cached": []}
     out["eval_images"] = len(evalset)
-    if with_float:
-        out["float_acc"] = evaluate(model, evalset, device=device)
-    if with_rtn:
-        t = time.perf_counter()
-        rtn = convert(model, calib, baseline_config(config).replace(progress=False))
-        out["rtn_seconds"] = time.perf_counter() - t
-        out["rtn_acc"] = evaluate(rtn, evalset, device=device)
-        out["rtn_equiv_bits"] = rtn.cora_report.equiv_bits
-        del rtn
+    _baselines(out, clock, model, calib, images, config, evalset, device, with_float, with_rtn, eval_cache)
     t = time.perf_counter()
     qmodel = convert(model, calib, config)
-    out["quantize_seconds"] = time.perf_counter() - t
+    out["quantize_seconds"] = clock["convert"] = time.perf_counter() - t
     rep = qmodel.cora_report
     qmodel.cora_architecture = model.cora_architecture
-    out["acc"] = evaluate(qmodel, evalset, device=device)
+    t = time.perf_counter()
+    out["acc"] = evaluate_model(qmodel, evalset, device)
+    clock["eval"] = time.perf_counter() - t
     # saved with the checkpoint (cora.save), shown by cora serve: the accuracy measured here
     qmodel.cora_evaluation = {k: out[k] for k in ("acc", "float_acc", "rtn_acc", "eval_split", "eval_images") if k in out}
     out.update(
@@ -186,5 +257,6 @@ def quantize_and_evaluate(
         tune_norms=rep.tune_norms,
         ranks=rep.ranks,
         seed=config.seed,
+        seconds={**clock, "phases": dict(rep.phase_seconds)},
     )
     return qmodel, out

@@ -28,6 +28,13 @@ CHEAP = ["--calib", "10", "--iters", "1", "--tune-iters", "1", "--no-rtn", "--qu
 FAST = [*CHEAP, "--eval-limit", "20"]
 
 
+@pytest.fixture(autouse=True)
+def _private_eval_cache(tmp_path_factory, monkeypatch):
+    """quantize caches its float / RTN accuracies (cora.experiments.eval_cache): here in a folder of this
+    module's own, never the user's cache (subprocesses inherit it through _env)."""
+    monkeypatch.setenv("CORA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "eval_cache"))
+
+
 class Resources:
     """Files the bad invocations need, made once per module and only when asked for."""
 
@@ -364,6 +371,10 @@ def test_late_save_failure_keeps_the_results(res, tmp_path, monkeypatch, capsys)
     assert result["checkpoint"] == str(saved[0]) and "No space left" in result["checkpoint_error"]
     assert "acc" in result and result["eval_images"] == 20
     assert "cifar_resnet8  (20 holdout images)" in stdout
+    # where the time went: one line, and the same in the JSON (the conversion's phases included)
+    assert {"load", "float", "convert", "eval", "total"} <= set(result["seconds"])
+    assert {"quantize", "search", "build", "tune"} <= set(result["seconds"]["phases"])
+    assert len([l for l in stdout.splitlines() if l.strip().startswith("time ")]) == 1
 
     from cora.checkpoint import load
 
@@ -564,3 +575,13 @@ def test_quantize_on_cuda(res, tmp_path, capsys):
     assert path.is_file()
     assert main(["eval", "--checkpoint", str(path), "--eval-split", "holdout", "--eval-limit", "20", "--device", "cpu",
                  "--threads", "1"]) == 0
+
+
+def test_quantize_takes_the_float_accuracy_from_the_cache_the_second_time(res, capsys):
+    runs = []
+    for extra in ([], [], ["--no-eval-cache"]):
+        assert main(["quantize", "cifar_resnet8", "--weights", str(res.r8_weights), *FAST, "--json", *extra]) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    first, second, fresh = runs
+    assert second["cached"] == ["float"] and second["float_acc"] == first["float_acc"]
+    assert fresh["cached"] == [] and fresh["float_acc"] == first["float_acc"]

@@ -25,6 +25,7 @@ def test_plain_lines_when_not_a_terminal():
     assert "\r" not in out and 5 <= len(lines) <= 14, lines
     assert all(line.startswith("search ") for line in lines)
     assert lines[-1].startswith("search 40/40, loss 39")
+    assert all("<" in line.rsplit("[", 1)[1] for line in lines), lines  # [elapsed<ETA] on every line
 
 
 def test_a_bar_on_a_terminal():

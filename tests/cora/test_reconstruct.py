@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import cora
 from cora.config import BLOCKS_LR
 from cora.graph import trace_stages
-from cora.reconstruct import _fitting_layout, adapter_blocks, reconstruct_blocks
+from cora.layout import preferred_layout
+from cora.reconstruct import adapter_blocks, reconstruct_blocks
 from tests.helpers import randomise_bn
 
 
@@ -225,12 +226,12 @@ class ViewHead(nn.Module):
         return self.head(y.view(y.shape[0], -1))
 
 
-def test_fitting_layout_is_channels_last_only_where_the_model_computes_the_same():
+def test_preferred_layout_is_channels_last_only_where_the_model_computes_the_same():
     images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    assert _fitting_layout(Net().eval(), images) == torch.channels_last
-    assert _fitting_layout(ViewHead().eval(), images) == torch.contiguous_format  # view() raises on it
-    assert _fitting_layout(nn.Flatten().eval(), images) == torch.channels_last  # a logical reshape is fine
-    assert _fitting_layout(Net().eval(), torch.randn(4, 3, 8)) == torch.contiguous_format  # not a 4-D batch
+    assert preferred_layout(Net().eval(), images) == torch.channels_last
+    assert preferred_layout(ViewHead().eval(), images) == torch.contiguous_format  # view() raises on it
+    assert preferred_layout(nn.Flatten().eval(), images) == torch.channels_last  # a logical reshape is fine
+    assert preferred_layout(Net().eval(), torch.randn(4, 3, 8)) == torch.contiguous_format  # not a 4-D batch
 
 
 def test_a_model_that_needs_the_contiguous_layout_is_still_reconstructed():
