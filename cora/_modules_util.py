@@ -6,13 +6,7 @@ from collections.abc import Iterator
 
 import torch.nn as nn
 
-__all__ = ["set_submodule", "module_modes", "kept_modes"]
-
-
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` of ``root`` by ``new``: torch's
-    ``nn.Module.set_submodule``, under the name the older call sites use (new code calls torch's)."""
-    root.set_submodule(name, new)
+__all__ = ["module_modes", "kept_modes"]
 
 
 def module_modes(model: nn.Module) -> dict[str, bool]:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from ._modules_util import kept_modes, module_modes, set_submodule
+from ._modules_util import kept_modes, module_modes
 from .budget import (
     AdaptedLayer, adapter_fraction, affordable_rank, bits_breakdown, budget_shares, budget_weight_count, uniform_ranks,
 )
@@ -460,7 +460,7 @@ def build_layers(
             new.train(mod.training)
             total_bits += new.storage_bits()
             total_weights += mod.weight.numel()
-            set_submodule(output, name, new)
+            output.set_submodule(name, new)
             bar.set_postfix_str(name, refresh=False)
             bar.update(1)
     del float_reference
@@ -697,7 +697,7 @@ def _transplant(output: nn.Module, model: nn.Module) -> nn.Module:
     ``output`` (a converted float32 copy, dtypes restored) into the caller's ``model``."""
     for name, mod in list(output.named_modules()):
         if isinstance(mod, (CoRaConv2d, QuantLinear)):
-            set_submodule(model, name, mod)
+            model.set_submodule(name, mod)
     target = model.state_dict()
     with torch.no_grad():
         for key, value in output.state_dict().items():

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._modules_util import kept_modes, set_submodule
+from ._modules_util import kept_modes
 from .layout import preferred_layout
 from .graph import StageChain, batch_len, cat_values, map_tensors, tensors_of
 from .progress import progress_bar
@@ -194,7 +194,7 @@ def _fit_block(
         for p in frozen:
             p.requires_grad_(False)
         for name, w in wrappers.items():
-            set_submodule(model, name, w)
+            model.set_submodule(name, w)
         params = [p for w in wrappers.values() for p in (w.a, w.b)]
         params += [p for m in norms.values() for p in (m.weight, m.bias)]
         for p in params:
@@ -210,14 +210,14 @@ def _fit_block(
             sched.step()
     finally:
         for name, w in wrappers.items():
-            set_submodule(model, name, w.write_back())
+            model.set_submodule(name, w.write_back())
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     out = _run_all(chain, model, stages, x_q, eval_batch)
     after = _relative_error(out, target)
     if not math.isfinite(after) or after > before:  # never leave a block worse than it came
         for name, layer in saved.items():
-            set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
         out = _run_all(chain, model, stages, x_q, eval_batch)
         after = before
     return before, after, out

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._modules_util import kept_modes, set_submodule
+from ._modules_util import kept_modes
 from .budget import AdaptedLayer, adapter_fraction, allocate_ranks, cutoff_weights, project_onto_budget
 from .calibration import Objective
 from .config import SearchConfig
@@ -159,7 +159,7 @@ def search_ranks(
         mod = search_model.get_submodule(layer.name)
         kind = _SoftAdapterLinear if isinstance(mod, nn.Linear) else _SoftAdapterConv
         soft[layer.name] = kind(mod, layer, max(rho_init, 1.0 / layer.full_rank), settings.order)
-        set_submodule(search_model, layer.name, soft[layer.name])
+        search_model.set_submodule(layer.name, soft[layer.name])
     names = [l.name for l in layers]
     rhos = [soft[n].rho for n in names]
     lo = torch.tensor([1.0 / l.full_rank for l in layers])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cora_kernels.packing import dequantize_adapter, quantize_adapter
 
-from ._modules_util import kept_modes, set_submodule
+from ._modules_util import kept_modes
 from .calibration import Objective
 from .modules import CoRaConv2d, QuantLinear
 from .layout import preferred_layout
@@ -168,7 +168,7 @@ def tune_adapters(
                 p.requires_grad_(False)
             for name in names:
                 wrappers[name] = trainable_adapter(model.get_submodule(name))
-                set_submodule(model, name, wrappers[name])
+                model.set_submodule(name, wrappers[name])
             params = [p for w in wrappers.values() for p in (w.a, w.b)]
             # channels-last batches where the model computes the same on them: faster CPU convs
             images = images.contiguous(memory_format=preferred_layout(model, images))
@@ -194,7 +194,7 @@ def tune_adapters(
             bar.close()
             # on failure the layers go back untouched, never half-trained
             for name, w in wrappers.items():
-                set_submodule(model, name, w.write_back() if done else w.layer)
+                model.set_submodule(name, w.write_back() if done else w.layer)
             for p, flag in frozen.items():
                 p.requires_grad_(flag)
         warning = _check_finite(model, names, images[: min(batch_size, n)])

@@ -85,3 +85,10 @@ def pytest_runtest_makereport(item, call):
         return
     report.outcome = "skipped"
     report.longrepr = (str(item.path), item.location[1] or 0, "Skipped: " + reason)
+
+
+@pytest.fixture(autouse=True)
+def _private_eval_cache(tmp_path_factory, monkeypatch):
+    """`cora quantize` caches baseline accuracies; tests keep theirs in a temporary folder, never in ~/.cache."""
+    if "CORA_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("CORA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cora-cache"))

@@ -476,14 +476,12 @@ def test_load_into_converted_model_and_bad_map_location(qmodel, saved):
 
 def _hand_made(model: nn.Module, names: list[str]) -> nn.Module:
     """Quantize some layers directly (much faster than convert, same checkpoint contents)."""
-    from cora._modules_util import set_submodule
-
     torch.manual_seed(3)
     for n in names:
         layer = model.get_submodule(n)
         new = CoRaConv2d.from_conv(layer, bits=4, rank=2 if layer.groups == 1 else 0) if isinstance(layer, nn.Conv2d) \
             else QuantLinear.from_linear(layer, bits=8)
-        set_submodule(model, n, new)
+        model.set_submodule(n, new)
     return model.eval()
 
 
