@@ -47,6 +47,10 @@ __all__ = ["CoraServer", "run", "APP_NAME", "BROKEN_AFTER", "ModelLoadError", "l
 APP_NAME = "cora"
 BROKEN_AFTER = 3  # model calls failing in a row before check_health reports the replica broken
 SHUTDOWN_TIMEOUT_S = 60  # the most serve.shutdown may take before Ray is stopped anyway
+# After SIGINT / SIGTERM the service keeps answering this long before Serve shuts down: serve.shutdown
+# stops the HTTP proxy at once, which closed requests still in flight at the signal (3 of 4 in one CI run
+# with the machine loaded); a request on this model takes milliseconds, a loaded machine's batch a second.
+DRAIN_SECONDS = 3.0
 HEALTH_CHECK_PERIOD_S = 2.0  # Serve's probe of each replica (its default is 10 s)
 _DECODE_BOUNDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
 
@@ -347,7 +351,8 @@ def run(settings: ServeSettings) -> int:
             print(_ready_line(settings, url, t0), flush=True)
         while not stop.wait(0.5):
             pass
-        print("cora serve: stopping (finishing in-flight requests)", file=sys.stderr, flush=True)
+        print(f"cora serve: stopping (finishing in-flight requests, {DRAIN_SECONDS:g} s)", file=sys.stderr, flush=True)
+        time.sleep(DRAIN_SECONDS)  # the proxy still routes: what was sent before the signal is answered
     finally:
         _shutdown(previous)
     return 0
