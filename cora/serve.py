@@ -114,6 +114,8 @@ class CoraServer:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="cora-decode")
         self.model_pool = ThreadPoolExecutor(1, thread_name_prefix="cora-model")
         self.failed_in_a_row = 0
+        info = self.engine.info()  # what every answer names: fixed once loaded, so built once, not per request
+        self.model_summary = {k: info[k] for k in ("architecture", "float", "bits", "equiv_bits", "checkpoint_sha256")}
         self.stats = {"requests": 0, "images": 0, "batches": 0, "largest_batch": 0, "batch_sizes": {}}
         ctx = ray.get_runtime_context()
         self.replica = {"actor_id": ctx.get_actor_id(), "node_id": ctx.get_node_id(), "pid": os.getpid()}
@@ -168,10 +170,8 @@ class CoraServer:
             return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
         self.stats["requests"] += 1
         self.m_images.inc(len(images))
-        info = self.engine.info()
-        model = {k: info[k] for k in ("architecture", "float", "bits", "equiv_bits", "checkpoint_sha256")}
         preds = [{"top": [{"index": i, "label": self.engine.label(i), "prob": p} for i, p in top]} for top in results]
-        return JSONResponse({"predictions": preds, "model": model})
+        return JSONResponse({"predictions": preds, "model": self.model_summary})
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it is over the limit, before reading the rest."""
